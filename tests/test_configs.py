@@ -1,0 +1,70 @@
+"""Every experiment composes, and every config group option binds to the dataclass or function it names."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_method, instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import REPO_ROOT
+
+CONF = REPO_ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+GROUPS = ["target", "drafter", "data", "corpus", "eval_data", "data_gen", "pretrain", "distill", "loss", "eval",
+          "export", "logger"]
+# Options that need a value the user must supply (`???`).
+NEEDS_USER_VALUE = {("target", "local_dir"): ["target.location=/some/dir"], ("data", "jsonl"): ["data.location=x"]}
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def bind(node) -> None:
+    """Instantiate small spec dataclasses; for functions (losses) check the keyword arguments bind."""
+    if OmegaConf.select(node, "_partial_"):
+        function = get_method(node._target_)
+        keywords = {k: v for k, v in node.items() if not k.startswith("_")}
+        inspect.signature(function).bind_partial(**keywords)
+    else:
+        instantiate(node, _convert_="all")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_binds(experiment):
+    config = compose_config([f"+experiment={experiment}"])
+    assert config.experiment == experiment
+    for group in GROUPS:
+        bind(config[group])
+    OmegaConf.to_container(config, resolve=True)
+
+
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_group_option_binds(group, option):
+    config = compose_config([f"{group}={option}", *NEEDS_USER_VALUE.get((group, option), [])])
+    bind(config[group])
+
+
+def test_quickstart_uses_real_target_and_small_drafter():
+    config = compose_config(["+experiment=quickstart"])
+    assert config.target.kind == "wheel_gguf" and config.target.name == "SmolLM2-135M-Instruct"
+    assert config.stages == ["data_gen", "pretrain", "distill", "eval", "export"]
+
+
+def test_bad_key_is_a_clear_error():
+    with pytest.raises(Exception, match="no_such_key"):
+        compose_config(["+experiment=smoke", "pretrain.no_such_key=3"])
+    config = compose_config(["+experiment=smoke", "+drafter.colour=blue"])
+    with pytest.raises(Exception, match="colour"):
+        instantiate(config.drafter)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (REPO_ROOT / "README.md").read_text()
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    command = readme.split("<!-- test-command -->")[1].split("```")[1].strip().splitlines()[-1]
+    assert command in ci, f"README's test command {command!r} is not in .ci/run"

@@ -1,0 +1,100 @@
+"""`python train/run.py +experiment=smoke` end to end, as a user runs it: real subprocess, real wandb (offline)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import REPO_ROOT
+from train.rundir import StageMismatchError
+
+STAGES = ["data_gen", "pretrain", "distill", "eval", "export"]
+SECRET = "wandb-key-that-must-never-be-written-0123456789"
+
+
+def run_cli(tmp_path, *overrides, check=True):
+    env = dict(os.environ, DRAFTSMITH_CACHE=str(tmp_path / "cache"), WANDB_API_KEY=SECRET, WANDB_SILENT="true")
+    result = subprocess.run([sys.executable, "train/run.py", "+experiment=smoke", f"runs_root={tmp_path / 'runs'}",
+                             *overrides], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("smoke")
+    result = run_cli(tmp_path)
+    return tmp_path, result
+
+
+def test_every_stage_writes_a_self_explaining_output(smoke_run):
+    tmp_path, _ = smoke_run
+    run_dir = tmp_path / "runs" / "smoke" / "default"
+    for stage in STAGES:
+        meta = json.loads((run_dir / stage / "meta.json").read_text())
+        assert meta["config"]["experiment"] == "smoke"
+        assert meta["target"]["name"] == "tiny-random-llama" and len(meta["target"]["sha256"]) == 64
+        assert meta["git_commit"]
+    assert not list(run_dir.glob("*.partial"))
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert set(report["drafters"]) == {"untrained", "pretrained", "distilled"}
+    assert all(m["lossless"] for m in report["drafters"].values())
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))  # the real wandb wrote its offline run files
+
+
+def test_the_api_key_is_never_written(smoke_run):
+    tmp_path, _ = smoke_run
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret found in {path}"
+
+
+def test_export_loads_as_assistant_model_and_stays_lossless(smoke_run):
+    tmp_path, _ = smoke_run
+    exported = tmp_path / "runs" / "smoke" / "default" / "export" / "drafter"
+    assert "Measured acceptance" in (exported / "README.md").read_text()
+    target_dir = next((tmp_path / "cache" / "tiny_random").iterdir())
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    drafter = AutoModelForCausalLM.from_pretrained(exported).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Say something."}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    plain = target.generate(**inputs, max_new_tokens=30, do_sample=False)
+    assisted = target.generate(**inputs, max_new_tokens=30, do_sample=False, assistant_model=drafter)
+    assert torch.equal(plain, assisted)
+
+
+def test_rerun_skips_complete_stages_and_redoes_partial_ones(smoke_run):
+    tmp_path, _ = smoke_run
+    run_dir = tmp_path / "runs" / "smoke" / "default"
+    before = {s: (run_dir / s / "meta.json").read_text() for s in STAGES}
+    (run_dir / "eval").rename(run_dir / "eval.partial")  # as if killed before eval finished
+    result = run_cli(tmp_path, "logger=none")
+    for stage in ["data_gen", "pretrain", "distill"]:
+        assert f"{stage}: complete output" in result.stdout
+        assert (run_dir / stage / "meta.json").read_text() == before[stage]
+    assert "eval: running" in result.stdout and (run_dir / "eval" / "meta.json").exists()
+    assert not (run_dir / "eval.partial").exists()
+
+
+def test_changed_settings_are_an_error_not_a_silent_reuse(smoke_run):
+    tmp_path, _ = smoke_run
+    result = run_cli(tmp_path, "logger=none", "pretrain.steps=11", check=False)
+    assert result.returncode != 0
+    assert StageMismatchError.__name__ in result.stderr and "pretrain.steps: 10 -> 11" in result.stderr
+
+
+def test_eval_alone_on_a_drafter_given_by_path(smoke_run):
+    tmp_path, _ = smoke_run
+    drafter = tmp_path / "runs" / "smoke" / "default" / "export" / "drafter"
+    result = run_cli(tmp_path, "logger=none", "run_name=only_eval", "stages=[eval]", "eval.include_untrained=false",
+                     f"eval.drafters={{mine:'{drafter}'}}")
+    report = json.loads((tmp_path / "runs" / "smoke" / "only_eval" / "eval" / "report.json").read_text())
+    assert list(report["drafters"]) == ["mine"] and report["drafters"]["mine"]["lossless"]
+    assert not (tmp_path / "runs" / "smoke" / "only_eval" / "data_gen").exists()

@@ -1,0 +1,104 @@
+"""Stage `distill`: fine-tune the drafter towards the frozen target on target-generated answers.
+
+    python train/run.py +experiment=quickstart stages=[distill]
+
+Each batch runs the frozen target (teacher) and the drafter (student) over prompt + response; the loss (forward
+KL by default, any `losses/` function with the shared contract) is taken only where the next token belongs to
+the target's answer.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from datasets import load_from_disk
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.drafter import check_same_vocabulary, save_drafter
+from train.optim import OptimSettings, build_optimizer
+from train.tracking import Tracker
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    epochs: int = 1
+    batch_size: int = 8
+    max_seq_len: int = 512
+    log_every: int = 5
+    seed: int = 0
+    init_from: str | None = None  # drafter checkpoint to start from (default: this run's pretrain output)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+
+
+def collate(rows: list[dict], pad_id: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row: (input_ids, attention_mask, loss_positions) where loss_positions[b, t]
+    marks the positions whose *next* token is a response token."""
+    rows = [{"input_ids": r["input_ids"][:max_seq_len], "loss_mask": r["loss_mask"][:max_seq_len]} for r in rows]
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_positions = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        length = len(row["input_ids"])
+        input_ids[b, :length] = torch.tensor(row["input_ids"])
+        attention[b, :length] = 1
+        loss_positions[b, : length - 1] = torch.tensor(row["loss_mask"][1:], dtype=torch.bool)
+    return input_ids, attention, loss_positions
+
+
+def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset_dir: Path,
+            loss_fn: LossFn, settings: DistillSettings, out_dir: Path, tracker: Tracker) -> dict:
+    """Train `drafter` in place against `target`; save it as safetensors to `out_dir/model`."""
+    check_same_vocabulary(drafter, target)
+    torch.manual_seed(settings.seed)
+    dataset = load_from_disk(str(dataset_dir)).select_columns(["input_ids", "loss_mask"])
+    rows = list(dataset)
+    steps_per_epoch = (len(rows) + settings.batch_size - 1) // settings.batch_size
+    total_steps = settings.epochs * steps_per_epoch
+    optimizer, scheduler = build_optimizer(drafter, settings.optim, total_steps)
+    target.eval()
+    drafter.train()
+    shuffler = random.Random(settings.seed)
+    tokens_seen, started, step, loss_value = 0, time.perf_counter(), 0, float("nan")
+    progress = tqdm(total=total_steps, desc="distill", unit="step")
+    for epoch in range(settings.epochs):
+        order = list(range(len(rows)))
+        shuffler.shuffle(order)
+        for first in range(0, len(order), settings.batch_size):
+            batch = [rows[i] for i in order[first: first + settings.batch_size]]
+            input_ids, attention, loss_positions = collate(batch, tokenizer.pad_token_id, settings.max_seq_len)
+            with torch.inference_mode():
+                teacher_logits = target(input_ids=input_ids, attention_mask=attention).logits
+            student_logits = drafter(input_ids=input_ids, attention_mask=attention).logits
+            loss = loss_fn(student_logits, teacher_logits.clone(), loss_positions)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"distill epoch {epoch} step {step}: loss is {loss.item()}; lower "
+                                         f"distill.optim.lr (now {settings.optim.lr}) or check {dataset_dir}")
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), settings.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += int(loss_positions.sum())
+            loss_value = loss.item()
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.3f}")
+            if step % settings.log_every == 0 or step == total_steps - 1:
+                tracker.log({"distill/loss": loss_value, "distill/lr": scheduler.get_last_lr()[0],
+                             "distill/grad_norm": grad_norm.item(), "distill/epoch": epoch,
+                             "distill/tokens_per_s": tokens_seen / (time.perf_counter() - started)}, step=step)
+            step += 1
+    progress.close()
+    drafter.eval()
+    save_drafter(drafter, tokenizer, out_dir / "model")
+    elapsed = time.perf_counter() - started
+    return {"steps": total_steps, "epochs": settings.epochs, "records": len(rows), "final_loss": round(loss_value, 4),
+            "loss_tokens": tokens_seen, "seconds": round(elapsed, 1),
+            "loss_tokens_per_s": round(tokens_seen / elapsed)}

@@ -1,0 +1,217 @@
+"""draftsmith's entry point: run the configured stages, in order, into `runs/<experiment>/<run_name>/<stage>/`.
+
+    python train/run.py +experiment=smoke
+    python train/run.py +experiment=quickstart stages=[eval] eval.drafters='{mine: /path/to/drafter}'
+
+A stage whose complete output already exists with the same settings is skipped; an interrupted one is redone.
+This file only turns the Hydra config into typed settings and calls each stage's plain function.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/run.py` from a checkout: make the top-level packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+
+from data_gen.generate import end_of_turn_ids, generate, prompt_token_ids
+from data_gen.sources import load_conversations
+from eval.speculative import evaluate
+from models.drafter import build_drafter, load_drafter
+from models.export import export_drafter, model_card
+from models.loading import LoadedModel, load_target, resolve_model_dir
+from train.distill import distill
+from train.pretrain import pretrain
+from train.rundir import StageDir
+from train.tracking import Tracker
+
+STAGES = ("data_gen", "pretrain", "distill", "eval", "export")
+# The config sections each stage reads. A stage's fingerprint covers these plus its inputs' fingerprints, so a
+# changed upstream stage makes every stage after it stale.
+STAGE_SECTIONS = {
+    "data_gen": ("target", "data", "data_gen"),
+    "pretrain": ("target", "drafter", "corpus", "pretrain"),
+    "distill": ("target", "drafter", "distill", "loss"),
+    "eval": ("target", "drafter", "eval_data", "eval"),
+    "export": ("export",),
+}
+STAGE_INPUTS = {"data_gen": (), "pretrain": (), "distill": ("data_gen", "pretrain"),
+                "eval": ("pretrain", "distill"), "export": ("eval", "pretrain", "distill")}
+
+
+@dataclass
+class Pipeline:
+    """Everything the stage runners share: typed settings built once from the config, and the loaded target."""
+
+    config: DictConfig
+    run_dir: Path
+    cache_dir: Path
+    resolved: dict
+    _target: LoadedModel | None = field(default=None, repr=False)
+
+    def spec(self, section: str):
+        return instantiate(self.config[section], _convert_="all")
+
+    def target(self) -> LoadedModel:
+        if self._target is None:
+            self._target = load_target(self.spec("target"), self.cache_dir)
+        return self._target
+
+    def stage_output(self, stage: str) -> Path | None:
+        final = StageDir(self.run_dir, stage).final
+        return final if (final / "meta.json").exists() else None
+
+
+def run_data_gen(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
+    target = pipeline.target()
+    conversations, source_report = load_conversations(pipeline.spec("data"), pipeline.cache_dir)
+    print(source_report.summary())
+    report = generate(target.model, target.tokenizer, conversations, pipeline.spec("data_gen"), out_dir, tracker)
+    return report | {"source": source_report.as_dict()}
+
+
+def run_pretrain(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
+    target, settings = pipeline.target(), pipeline.spec("pretrain")
+    conversations, corpus_report = load_conversations(pipeline.spec("corpus"), pipeline.cache_dir)
+    needed, documents = settings.steps * settings.batch_size * settings.seq_len, []
+    for conversation in conversations[: settings.max_documents]:
+        ids = target.tokenizer.apply_chat_template(conversation.messages, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        documents.append(ids[: 4 * settings.seq_len])  # many short documents beat a few very long ones
+        if sum(map(len, documents)) >= needed:
+            break
+    drafter = build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer)
+    summary = pretrain(drafter, target.tokenizer, documents, settings, out_dir, tracker)
+    return summary | {"documents": len(documents), "corpus": corpus_report.as_dict()}
+
+
+def run_distill(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
+    target = pipeline.target()
+    data = pipeline.stage_output("data_gen")
+    if data is None:
+        raise FileNotFoundError(f"distill needs the data_gen output in {pipeline.run_dir / 'data_gen'}; "
+                                f"add data_gen to stages (stages=[data_gen,distill])")
+    settings, pretrained = pipeline.spec("distill"), pipeline.stage_output("pretrain")
+    if settings.init_from or pretrained:
+        start = Path(settings.init_from) if settings.init_from else pretrained / "model"
+        drafter = load_drafter(start, target.model, target.tokenizer)
+    else:
+        start, drafter = "fresh", build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer)
+    summary = distill(drafter, target.model, target.tokenizer, data / "dataset", pipeline.spec("loss"), settings,
+                      out_dir, tracker)
+    return summary | {"init_from": str(start)}
+
+
+def run_eval(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
+    target, settings = pipeline.target(), pipeline.spec("eval")
+    conversations, _ = load_conversations(pipeline.spec("eval_data"), pipeline.cache_dir)
+    prompts = [{"id": c.id, "category": c.category, "prompt_ids": prompt_token_ids(target.tokenizer,
+                                                                                     c.first_turn_prompt())}
+               for c in conversations]
+    drafters, paths = {}, {}
+    if settings.include_untrained:
+        drafters["untrained"] = build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer).eval()
+        paths["untrained"] = "built from conf/drafter (no training)"
+    candidates = {name: pipeline.stage_output(stage) for name, stage in (("pretrained", "pretrain"),
+                                                                         ("distilled", "distill"))}
+    candidates = {name: path / "model" for name, path in candidates.items() if path is not None}
+    candidates |= {name: Path(path) for name, path in settings.drafters.items()}
+    for name, path in candidates.items():
+        drafters[name] = load_drafter(path, target.model, target.tokenizer)
+        paths[name] = str(path)
+    report = evaluate(target.model, drafters, prompts, end_of_turn_ids(target.tokenizer, target.model), settings,
+                      out_dir, tracker)
+    report["drafter_paths"] = paths
+    report["table_markdown"] = (out_dir / "report.md").read_text()
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    print(report["table_markdown"])
+    return {name: {k: m[k] for k in ("block_efficiency", "acceptance_rate", "speedup_median", "lossless")}
+            for name, m in report["drafters"].items()} | {"best": report["best"], "num_prompts": len(prompts)}
+
+
+def run_export(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
+    settings = pipeline.spec("export")
+    evaluated = pipeline.stage_output("eval")
+    report = json.loads((evaluated / "report.json").read_text()) if evaluated else None
+    choice = settings.drafter
+    if choice == "best":
+        if report is None:
+            raise FileNotFoundError("export.drafter=best needs the eval output; add eval to stages or name a drafter")
+        choice = report["best"]
+    if report is not None and choice in report["drafter_paths"]:
+        drafter_dir = Path(report["drafter_paths"][choice])
+    else:
+        drafter_dir = Path(choice)
+    if not (drafter_dir / "config.json").exists():
+        raise FileNotFoundError(f"export.drafter={settings.drafter!r} resolved to {drafter_dir}, which is not a "
+                                f"drafter checkpoint")
+    target_dir, identity = resolve_model_dir(pipeline.spec("target"), pipeline.cache_dir)
+    card_report = None
+    if report is not None and choice in report["drafters"]:
+        card_report = report | {"table_markdown": report["table_markdown"]}
+    reproduce = (f"python train/run.py +experiment={pipeline.config.experiment} "
+                 f"run_name={pipeline.config.run_name}")
+    card = model_card(settings.name, identity.as_dict(), parameters_in(drafter_dir), parameters_in(target_dir),
+                      card_report, f"{choice} ({drafter_dir})", reproduce)
+    exported = export_drafter(drafter_dir, out_dir / settings.name, card)
+    return {"exported": str(pipeline.run_dir / "export" / settings.name), "drafter": choice,
+            "files": sorted(p.name for p in exported.iterdir())}
+
+
+def parameters_in(model_dir: Path) -> int:
+    """Parameter count from the safetensors header alone (tied weights are stored once)."""
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+
+
+RUNNERS = {"data_gen": run_data_gen, "pretrain": run_pretrain, "distill": run_distill, "eval": run_eval,
+           "export": run_export}
+
+
+def run(config: DictConfig) -> dict[str, Path]:
+    """Run `config.stages` in order; returns each stage's output directory."""
+    unknown = [s for s in config.stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"stages={list(config.stages)}: unknown {unknown}; choose from {list(STAGES)}")
+    stages = sorted(config.stages, key=STAGES.index)
+    run_dir = Path(config.runs_root) / config.experiment / config.run_name
+    resolved = OmegaConf.to_container(config, resolve=True)
+    pipeline = Pipeline(config=config, run_dir=run_dir, cache_dir=Path(config.cache_dir), resolved=resolved)
+    logger_settings = pipeline.spec("logger")
+    outputs = {}
+    for stage in stages:
+        stage_dir = StageDir(run_dir, stage)
+        settings = {section: resolved[section] for section in STAGE_SECTIONS[stage]}
+        settings["inputs"] = {name: (StageDir(run_dir, name).meta() or {}).get("fingerprint")
+                              for name in STAGE_INPUTS[stage]}
+        if stage_dir.check_reusable(settings, bool(config.overwrite)):
+            print(f"[draftsmith] {stage}: complete output in {stage_dir.final} made with these settings, skipped")
+            outputs[stage] = stage_dir.final
+            continue
+        print(f"[draftsmith] {stage}: running into {stage_dir.final}", flush=True)
+        out_dir = stage_dir.begin()
+        tracker = Tracker(logger_settings, run_dir, stage, resolved)
+        summary = RUNNERS[stage](pipeline, out_dir, tracker)
+        tracker.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        _, identity = resolve_model_dir(pipeline.spec("target"), pipeline.cache_dir)
+        outputs[stage] = stage_dir.commit(settings, resolved, identity.as_dict(), summary)
+        printable = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+        print(f"[draftsmith] {stage}: done -> {outputs[stage]}\n  {json.dumps(printable, default=str)}", flush=True)
+    return outputs
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(config: DictConfig) -> None:
+    run(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Run directories: `runs/<experiment>/<run_name>/<stage>/`, written atomically and explaining themselves.
+
+A stage writes into `<stage>.partial/`; only when it has finished is `meta.json` (resolved config, git commit,
+target identity, the stage's fingerprint and summary) written and the folder renamed to `<stage>/`. So a
+folder named after a stage is always complete, and a leftover `.partial` is redone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit(repo_dir: Path = REPO_ROOT) -> str:
+    """HEAD of the draftsmith checkout, with `-dirty` when tracked files differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("-dirty" if dirty else "")
+
+
+def fingerprint(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def flatten(tree: object, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        flat = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): tree}
+
+
+class StageMismatchError(RuntimeError):
+    pass
+
+
+@dataclass
+class StageDir:
+    run_dir: Path
+    stage: str
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / self.stage
+
+    @property
+    def partial(self) -> Path:
+        return self.run_dir / f"{self.stage}.partial"
+
+    def meta(self) -> dict | None:
+        path = self.final / "meta.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def check_reusable(self, settings: dict, overwrite: bool) -> bool:
+        """True when a complete output made with the same settings exists; raise if it was made otherwise."""
+        meta = self.meta()
+        if meta is None:
+            return False
+        if meta["fingerprint"] == fingerprint(settings):
+            return True
+        if overwrite:
+            return False
+        old, new = flatten(meta["settings"]), flatten(json.loads(json.dumps(settings, default=str)))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))[:8]
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise StageMismatchError(
+            f"{self.final} was made with other settings ({details}). Pass a new run_name=..., or overwrite=true "
+            f"to redo this stage and those after it.")
+
+    def begin(self) -> Path:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        return self.partial
+
+    def commit(self, settings: dict, resolved_config: dict, target_identity: dict, summary: dict) -> Path:
+        meta = {
+            "stage": self.stage,
+            "fingerprint": fingerprint(settings),
+            "settings": json.loads(json.dumps(settings, default=str)),
+            "config": resolved_config,
+            "git_commit": git_commit(),
+            "target": target_identity,
+            "summary": summary,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (self.partial / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        self.partial.replace(self.final)
+        return self.final
