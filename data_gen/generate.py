@@ -67,7 +67,7 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], pad_id: int
         attention_mask[row, width - len(prompt):] = 1
     sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p) \
         if settings.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
+    output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), max_new_tokens=settings.max_new_tokens,
                             pad_token_id=pad_id, eos_token_id=stop_ids, **sampling)
     return [row[width:].tolist() for row in output]
 

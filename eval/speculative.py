@@ -90,8 +90,8 @@ class DecodeStats:
 def _forward(model: PreTrainedModel, tokens: list[int], cache: DynamicCache) -> torch.Tensor:
     """Logits [len(tokens), V] for `tokens` appended after what `cache` already holds."""
     start = cache.get_seq_length()
-    input_ids = torch.tensor([tokens])
-    positions = torch.arange(start, start + len(tokens)).unsqueeze(0)
+    input_ids = torch.tensor([tokens], device=model.device)
+    positions = torch.arange(start, start + len(tokens), device=model.device).unsqueeze(0)
     return model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True).logits[0]
 
 

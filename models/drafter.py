@@ -89,9 +89,9 @@ def build_drafter(spec: DrafterSpec, target: PreTrainedModel, tokenizer: PreTrai
     torch.random.set_rng_state(generator_state)
     if spec.init == "target_embeddings":
         with torch.no_grad():
-            source = target.get_input_embeddings().weight.detach().float()
+            source = target.get_input_embeddings().weight.detach().float().cpu()
             drafter.get_input_embeddings().weight.copy_(_principal_embeddings(source, spec.hidden_size, spec.seed))
-    return drafter
+    return drafter.to(target.device)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -108,7 +108,7 @@ def save_drafter(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
 
 def load_drafter(path: Path, target: PreTrainedModel, target_tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load a drafter checkpoint and prove it speaks the target's vocabulary."""
-    drafter = load_causal_lm(Path(path))
+    drafter = load_causal_lm(Path(path)).to(target.device)
     drafter_tokenizer = load_tokenizer(Path(path)) if (Path(path) / "tokenizer_config.json").exists() else None
     check_same_vocabulary(drafter, target, drafter_tokenizer, target_tokenizer)
     return drafter

@@ -164,9 +164,17 @@ def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
-def load_target(spec: TargetSpec, cache_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks the GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_target(spec: TargetSpec, cache_dir: Path, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> LoadedModel:
     model_dir, identity = resolve_model_dir(spec, cache_dir)
-    model = load_causal_lm(model_dir, dtype, spec.trust_remote_code)
+    model = load_causal_lm(model_dir, dtype, spec.trust_remote_code).to(device)
     model.requires_grad_(False)
     tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity, path=model_dir)

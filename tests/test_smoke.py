@@ -94,7 +94,7 @@ def test_eval_alone_on_a_drafter_given_by_path(smoke_run):
     tmp_path, _ = smoke_run
     drafter = tmp_path / "runs" / "smoke" / "default" / "export" / "drafter"
     result = run_cli(tmp_path, "logger=none", "run_name=only_eval", "stages=[eval]", "eval.include_untrained=false",
-                     f"eval.drafters={{mine:'{drafter}'}}")
+                     f"+eval.drafters.mine={drafter}")
     report = json.loads((tmp_path / "runs" / "smoke" / "only_eval" / "eval" / "report.json").read_text())
     assert list(report["drafters"]) == ["mine"] and report["drafters"]["mine"]["lossless"]
     assert not (tmp_path / "runs" / "smoke" / "only_eval" / "data_gen").exists()

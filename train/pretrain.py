@@ -60,7 +60,7 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
     progress = tqdm(range(settings.steps), desc="pretrain", unit="step")
     for step in progress:
         picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
-        batch = blocks[picks]
+        batch = blocks[picks].to(drafter.device)
         loss = next_token_loss(drafter, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretrain step {step}: loss is {loss.item()}; lower pretrain.optim.lr "

@@ -1,7 +1,7 @@
 """draftsmith's entry point: run the configured stages, in order, into `runs/<experiment>/<run_name>/<stage>/`.
 
     python train/run.py +experiment=smoke
-    python train/run.py +experiment=quickstart stages=[eval] eval.drafters='{mine: /path/to/drafter}'
+    python train/run.py +experiment=quickstart stages=[eval] +eval.drafters.mine=/path/to/drafter
 
 A stage whose complete output already exists with the same settings is skipped; an interrupted one is redone.
 This file only turns the Hydra config into typed settings and calls each stage's plain function.
@@ -27,7 +27,7 @@ from data_gen.sources import load_conversations
 from eval.speculative import evaluate
 from models.drafter import build_drafter, load_drafter
 from models.export import export_drafter, model_card
-from models.loading import LoadedModel, load_target, resolve_model_dir
+from models.loading import LoadedModel, load_target, resolve_device, resolve_model_dir
 from train.distill import distill
 from train.pretrain import pretrain
 from train.rundir import StageDir
@@ -62,7 +62,8 @@ class Pipeline:
 
     def target(self) -> LoadedModel:
         if self._target is None:
-            self._target = load_target(self.spec("target"), self.cache_dir)
+            self._target = load_target(self.spec("target"), self.cache_dir,
+                                       device=resolve_device(self.config.device))
         return self._target
 
     def stage_output(self, stage: str) -> Path | None:

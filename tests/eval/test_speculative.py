@@ -15,6 +15,8 @@ VOCAB = 17
 class PositionStub(torch.nn.Module):
     """A 'model' whose argmax at absolute position p is (p * 7 + shift) % VOCAB, with a real KV cache length."""
 
+    device = torch.device("cpu")
+
     def __init__(self, shift: int) -> None:
         super().__init__()
         self.shift = shift
