@@ -59,19 +59,23 @@ def check_same_vocabulary(drafter: PreTrainedModel, target: PreTrainedModel,
                 f"(e.g. {differing}); the drafter was trained for another tokenizer.")
 
 
-def _principal_embeddings(target_embeddings: torch.Tensor, width: int, seed: int) -> torch.Tensor:
-    """Project [vocab, d_target] embeddings onto their top-`width` principal directions, keeping the scale."""
+def _principal_embeddings(target_embeddings: torch.Tensor, width: int, seed: int, std: float) -> torch.Tensor:
+    """Project [vocab, d_target] embeddings onto their top-`width` principal directions, rescaled to `std`.
+
+    The directions carry the target's token geometry; the scale is the drafter's own init scale, because the
+    embedding is also the (tied) LM head: at the target's scale a fresh drafter starts with a loss of ~20 nats.
+    """
     if width >= target_embeddings.shape[1]:
         padded = torch.zeros(target_embeddings.shape[0], width)
         padded[:, : target_embeddings.shape[1]] = target_embeddings
-        return padded
+        return padded * (std / padded.std())
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     centered = target_embeddings - target_embeddings.mean(0, keepdim=True)
     _, _, basis = torch.pca_lowrank(centered, q=width, center=False, niter=4)
     torch.random.set_rng_state(generator_state)
     projected = centered @ basis[:, :width]
-    return projected * (target_embeddings.std() / projected.std())
+    return projected * (std / projected.std())
 
 
 def build_drafter(spec: DrafterSpec, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
@@ -90,7 +94,8 @@ def build_drafter(spec: DrafterSpec, target: PreTrainedModel, tokenizer: PreTrai
     if spec.init == "target_embeddings":
         with torch.no_grad():
             source = target.get_input_embeddings().weight.detach().float().cpu()
-            drafter.get_input_embeddings().weight.copy_(_principal_embeddings(source, spec.hidden_size, spec.seed))
+            drafter.get_input_embeddings().weight.copy_(_principal_embeddings(source, spec.hidden_size, spec.seed,
+                                                                                    config.initializer_range))
     return drafter.to(target.device)
 
 
