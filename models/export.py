@@ -41,8 +41,9 @@ def model_card(name: str, target: dict, parameters: int, target_parameters: int,
         "out = target.generate(**tokenizer.apply_chat_template(messages, add_generation_prompt=True,",
         "                      return_tensors='pt', return_dict=True), assistant_model=drafter, do_sample=False)",
         "```", "",
-        "vLLM: `LLM(model=TARGET, speculative_config={'method': 'draft_model', 'model': THIS_DIR, "
-        "'num_speculative_tokens': 4})`.", "",
+        "vLLM's standalone draft-model speculator should take it as "
+        "`speculative_config={'method': 'draft_model', 'model': THIS_DIR, 'num_speculative_tokens': 4}`; "
+        "draftsmith does not test that load yet.", "",
     ]
     if eval_report is not None:
         settings = eval_report["settings"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.drafter import check_same_vocabulary, save_drafter
-from train.optim import OptimSettings, build_optimizer
+from train.optim import OptimSettings, build_optimizer, optimizer_step
 from train.tracking import Tracker
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,14 +99,8 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
             student_logits = logits_at(drafter, input_ids, attention, loss_positions)
             every_position = torch.ones(student_logits.shape[:2], dtype=torch.bool, device=drafter.device)
             loss = loss_fn(student_logits, teacher_logits.clone(), every_position)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"distill epoch {epoch} step {step}: loss is {loss.item()}; lower "
-                                         f"distill.optim.lr (now {settings.optim.lr}) or check {dataset_dir}")
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), settings.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(loss, drafter, optimizer, scheduler, settings.optim.grad_clip,
+                                       f"distill epoch {epoch} step {step} (data {dataset_dir})")
             tokens_seen += int(loss_positions.sum())
             loss_value = loss.item()
             progress.update(1)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.drafter import save_drafter
-from train.optim import OptimSettings, build_optimizer
+from train.optim import OptimSettings, build_optimizer, optimizer_step
 from train.tracking import Tracker
 
 
@@ -62,14 +62,8 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
         picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
         batch = blocks[picks].to(drafter.device)
         loss = next_token_loss(drafter, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain step {step}: loss is {loss.item()}; lower pretrain.optim.lr "
-                                     f"(now {settings.optim.lr}) or check the corpus")
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), settings.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(loss, drafter, optimizer, scheduler, settings.optim.grad_clip,
+                                   f"pretrain step {step}")
         tokens_seen += batch.numel()
         loss_value = loss.item()
         progress.set_postfix(loss=f"{loss_value:.3f}")

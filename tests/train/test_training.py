@@ -85,9 +85,11 @@ def test_nan_loss_is_a_clear_error(tiny_target, tmp_path):
     def broken_loss(student, teacher, mask):
         return forward_kl(student, teacher, mask) * float("nan")
 
-    with pytest.raises(FloatingPointError, match="distill epoch 0 step 0: loss is nan"):
+    before = {name: p.detach().clone() for name, p in drafter.named_parameters()}
+    with pytest.raises(FloatingPointError, match=r"distill epoch 0 step 0 \(data .*dataset\): loss is nan"):
         distill(drafter, model, tokenizer, dataset_dir, broken_loss, DistillSettings(), tmp_path / "o",
                 quiet_tracker(tmp_path, "distill"))
+    assert all(torch.equal(before[name], p) for name, p in drafter.named_parameters())  # nothing was applied
 
 
 def test_vocabulary_mismatch_names_both_sizes(tiny_target):
