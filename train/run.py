@@ -82,12 +82,13 @@ def run_data_gen(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
 def run_pretrain(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
     target, settings = pipeline.target(), pipeline.spec("pretrain")
     conversations, corpus_report = load_conversations(pipeline.spec("corpus"), pipeline.cache_dir)
-    needed, documents = settings.steps * settings.batch_size * settings.seq_len, []
+    needed, documents, tokens = settings.steps * settings.batch_size * settings.seq_len, [], 0
     for conversation in conversations[: settings.max_documents]:
         ids = target.tokenizer.apply_chat_template(conversation.messages, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        documents.append(ids[: 4 * settings.seq_len])  # many short documents beat a few very long ones
-        if sum(map(len, documents)) >= needed:
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)[: 4 * settings.seq_len]
+        documents.append(ids)  # capped: many short documents beat a few very long ones
+        tokens += len(ids)
+        if tokens >= needed:  # tokenize only what the step budget will read
             break
     drafter = build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer)
     summary = pretrain(drafter, target.tokenizer, documents, settings, out_dir, tracker)
