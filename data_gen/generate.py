@@ -33,11 +33,16 @@ class GenerationSettings:
     seed: int = 0
 
 
+def chat_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+                   add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of `messages` rendered by the chat template (transformers may return a list or an encoding)."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """The exact ids the target sees before it starts answering."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return list(ids)
+    return chat_token_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
@@ -67,8 +72,9 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], pad_id: int
         attention_mask[row, width - len(prompt):] = 1
     sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p) \
         if settings.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), max_new_tokens=settings.max_new_tokens,
-                            pad_token_id=pad_id, eos_token_id=stop_ids, **sampling)
+    output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                            max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id, eos_token_id=stop_ids,
+                            **sampling)
     return [row[width:].tolist() for row in output]
 
 

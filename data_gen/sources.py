@@ -251,10 +251,10 @@ def load_conversations(spec: PromptSourceSpec, cache_dir: Path) -> tuple[list[Co
 
 if __name__ == "__main__":
     from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
 
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        config = compose("config", overrides=[f"data={sys.argv[1] if len(sys.argv) > 1 else 'sharegpt'}"])
-    data_spec = config.data
-    spec = PromptSourceSpec(**{k: v for k, v in data_spec.items() if k != "_target_"})
-    _, source_report = load_conversations(spec, Path(config.cache_dir))
+        config = compose("config", overrides=[f"data={sys.argv[1] if len(sys.argv) > 1 else 'sharegpt'}",
+                                              "data.limit=null"])
+    _, source_report = load_conversations(instantiate(config.data), Path(config.cache_dir))
     print(source_report.summary())

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
-from data_gen.generate import end_of_turn_ids, generate, prompt_token_ids
+from data_gen.generate import chat_token_ids, end_of_turn_ids, generate, prompt_token_ids
 from data_gen.sources import load_conversations
 from eval.speculative import evaluate
 from models.drafter import build_drafter, load_drafter
@@ -84,8 +84,7 @@ def run_pretrain(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
     conversations, corpus_report = load_conversations(pipeline.spec("corpus"), pipeline.cache_dir)
     needed, documents, tokens = settings.steps * settings.batch_size * settings.seq_len, [], 0
     for conversation in conversations[: settings.max_documents]:
-        ids = target.tokenizer.apply_chat_template(conversation.messages, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)[: 4 * settings.seq_len]
+        ids = chat_token_ids(target.tokenizer, conversation.messages)[: 4 * settings.seq_len]
         documents.append(ids)  # capped: many short documents beat a few very long ones
         tokens += len(ids)
         if tokens >= needed:  # tokenize only what the step budget will read

@@ -6,7 +6,7 @@ import json
 import torch
 from datasets import load_from_disk
 
-from data_gen.generate import GenerationSettings, end_of_turn_ids, generate, prompt_token_ids
+from data_gen.generate import GenerationSettings, chat_token_ids, end_of_turn_ids, generate, prompt_token_ids
 from data_gen.sources import Conversation
 from train.tracking import LoggerSettings, Tracker
 
@@ -49,8 +49,7 @@ def test_mask_covers_exactly_what_the_template_renders_as_assistant(tiny_target)
     messages = [{"role": "user", "content": "What is 2+2?"}]
     answer = "It is 4."
     prompt = prompt_token_ids(tokenizer, messages)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True)
-    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    full = chat_token_ids(tokenizer, messages + [{"role": "assistant", "content": answer}])
     assert full[: len(prompt)] == prompt
     response = full[len(prompt):]
     assert tokenizer.decode(response).startswith(answer + tokenizer.eos_token)
