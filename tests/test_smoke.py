@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from data_gen.shards import load_records
 from tests.conftest import REPO_ROOT
 from train.rundir import StageMismatchError
 
@@ -98,3 +99,19 @@ def test_eval_alone_on_a_drafter_given_by_path(smoke_run):
     report = json.loads((tmp_path / "runs" / "smoke" / "only_eval" / "eval" / "report.json").read_text())
     assert list(report["drafters"]) == ["mine"] and report["drafters"]["mine"]["lossless"]
     assert not (tmp_path / "runs" / "smoke" / "only_eval" / "data_gen").exists()
+
+
+def test_on_policy_data_from_the_pipelines_own_drafter(smoke_run):
+    """DistillSpec data: the pretrain stage's checkpoint answers about half the prompts, the target the rest,
+    and the target's top-k log-probabilities are stored for every answer token."""
+    tmp_path, _ = smoke_run
+    drafter = tmp_path / "runs" / "smoke" / "default" / "pretrain" / "model"
+    run_cli(tmp_path, "logger=none", "run_name=on_policy", "stages=[data_gen]", f"data_gen.on_policy_drafter={drafter}",
+            "data_gen.on_policy_ratio=0.5", "data_gen.top_k_logprobs=4")
+    out = tmp_path / "runs" / "smoke" / "on_policy" / "data_gen"
+    report = json.loads((out / "report.json").read_text())
+    assert report["by_generator"]["drafter"] > 0 and report["by_generator"]["target"] > 0
+    rows = list(load_records(out))
+    assert all(len(r["topk_ids"]) == sum(r["loss_mask"]) for r in rows)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["settings"]["data_gen"]["on_policy_drafter"] == str(drafter)

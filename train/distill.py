@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from datasets import load_from_disk
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from data_gen.shards import load_records
 from models.drafter import check_same_vocabulary, save_drafter
 from train.optim import OptimSettings, build_optimizer, optimizer_step
 from train.tracking import Tracker
@@ -73,12 +73,12 @@ def length_grouped_batches(lengths: list[int], batch_size: int, shuffler: random
     return batches
 
 
-def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset_dir: Path,
+def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
             loss_fn: LossFn, settings: DistillSettings, out_dir: Path, tracker: Tracker) -> dict:
     """Train `drafter` in place against `target`; save it as safetensors to `out_dir/model`."""
     check_same_vocabulary(drafter, target)
     torch.manual_seed(settings.seed)
-    dataset = load_from_disk(str(dataset_dir)).select_columns(["input_ids", "loss_mask"])
+    dataset = load_records(data_dir).select_columns(["input_ids", "loss_mask"])
     rows = list(dataset)
     steps_per_epoch = (len(rows) + settings.batch_size - 1) // settings.batch_size
     total_steps = settings.epochs * steps_per_epoch
@@ -100,7 +100,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
             every_position = torch.ones(student_logits.shape[:2], dtype=torch.bool, device=drafter.device)
             loss = loss_fn(student_logits, teacher_logits.clone(), every_position)
             grad_norm = optimizer_step(loss, drafter, optimizer, scheduler, settings.optim.grad_clip,
-                                       f"distill epoch {epoch} step {step} (data {dataset_dir})")
+                                       f"distill epoch {epoch} step {step} (data {data_dir})")
             tokens_seen += int(loss_positions.sum())
             loss_value = loss.item()
             progress.update(1)

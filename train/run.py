@@ -22,7 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
-from data_gen.generate import chat_token_ids, end_of_turn_ids, generate, prompt_token_ids
+from data_gen.chat import chat_token_ids, end_of_turn_ids, prompt_token_ids
+from data_gen.generate import ShardsPending, WorkerSettings, generate
 from data_gen.sources import load_conversations
 from eval.speculative import evaluate
 from models.drafter import build_drafter, load_drafter
@@ -72,10 +73,16 @@ class Pipeline:
 
 
 def run_data_gen(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
-    target = pipeline.target()
+    target, settings = pipeline.target(), pipeline.spec("data_gen")
     conversations, source_report = load_conversations(pipeline.spec("data"), pipeline.cache_dir)
     print(source_report.summary())
-    report = generate(target.model, target.tokenizer, conversations, pipeline.spec("data_gen"), out_dir, tracker)
+    drafter = None
+    if settings.on_policy_ratio > 0:  # DistillSpec on-policy data: a drafter checkpoint answers a share of prompts
+        drafter = load_drafter(Path(settings.on_policy_drafter), target.model, target.tokenizer)
+    model_dir, _ = resolve_model_dir(pipeline.spec("target"), pipeline.cache_dir)
+    report = generate(target.model, target.tokenizer, conversations, settings, out_dir, tracker,
+                      worker=WorkerSettings(**pipeline.config.worker), model_dir=model_dir, drafter=drafter)
+    (out_dir / "report.json").write_text(json.dumps(report | {"source": source_report.as_dict()}, indent=2))
     return report | {"source": source_report.as_dict()}
 
 
@@ -106,7 +113,7 @@ def run_distill(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
         drafter = load_drafter(start, target.model, target.tokenizer)
     else:
         start, drafter = "fresh", build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer)
-    summary = distill(drafter, target.model, target.tokenizer, data / "dataset", pipeline.spec("loss"), settings,
+    summary = distill(drafter, target.model, target.tokenizer, data, pipeline.spec("loss"), settings,
                       out_dir, tracker)
     return summary | {"init_from": str(start)}
 
@@ -198,9 +205,14 @@ def run(config: DictConfig) -> dict[str, Path]:
             outputs[stage] = stage_dir.final
             continue
         print(f"[draftsmith] {stage}: running into {stage_dir.final}", flush=True)
-        out_dir = stage_dir.begin()
+        out_dir = stage_dir.begin(settings)
         tracker = Tracker(logger_settings, run_dir, stage, resolved)
-        summary = RUNNERS[stage](pipeline, out_dir, tracker)
+        try:
+            summary = RUNNERS[stage](pipeline, out_dir, tracker)
+        except ShardsPending as pending:  # other data_gen workers still at work, or a dry run: stop here
+            tracker.finish({})
+            print(f"[draftsmith] {stage}: not complete: {pending}", flush=True)
+            return outputs
         tracker.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         _, identity = resolve_model_dir(pipeline.spec("target"), pipeline.cache_dir)
         outputs[stage] = stage_dir.commit(settings, resolved, identity.as_dict(), summary)

@@ -2,12 +2,14 @@
 
 A stage writes into `<stage>.partial/`; only when it has finished is `meta.json` (resolved config, git commit,
 target identity, the stage's fingerprint and summary) written and the folder renamed to `<stage>/`. So a
-folder named after a stage is always complete, and a leftover `.partial` is redone.
+folder named after a stage is always complete. A leftover `.partial` made with the same settings is kept, so a
+stage that commits its work in pieces (data_gen shards) resumes; one made with other settings is cleared.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -79,9 +81,16 @@ class StageDir:
             f"{self.final} was made with other settings ({details}). Pass a new run_name=..., or overwrite=true "
             f"to redo this stage and those after it.")
 
-    def begin(self) -> Path:
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.partial.mkdir(parents=True)
+    def begin(self, settings: dict) -> Path:
+        """The `.partial` folder to write into: kept if it was started with these settings, else emptied."""
+        stamp = self.partial / "settings.fingerprint"
+        if self.partial.exists() and (not stamp.exists() or stamp.read_text() != fingerprint(settings)):
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        if not stamp.exists():
+            temporary = stamp.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(fingerprint(settings))
+            os.replace(temporary, stamp)
         return self.partial
 
     def commit(self, settings: dict, resolved_config: dict, target_identity: dict, summary: dict) -> Path:

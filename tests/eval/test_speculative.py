@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from data_gen.generate import end_of_turn_ids, prompt_token_ids
+from data_gen.chat import end_of_turn_ids, prompt_token_ids
 from eval.speculative import DecodeStats, greedy_decode, speculative_greedy_decode
 from models.drafter import DrafterSpec, build_drafter
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from data_gen.generate import end_of_turn_ids, prompt_token_ids
+from data_gen.chat import end_of_turn_ids, prompt_token_ids
 from eval.speculative import greedy_decode
 from models.assets import fetch_wheel_file
 from models.drafter import DrafterSpec, build_drafter, count_parameters

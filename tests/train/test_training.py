@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
 
 from losses.kl import forward_kl
 from models.drafter import DrafterSpec, VocabularyMismatchError, build_drafter, check_same_vocabulary, load_drafter
@@ -44,17 +43,18 @@ def test_pretrain_learns_and_saves_safetensors(tiny_target, tmp_path):
 
 
 def distill_dataset(tiny_target, tmp_path):
-    from eval.speculative import greedy_decode
-    from data_gen.generate import end_of_turn_ids, prompt_token_ids
+    """A real data_gen output (sharded records + manifest) from the tiny target."""
+    from data_gen.generate import GenerationSettings, generate
+    from data_gen.sources import Conversation
 
-    model, tokenizer = tiny_target.model, tiny_target.tokenizer
-    rows = []
-    for text in ["hi", "tell me a story", "what is up", "count to ten"]:
-        prompt = prompt_token_ids(tokenizer, [{"role": "user", "content": text}])
-        response = greedy_decode(model, prompt, 24, end_of_turn_ids(tokenizer, model))
-        rows.append({"input_ids": prompt + response, "loss_mask": [0] * len(prompt) + [1] * len(response)})
-    Dataset.from_list(rows).save_to_disk(str(tmp_path / "dataset"))
-    return tmp_path / "dataset"
+    conversations = [Conversation(id=str(i), source="test", messages=[{"role": "user", "content": text}])
+                     for i, text in enumerate(["hi", "tell me a story", "what is up", "count to ten"])]
+    out = tmp_path / "data_gen"
+    out.mkdir()
+    tracker = Tracker(LoggerSettings(backend="none", mode="disabled"), tmp_path, "data_gen", {})
+    generate(tiny_target.model, tiny_target.tokenizer, conversations, GenerationSettings(max_new_tokens=24),
+             out, tracker)
+    return out
 
 
 def test_collate_marks_positions_whose_next_token_is_response():
@@ -86,7 +86,7 @@ def test_nan_loss_is_a_clear_error(tiny_target, tmp_path):
         return forward_kl(student, teacher, mask) * float("nan")
 
     before = {name: p.detach().clone() for name, p in drafter.named_parameters()}
-    with pytest.raises(FloatingPointError, match=r"distill epoch 0 step 0 \(data .*dataset\): loss is nan"):
+    with pytest.raises(FloatingPointError, match=r"distill epoch 0 step 0 \(data .*data_gen\): loss is nan"):
         distill(drafter, model, tokenizer, dataset_dir, broken_loss, DistillSettings(), tmp_path / "o",
                 quiet_tracker(tmp_path, "distill"))
     assert all(torch.equal(before[name], p) for name, p in drafter.named_parameters())  # nothing was applied
