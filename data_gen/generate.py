@@ -331,10 +331,12 @@ def make_backends(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, se
     return backends
 
 
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation],
-             settings: GenerationSettings, out_dir: Path, tracker: Tracker, worker: WorkerSettings = WorkerSettings(),
-             model_dir: Path | None = None, drafter: PreTrainedModel | None = None) -> dict:
-    """Plan, generate this worker's shards into `out_dir/shards/`, and finalize when every shard exists."""
+def generate(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation],
+             settings: GenerationSettings, out_dir: Path, tracker: Tracker, stop_ids: list[int] | None = None,
+             worker: WorkerSettings = WorkerSettings(), model_dir: Path | None = None,
+             drafter: PreTrainedModel | None = None) -> dict:
+    """Plan, generate this worker's shards into `out_dir/shards/`, and finalize when every shard exists.
+    `model` may be None with the vllm backend when no top-k log-probabilities are stored."""
     plan = make_plan(tokenizer, conversations, settings)
     if not plan.jobs:
         raise RuntimeError(f"data_gen has nothing to generate from {len(conversations)} conversations: "
@@ -356,7 +358,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, convers
     mine = [i for i in range(worker.rank, len(shards), worker.world_size) if i not in done]
     if done:
         print(f"[data_gen] resuming: {len(done)} of {len(shards)} shards already complete", flush=True)
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    stop_ids = stop_ids or end_of_turn_ids(tokenizer, model)
     for index in mine:  # a writer killed mid-write leaves a temporary file; only this worker's are its own
         for stale in shard_path(out_dir, index).parent.glob(f".{shard_path(out_dir, index).name}.*.tmp"):
             stale.unlink()

@@ -13,6 +13,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 if __package__ in (None, ""):  # `python train/run.py` from a checkout: make the top-level packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,6 +22,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
+from transformers import AutoTokenizer, GenerationConfig
 
 from data_gen.chat import chat_token_ids, end_of_turn_ids, prompt_token_ids
 from data_gen.generate import ShardsPending, WorkerSettings, generate
@@ -73,17 +75,33 @@ class Pipeline:
 
 
 def run_data_gen(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
-    target, settings = pipeline.target(), pipeline.spec("data_gen")
+    settings = pipeline.spec("data_gen")
+    model_dir, _ = resolve_model_dir(pipeline.spec("target"), pipeline.cache_dir)
     conversations, source_report = load_conversations(pipeline.spec("data"), pipeline.cache_dir)
     print(source_report.summary())
+    if settings.backend == "vllm" and not settings.top_k_logprobs and not settings.on_policy_ratio:
+        # vLLM holds the target; loading it into transformers as well would only take memory
+        model, tokenizer = None, AutoTokenizer.from_pretrained(model_dir)
+        stop_ids = end_of_turn_ids(tokenizer, SimpleNamespace(generation_config=generation_config_of(model_dir)))
+    else:
+        target = pipeline.target()
+        model, tokenizer = target.model, target.tokenizer
+        stop_ids = end_of_turn_ids(tokenizer, model)
     drafter = None
     if settings.on_policy_ratio > 0:  # DistillSpec on-policy data: a drafter checkpoint answers a share of prompts
-        drafter = load_drafter(Path(settings.on_policy_drafter), target.model, target.tokenizer)
-    model_dir, _ = resolve_model_dir(pipeline.spec("target"), pipeline.cache_dir)
-    report = generate(target.model, target.tokenizer, conversations, settings, out_dir, tracker,
+        drafter = load_drafter(Path(settings.on_policy_drafter), model, tokenizer)
+    report = generate(model, tokenizer, conversations, settings, out_dir, tracker, stop_ids,
                       worker=WorkerSettings(**pipeline.config.worker), model_dir=model_dir, drafter=drafter)
-    (out_dir / "report.json").write_text(json.dumps(report | {"source": source_report.as_dict()}, indent=2))
-    return report | {"source": source_report.as_dict()}
+    report |= {"source": source_report.as_dict()}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def generation_config_of(model_dir: Path) -> GenerationConfig | None:
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: the tokenizer's eos is the only stop token
+        return None
 
 
 def run_pretrain(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
