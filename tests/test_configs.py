@@ -16,7 +16,8 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUPS = ["target", "drafter", "data", "corpus", "eval_data", "data_gen", "pretrain", "distill", "loss", "eval",
           "export", "logger"]
 # Options that need a value the user must supply (`???`).
-NEEDS_USER_VALUE = {("target", "local_dir"): ["target.location=/some/dir"], ("data", "jsonl"): ["data.location=x"]}
+NEEDS_USER_VALUE = {("target", "local_dir"): ["target.location=/some/dir"], ("data", "jsonl"): ["data.location=x"],
+                    ("data", "hf"): ["data.location=x"]}
 
 
 def compose_config(overrides: list[str]):

@@ -97,3 +97,45 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path):
     path.write_text('{"prompt": "one"}\n{"messages": [{"role": "user", "content": "two"}]}\n{oops\n')
     with pytest.raises(SourceFormatError, match="prompts.jsonl:3"):
         list(read_jsonl(path, SourceReport(path=str(path)), "jsonl"))
+
+
+def test_jsonl_bad_lines_are_errors_or_counted_skips(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"prompt": "one"}\n\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'
+                     b'[1, 2]\n{"messages": [{"role": "wizard", "content": "x"}]}\n{oops\n'
+                     b'{"messages": [{"role": "user", "content": "last"}]}\n')
+    with pytest.raises(SourceFormatError, match=r"mixed.jsonl:3: not valid UTF-8 at byte \d+ .*bad_records=skip"):
+        list(read_jsonl(path, SourceReport(path=str(path)), "jsonl"))
+    report = SourceReport(path=str(path))
+    kept = list(read_jsonl(path, report, "jsonl", bad_records="skip"))
+    assert [c.messages[-1]["content"] for c in kept] == ["one", "last"]
+    assert dict(report.skipped) == {"malformed: not valid UTF-8 at byte 46 of the line": 1,
+                                    "malformed: record is not a JSON object": 1, "unknown role 'wizard'": 1,
+                                    "malformed: malformed JSON": 1}
+    assert report.records == 6 and report.kept + sum(report.skipped.values()) == report.records
+    assert report.bad_locations == [f"{path}:3", f"{path}:4", f"{path}:6"]
+    empty = tmp_path / "blank.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(SourceFormatError, match="blank.jsonl: empty file"):
+        list(read_jsonl(empty, SourceReport(path=str(empty)), "jsonl"))
+
+
+ROWS = [{"id": "u1", "data": ["What is AI?", "A field of study.", "Give an example.", "Chess engines."]},
+        {"id": "m1", "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]}]
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet", "jsonl"])
+def test_local_hf_datasets_and_ultrachat_layout(tmp_path, layout):
+    from datasets import Dataset
+
+    dataset = Dataset.from_list([{"id": r["id"], "data": r.get("data"), "messages": r.get("messages")} for r in ROWS])
+    location = {"save_to_disk": tmp_path / "ds", "parquet": tmp_path / "ds.parquet", "jsonl": tmp_path / "ds.jsonl"}[layout]
+    {"save_to_disk": lambda: dataset.save_to_disk(str(location)), "parquet": lambda: dataset.to_parquet(str(location)),
+     "jsonl": lambda: dataset.to_json(str(location))}[layout]()
+    spec = PromptSourceSpec(name="local", format="hf", location=str(location), limit=None, shuffle_seed=None)
+    conversations, report = load_conversations(spec, tmp_path)
+    assert report.records == report.kept == 2
+    ultrachat, chat = conversations
+    assert [m["role"] for m in ultrachat.messages] == ["user", "assistant", "user", "assistant"]
+    assert ultrachat.messages[2]["content"] == "Give an example." and ultrachat.id == "u1"
+    assert chat.first_turn_prompt() == ROWS[1]["messages"]
