@@ -18,11 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from datasets import load_from_disk
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from data_gen.generate import GenerationSettings, cut_at_end_of_turn, end_of_turn_ids, generate, prompt_token_ids
+from data_gen.chat import cut_at_end_of_turn, end_of_turn_ids, prompt_token_ids
+from data_gen.generate import GenerationSettings, generate
+from data_gen.shards import load_records
 from data_gen.sources import load_conversations
 from models.loading import load_target
 from train.tracking import LoggerSettings, Tracker
@@ -69,7 +70,7 @@ def main() -> None:
         started = time.perf_counter()
         report = generate(model, tokenizer, chosen, settings, Path(out_dir), tracker)
         batched_seconds = time.perf_counter() - started
-        rows = {row["id"]: row["response_ids"] for row in load_from_disk(str(Path(out_dir) / "dataset"))}
+        rows = {row["conversation_id"]: row["response_ids"] for row in load_records(Path(out_dir))}
     batched_tokens = report["generated_tokens"]
     identical = sum(rows.get(key) == value for key, value in naive.items())
     naive_rate, batched_rate = naive_tokens / naive_seconds, batched_tokens / batched_seconds
