@@ -179,3 +179,12 @@ def test_bad_settings_name_the_key():
         GenerationSettings(samples_per_prompt=4)
     with pytest.raises(ValueError, match="on_policy_drafter"):
         GenerationSettings(on_policy_ratio=0.3)
+
+
+def test_static_cache_gives_the_same_records_as_the_dynamic_one(tiny_target, tmp_path):
+    conversations = [conversation(i, q) for i, q in enumerate(QUESTIONS)]
+    sampling = dict(max_new_tokens=20, temperature=1.0, batch_size=4)  # ragged prompts, per-row generators
+    _, dynamic = run(tiny_target, conversations, tmp_path / "dynamic", **sampling)
+    _, static = run(tiny_target, conversations, tmp_path / "static", cache="static", **sampling)
+    assert len({len(r["prompt_ids"]) for r in dynamic}) > 4
+    assert static == dynamic
