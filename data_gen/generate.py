@@ -31,8 +31,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data_gen.backends import BACKENDS, Completion, HFBackend, Request, VLLMBackend
 from data_gen.chat import assistant_token_mask, end_of_turn_ids, prompt_token_ids
-from data_gen.shards import MANIFEST, complete_shards, read_shard, sha256_of, shard_path, write_shard
+from data_gen.shards import MANIFEST, complete_shards, read_shard, shard_path, write_shard
 from data_gen.sources import Conversation
+from models.assets import sha256_file
 from models.sampling import SamplingSettings, request_seed
 from train.tracking import Tracker
 
@@ -393,7 +394,7 @@ def finalize(out_dir: Path, num_shards: int, plan_summary: dict) -> dict:
     for index in range(num_shards):
         path = shard_path(out_dir, index)
         table, stats = read_shard(path)
-        shards.append({"file": str(path.relative_to(out_dir)), "records": table.num_rows, "sha256": sha256_of(path)})
+        shards.append({"file": str(path.relative_to(out_dir)), "records": table.num_rows, "sha256": sha256_file(path)})
         skipped.update(stats["skipped"])
         flagged.update(stats["flagged"])
         by_generator.update(stats["by_generator"])

@@ -8,7 +8,6 @@ Readers memory-map the shards, so a large dataset costs no RAM to open.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset
+
+from models.assets import sha256_file
 
 SHARDS = "shards"
 MANIFEST = "manifest.json"
@@ -76,14 +77,6 @@ def read_shard(path: Path) -> tuple[pa.Table, dict]:
 
 def complete_shards(out_dir: Path, num_shards: int) -> set[int]:
     return {i for i in range(num_shards) if shard_path(out_dir, i).exists()}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_records(data_dir: Path) -> Dataset:
