@@ -16,8 +16,6 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 
-from models.assets import sha256_file
-
 SHARDS = "shards"
 MANIFEST = "manifest.json"
 
