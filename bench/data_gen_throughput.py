@@ -50,7 +50,7 @@ def main() -> None:
     conversations, _ = load_conversations(sharegpt, args.cache_dir)
     chosen = [c for c in conversations
               if len(prompt_token_ids(tokenizer, c.first_turn_prompt())) <= args.max_prompt_tokens][: args.prompts]
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
 
     naive, naive_tokens, started = {}, 0, time.perf_counter()
     with torch.inference_mode():

@@ -48,7 +48,7 @@ def main() -> None:
     prompts = [ids for ids in (prompt_token_ids(tokenizer, c.first_turn_prompt()) for c in conversations)
                if len(ids) <= args.max_prompt_tokens][: args.prompts]
     requests = [Request(str(i), ids, i) for i, ids in enumerate(prompts)]
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     sampling = SamplingSettings(max_new_tokens=args.max_new_tokens)
 
     hf = HFBackend(model, tokenizer.pad_token_id, stop_ids, sampling, args.batch_size)

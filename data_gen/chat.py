@@ -8,7 +8,7 @@ newline the template adds after it is not). Works for ChatML (SmolLM2), Llama-3 
 """
 from __future__ import annotations
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 
 class ChatTemplateError(ValueError):
@@ -31,10 +31,11 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -
     return chat_token_ids(tokenizer, messages, add_generation_prompt=True)
 
 
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
-    """Token ids that end an answer: the tokenizer's eos plus whatever the generation config lists."""
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None = None) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos plus whatever the generation config lists
+    (`model.generation_config`, or one read from the model's folder when only vLLM holds the model)."""
     ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)
 

@@ -359,7 +359,7 @@ def generate(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, 
     mine = [i for i in range(worker.rank, len(shards), worker.world_size) if i not in done]
     if done:
         print(f"[data_gen] resuming: {len(done)} of {len(shards)} shards already complete", flush=True)
-    stop_ids = stop_ids or end_of_turn_ids(tokenizer, model)
+    stop_ids = stop_ids or end_of_turn_ids(tokenizer, model.generation_config)
     for index in mine:  # a writer killed mid-write leaves a temporary file; only this worker's are its own
         for stale in shard_path(out_dir, index).parent.glob(f".{shard_path(out_dir, index).name}.*.tmp"):
             stale.unlink()

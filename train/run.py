@@ -13,7 +13,6 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 if __package__ in (None, ""):  # `python train/run.py` from a checkout: make the top-level packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,11 +81,11 @@ def run_data_gen(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
     if settings.backend == "vllm" and not settings.top_k_logprobs and not settings.on_policy_ratio:
         # vLLM holds the target; loading it into transformers as well would only take memory
         model, tokenizer = None, AutoTokenizer.from_pretrained(model_dir)
-        stop_ids = end_of_turn_ids(tokenizer, SimpleNamespace(generation_config=generation_config_of(model_dir)))
+        stop_ids = end_of_turn_ids(tokenizer, generation_config_of(model_dir))
     else:
         target = pipeline.target()
         model, tokenizer = target.model, target.tokenizer
-        stop_ids = end_of_turn_ids(tokenizer, model)
+        stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     drafter = None
     if settings.on_policy_ratio > 0:  # DistillSpec on-policy data: a drafter checkpoint answers a share of prompts
         drafter = load_drafter(Path(settings.on_policy_drafter), model, tokenizer)
@@ -153,8 +152,8 @@ def run_eval(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
     for name, path in candidates.items():
         drafters[name] = load_drafter(path, target.model, target.tokenizer)
         paths[name] = str(path)
-    report = evaluate(target.model, drafters, prompts, end_of_turn_ids(target.tokenizer, target.model), settings,
-                      out_dir, tracker)
+    stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
+    report = evaluate(target.model, drafters, prompts, stop_ids, settings, out_dir, tracker)
     report["drafter_paths"] = paths
     report["table_markdown"] = (out_dir / "report.md").read_text()
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))

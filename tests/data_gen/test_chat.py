@@ -59,7 +59,7 @@ def check_mask(tokenizer, stop_ids):
 def test_mask_for_smollm2_template(real_target):
     tokenizer = real_target.tokenizer
     assert "<|im_start|>" in tokenizer.chat_template
-    check_mask(tokenizer, end_of_turn_ids(tokenizer, real_target.model))
+    check_mask(tokenizer, end_of_turn_ids(tokenizer, real_target.model.generation_config))
 
 
 def test_mask_for_llama3_style_template():

@@ -51,7 +51,7 @@ def test_first_turn_records_match_plain_greedy_and_skips_are_counted(tiny_target
     report, rows = run(tiny_target, conversations, tmp_path)
     assert report["skipped"] == {"duplicate prompt": 1, "prompt longer than max_prompt_tokens=200": 1}
     assert [r["id"] for r in rows] == ["test/c0/0", "test/c1/0"]  # plan order, whatever the batching
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     for row, source in zip(rows, conversations):
         prompt = prompt_token_ids(tokenizer, source.messages)
         assert row["prompt_ids"] == prompt and row["input_ids"] == prompt + row["response_ids"]
@@ -75,7 +75,7 @@ def test_all_turns_regenerated_on_the_targets_own_answers(tiny_target, tmp_path)
     """turns=all: the second answer is conditioned on the target's first answer (not the dataset's), and the loss
     mask covers both answers exactly."""
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     source = conversation(0, "hi", "ORIGINAL ANSWER", "and then?", "ORIGINAL 2")
     _, [row] = run(tiny_target, [source], tmp_path / "all", turns="all", max_new_tokens=10)
     first = plain_greedy(model, prompt_token_ids(tokenizer, source.messages[:1]), 10, stop_ids,
@@ -139,7 +139,7 @@ def test_on_policy_mixture_uses_the_drafter_checkpoint(tiny_target, tmp_path):
     expected = {r["id"]: request_seed(0, f"{r['id']}/policy") / 2 ** 63 < 0.5 for r in rows}
     assert {r["id"]: r["generator"] == "drafter" for r in rows} == expected
     assert 0 < sum(expected.values()) < len(rows)
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     for row in rows:
         author = drafter if row["generator"] == "drafter" else model
         reference = plain_greedy(author, row["prompt_ids"], 12, stop_ids, tokenizer.pad_token_id)

@@ -88,7 +88,7 @@ def test_greedy_speculative_equals_greedy_target_on_tiny_models(tiny_target, gam
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
     spec = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
     drafters = [build_drafter(spec, model, tokenizer).eval(), model]  # a poor drafter, and a perfect one
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     for text in ["Hello!", "Write a haiku about the sea.", "2+2="]:
         prompt = prompt_token_ids(tokenizer, [{"role": "user", "content": text}])
         reference = greedy_decode(model, prompt, 40, stop_ids)
@@ -113,7 +113,7 @@ def test_greedy_speculative_equals_greedy_target_on_real_smollm2(real_target, sh
     spec = DrafterSpec(name="d", hidden_size=64, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=128,
                        init="target_embeddings")
     drafter = build_drafter(spec, model, tokenizer).eval()
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     for conversation in conversations:
         prompt = prompt_token_ids(tokenizer, conversation.first_turn_prompt())
         reference = greedy_decode(model, prompt, 32, stop_ids)

@@ -24,7 +24,7 @@ def test_real_gguf_from_the_wheel(real_target, real_target_cache):
     assert count_parameters(model) == 134_515_008
     assert model.dtype == torch.float32 and "quantization_config" not in model.config.to_dict()
     prompt = prompt_token_ids(tokenizer, [{"role": "user", "content": "What is 2+2?"}])
-    answer = tokenizer.decode(greedy_decode(model, prompt, 20, end_of_turn_ids(tokenizer, model)))
+    answer = tokenizer.decode(greedy_decode(model, prompt, 20, end_of_turn_ids(tokenizer, model.generation_config)))
     assert "4" in answer, answer
     # the dequantized copy is plain safetensors that the next load reuses without touching the GGUF again
     cached = real_target.path
