@@ -335,20 +335,22 @@ def make_backends(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, se
 def generate(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation],
              settings: GenerationSettings, out_dir: Path, tracker: Tracker, stop_ids: list[int] | None = None,
              worker: WorkerSettings = WorkerSettings(), model_dir: Path | None = None,
-             drafter: PreTrainedModel | None = None) -> dict:
+             drafter: PreTrainedModel | None = None, source: dict | None = None) -> dict:
     """Plan, generate this worker's shards into `out_dir/shards/`, and finalize when every shard exists.
-    `model` may be None with the vllm backend when no top-k log-probabilities are stored."""
+    `model` may be None with the vllm backend when no top-k log-probabilities are stored. `source` (the prompt
+    source's own report) is carried into plan.json and report.json."""
     plan = make_plan(tokenizer, conversations, settings)
     if not plan.jobs:
         raise RuntimeError(f"data_gen has nothing to generate from {len(conversations)} conversations: "
                            f"{dict(plan.skipped)}")
     shards = [plan.jobs[i: i + settings.shard_size] for i in range(0, len(plan.jobs), settings.shard_size)]
-    disk_line = check_disk(out_dir, estimated_bytes(plan, settings), settings.disk_headroom)
+    estimate = estimated_bytes(plan, settings)
+    disk_line = check_disk(out_dir, estimate, settings.disk_headroom)
     print(f"[data_gen] plan: {len(conversations)} conversations -> {len(plan.jobs)} jobs in {len(shards)} shards; "
           f"skipped {dict(plan.skipped)}; flagged {dict(plan.flagged)}\n[data_gen] {disk_line}", flush=True)
     plan_summary = {"conversations_in": len(conversations), "jobs": len(plan.jobs), "shards": len(shards),
                     "skipped": dict(plan.skipped), "flagged": dict(plan.flagged),
-                    "estimated_bytes": estimated_bytes(plan, settings)}
+                    "estimated_bytes": estimate} | ({"source": source} if source else {})
     if settings.dry_run:
         (out_dir / "plan.json").write_text(json.dumps(plan_summary, indent=2))
         raise ShardsPending(f"dry run: nothing generated; plan written to {out_dir / 'plan.json'}")
@@ -409,7 +411,7 @@ def finalize(out_dir: Path, num_shards: int, plan_summary: dict) -> dict:
         "generation_seconds": round(seconds, 2), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
         "response_tokens": length_summary(lengths), "estimated_bytes": plan_summary["estimated_bytes"],
         "written_bytes": sum(shard_path(out_dir, i).stat().st_size for i in range(num_shards)),
-    }
+    } | ({"source": plan_summary["source"]} if "source" in plan_summary else {})
     (out_dir / MANIFEST).write_text(json.dumps({"shards": shards, "records": records}, indent=2))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_lengths(lengths, out_dir / "response_lengths.png")

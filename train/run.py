@@ -89,11 +89,9 @@ def run_data_gen(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
     drafter = None
     if settings.on_policy_ratio > 0:  # DistillSpec on-policy data: a drafter checkpoint answers a share of prompts
         drafter = load_drafter(Path(settings.on_policy_drafter), model, tokenizer)
-    report = generate(model, tokenizer, conversations, settings, out_dir, tracker, stop_ids,
-                      worker=WorkerSettings(**pipeline.config.worker), model_dir=model_dir, drafter=drafter)
-    report |= {"source": source_report.as_dict()}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    return report
+    return generate(model, tokenizer, conversations, settings, out_dir, tracker, stop_ids,
+                    worker=WorkerSettings(**pipeline.config.worker), model_dir=model_dir, drafter=drafter,
+                    source=source_report.as_dict())
 
 
 def generation_config_of(model_dir: Path) -> GenerationConfig | None:
