@@ -73,29 +73,27 @@ class HFBackend:
         else:
             cache = DynamicCache(config=self.model.config)
         generators = None if self.sampling.greedy else [make_generator(r.seed) for r in requests]
-        stop = torch.tensor(self.stop_ids, device=device)
-        live = torch.arange(rows, device=device)  # original row index of each row still in the batch
+        stop = set(self.stop_ids)
+        live = list(range(rows))   # original row index of each row still in the batch
+        finished = [False] * rows  # with cache=static, finished rows keep decoding until every row has finished
         outputs: list[list[int]] = [[] for _ in range(rows)]
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         next_position = positions[:, -1] + 1
         for step in range(max_new):
-            live_generators = None if generators is None else [generators[i] for i in live.tolist()]
+            live_generators = None if generators is None else [generators[i] for i in live]
             tokens = choose_tokens(logits, self.sampling, live_generators)
-            for row, token in zip(live.tolist(), tokens.tolist()):  # the one host sync of the step
+            for row, token in zip(live, tokens.tolist()):  # the one host sync of the step
                 outputs[row].append(token)
-            if step == max_new - 1:
+                finished[row] = finished[row] or token in stop
+            if step == max_new - 1 or all(finished[row] for row in live):
                 break
-            keep = ~torch.isin(tokens, stop)
-            if self.cache == "dynamic" and not bool(keep.all()):
-                if not bool(keep.any()):
-                    break
-                kept = keep.nonzero().squeeze(-1)
-                cache.batch_select_indices(kept)
-                live, tokens = live[kept], tokens[kept]
-                attention_mask, next_position = attention_mask[kept], next_position[kept]
-            elif self.cache == "static" and all(any(t in self.stop_ids for t in outputs[r]) for r in range(rows)):
-                break
+            if self.cache == "dynamic" and any(finished[row] for row in live):
+                kept = [i for i, row in enumerate(live) if not finished[row]]
+                index = torch.tensor(kept, device=device)
+                cache.batch_select_indices(index)
+                live = [live[i] for i in kept]
+                tokens, attention_mask, next_position = tokens[index], attention_mask[index], next_position[index]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=-1)
             logits = self.model(input_ids=tokens[:, None], attention_mask=attention_mask,
                                 position_ids=next_position[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
