@@ -188,3 +188,26 @@ def test_static_cache_gives_the_same_records_as_the_dynamic_one(tiny_target, tmp
     _, static = run(tiny_target, conversations, tmp_path / "static", cache="static", **sampling)
     assert len({len(r["prompt_ids"]) for r in dynamic}) > 4
     assert static == dynamic
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_target, cache):
+    """Stop on a token the tiny model emits often, so rows of one batch finish at different steps; every row must
+    equal what it gets alone in a batch of one."""
+    from collections import Counter as Tally
+
+    from data_gen.backends import HFBackend, Request
+    from models.sampling import SamplingSettings
+
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    requests = [Request(str(i), prompt_token_ids(tokenizer, [{"role": "user", "content": q}]), i)
+                for i, q in enumerate(QUESTIONS)]
+    sampling = SamplingSettings(max_new_tokens=24)
+    free_running = HFBackend(model, tokenizer.pad_token_id, [-1], sampling, 8, cache, progress=False)
+    common = Tally(t for c in free_running.generate(requests) for t in c.token_ids).most_common(1)[0][0]
+    batched = HFBackend(model, tokenizer.pad_token_id, [common], sampling, 8, cache, progress=False)
+    alone = HFBackend(model, tokenizer.pad_token_id, [common], sampling, 1, cache, progress=False)
+    together, single = batched.generate(requests), alone.generate(requests)
+    assert len({len(c.token_ids) for c in together if c.finish_reason == "stop"}) > 1  # ragged stops
+    assert any(c.finish_reason == "length" for c in together)
+    assert together == single
