@@ -1,26 +1,66 @@
-"""Forward KL, KL(p_target || q_drafter), per position, averaged over the positions the mask keeps.
+"""The KL family: forward KL, reverse KL and the generalised Jensen-Shannon divergence JSD(β) (DistillSpec, GKD).
 
-Contract shared by every loss in `losses/`: `loss(student_logits, teacher_logits, mask) -> scalar`, computed in
-fp32 with log_softmax; masked positions contribute nothing; normalised by the number of valid positions.
+Contract shared by every loss in `losses/`: `loss(student_logits, teacher_logits, mask, labels=None) -> scalar`,
+with logits [B, T, V] (any float dtype; computed in fp32 with log_softmax), mask [B, T] (bool or 0/1), and
+labels [B, T] the data's next tokens (only `losses.ce` reads them). Masked positions contribute nothing; the
+result is the mean over the kept positions. Teacher logits may hold -inf (tokens the teacher rules out).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 
-def masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `per_position` [..., T] over `mask` [..., T] (bool or 0/1); 0 when nothing is kept."""
-    weights = mask.to(per_position.dtype)
-    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
+def kept_rows(mask: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The rows [N, ...] of each [B, T, ...] tensor where `mask` [B, T] is set.
+
+    Losses compute on these rows only, so whatever sits at masked positions (padding, NaN, -inf) can reach
+    neither the value nor the gradient, and no work is spent on it."""
+    keep = mask.bool()
+    return [None if tensor is None else tensor[keep] for tensor in tensors]
 
 
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) with p = softmax(teacher_logits), q = softmax(student_logits).
+def row_mean(per_row: torch.Tensor) -> torch.Tensor:
+    """Mean over kept rows; 0 (still differentiable) when there are none."""
+    return per_row.sum() / max(per_row.shape[0], 1)
 
-    student_logits, teacher_logits: [B, T, V]; mask: [B, T]. Returns a scalar.
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position from log-probabilities, with 0·log 0 = 0 where p has no mass."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q), p = softmax(teacher), q = softmax(student): mass-covering; its gradient is q − p."""
+    student, teacher = kept_rows(mask, student_logits, teacher_logits)
+    return row_mean(_kl(F.log_softmax(teacher.float(), -1), F.log_softmax(student.float(), -1)))
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(q || p): mode-seeking; the drafter is pushed off tokens the target gives little mass."""
+    student, teacher = kept_rows(mask, student_logits, teacher_logits)
+    return row_mean(_kl(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1)))
+
+
+def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+        labels: torch.Tensor | None = None, beta: float = 0.5) -> torch.Tensor:
+    """JSD(β) = β·KL(p || m) + (1 − β)·KL(q || m) with m = β·p + (1 − β)·q.
+
+    For small β it behaves like β·KL(p || q), near 1 like (1 − β)·KL(q || p); the endpoints themselves are
+    defined as those limits, so β = 0 is forward KL and β = 1 is reverse KL (as in GKD).
     """
-    teacher_logprobs = F.log_softmax(teacher_logits.float(), dim=-1)
-    student_logprobs = F.log_softmax(student_logits.float(), dim=-1)
-    per_position = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
-    return masked_mean(per_position, mask)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd: beta={beta} must lie in [0, 1]")
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits, mask)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits, mask)
+    student, teacher = kept_rows(mask, student_logits, teacher_logits)
+    log_p, log_q = F.log_softmax(teacher.float(), -1), F.log_softmax(student.float(), -1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+    return row_mean(beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m))

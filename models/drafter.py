@@ -6,6 +6,7 @@ a freshly built drafter meaningful token geometry for free.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class DrafterSpec:
     max_position_embeddings: int = 2048
     init: str = "random"
     seed: int = 0
+    tie_embeddings: bool = True  # the LM head reuses the input embedding (fewer parameters)
 
     def __post_init__(self) -> None:
         if self.init not in INIT_CHOICES:
@@ -83,7 +85,7 @@ def build_drafter(spec: DrafterSpec, target: PreTrainedModel, tokenizer: PreTrai
     config = LlamaConfig(
         vocab_size=target.config.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=True,
+        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=spec.tie_embeddings,
         rope_theta=getattr(target.config, "rope_theta", 10000.0),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -104,7 +106,27 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """PEFT LoRA adapters on the drafter's projections (`distill.lora`); merged into plain weights when saved."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def apply_lora(drafter: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(drafter, config)
+
+
 def save_drafter(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+    """A plain HF folder (safetensors); LoRA adapters are merged into a copy first, so any engine loads it."""
+    if hasattr(drafter, "merge_and_unload"):
+        drafter = copy.deepcopy(drafter).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     drafter.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

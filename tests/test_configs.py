@@ -13,7 +13,7 @@ from tests.conftest import REPO_ROOT
 
 CONF = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-GROUPS = ["target", "drafter", "data", "corpus", "eval_data", "data_gen", "pretrain", "distill", "loss", "eval",
+GROUPS = ["target", "drafter", "data", "corpus", "eval_data", "data_gen", "pretrain", "distill", "loss", "deepspeed", "eval",
           "export", "logger"]
 # Options that need a value the user must supply (`???`).
 NEEDS_USER_VALUE = {("target", "local_dir"): ["target.location=/some/dir"], ("data", "jsonl"): ["data.location=x"],

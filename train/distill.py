@@ -1,119 +1,369 @@
 """Stage `distill`: fine-tune the drafter towards the frozen target on target-generated answers.
 
-    python train/run.py +experiment=quickstart stages=[distill]
+    python train/run.py +experiment=quickstart stages=[distill] loss=tvdpp
+    torchrun --nproc_per_node 2 train/run.py +experiment=quickstart stages=[distill] deepspeed=zero2
 
-Each batch runs the frozen target (teacher) and the drafter (student) over prompt + response; the loss (forward
-KL by default, any `losses/` function with the shared contract) is taken only where the next token belongs to
-the target's answer.
+Setup: the data_gen records are split into training rows and a few held-out ones; the drafter (optionally with
+LoRA adapters) goes into an engine (plain PyTorch, or DeepSpeed ZeRO 0-3); training resumes from the newest
+checkpoint of an interrupted run. Loop: each optimizer step takes `batch_size` rows (length-grouped), split into
+micro-batches over ranks and accumulation steps; the teacher signal is the frozen target's logits (`online`) or
+the top-k log-probabilities data_gen stored (`offline`); with `on_policy.ratio` = λ a share of steps replaces the
+stored answers by the drafter's own samples (DistillSpec/GKD), which the target then scores. The loss
+(`conf/loss/`, any weighted mix of `losses/`) is taken only where the next token belongs to an answer. Every
+`eval_every` steps the acceptance proxy, mean Σ min(p, q) over held-out answer positions (the expected
+acceptance of a drafted token, METHODS.md §1), decides the best checkpoint. Save: `model/` is the selected
+drafter (best by proxy, or the last), `last/` the final weights, `curve.jsonl` the per-step losses.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from data_gen.backends import HFBackend, Request
 from data_gen.shards import load_records
-from models.drafter import check_same_vocabulary, save_drafter
-from train.optim import OptimSettings, build_optimizer, optimizer_step
+from losses.mix import LossMix
+from losses.tvd import expected_acceptance
+from models.drafter import LoraSettings, apply_lora, check_same_vocabulary, save_drafter
+from models.sampling import SamplingSettings, request_seed
+from train import checkpoint, distributed
+from train.engine import DeepSpeedSettings, build_engine, logits_at
+from train.optim import OptimSettings
 from train.tracking import Tracker
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TEACHERS = ("online", "offline")
+SELECTIONS = ("proxy", "last")
+
+
+@dataclass(frozen=True)
+class OnPolicySettings:
+    """λ = `ratio` of optimizer steps train on the drafter's own answers to the records' prompts (0 = never)."""
+    ratio: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"distill.on_policy.ratio={self.ratio} must lie in [0, 1]")
 
 
 @dataclass(frozen=True)
 class DistillSettings:
     epochs: int = 1
-    batch_size: int = 8
+    max_steps: int | None = None      # stop earlier than `epochs` would
+    batch_size: int = 8               # sequences per optimizer step, over all ranks and accumulation steps
+    accumulation: int = 1             # micro-batches per optimizer step on each rank
     max_seq_len: int = 512
+    teacher: str = "online"           # online: frozen target forward | offline: data_gen's top-k log-probs
+    on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
     log_every: int = 5
+    checkpoint_every: int = 0         # full resumable state every N steps (0: none)
+    keep_checkpoints: int = 2
+    eval_every: int = 0               # acceptance proxy every N steps (0: only before and after training)
+    heldout_records: int = 16         # records kept out of training for the proxy
+    select: str = "proxy"             # which weights become model/: best proxy, or the last step's
     seed: int = 0
-    init_from: str | None = None  # drafter checkpoint to start from (default: this run's pretrain output)
+    init_from: str | None = None      # drafter checkpoint to start from (default: this run's pretrain output)
     optim: OptimSettings = field(default_factory=OptimSettings)
+    lora: LoraSettings | None = None  # train LoRA adapters instead of all weights (merged when saved)
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"distill.teacher={self.teacher!r} is not one of {TEACHERS}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"distill.select={self.select!r} is not one of {SELECTIONS}")
+        if self.batch_size < 1 or self.accumulation < 1:
+            raise ValueError(f"distill.batch_size={self.batch_size} and accumulation={self.accumulation} must be ≥ 1")
 
 
-def collate(rows: list[dict], pad_id: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row: (input_ids, attention_mask, loss_positions) where loss_positions[b, t]
-    marks the positions whose *next* token is a response token."""
-    rows = [{"input_ids": r["input_ids"][:max_seq_len], "loss_mask": r["loss_mask"][:max_seq_len]} for r in rows]
-    width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_positions = torch.zeros((len(rows), width), dtype=torch.bool)
-    for b, row in enumerate(rows):
-        length = len(row["input_ids"])
-        input_ids[b, :length] = torch.tensor(row["input_ids"])
-        attention[b, :length] = 1
-        loss_positions[b, : length - 1] = torch.tensor(row["loss_mask"][1:], dtype=torch.bool)
-    return input_ids, attention, loss_positions
+@dataclass
+class Row:
+    """One training sequence: tokens, which next-tokens are answer tokens, and the stored top-k if any."""
+    id: str
+    input_ids: list[int]
+    loss_mask: list[int]
+    prompt_ids: list[int]
+    topk_ids: list | None = None
+    topk_logprobs: list | None = None
+
+    def loss_positions(self, max_seq_len: int) -> int:
+        return sum(self.loss_mask[1:max_seq_len])
 
 
-def logits_at(model: PreTrainedModel, input_ids: torch.Tensor, attention: torch.Tensor,
-              positions: torch.Tensor) -> torch.Tensor:
-    """LM-head logits [1, N, V] at the N `positions` only: prompt positions never reach the vocabulary projection,
-    which is most of a small drafter's cost and a fifth of the target's."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[positions])
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits.unsqueeze(0)
+def read_rows(data_dir: Path, teacher: str) -> list[Row]:
+    dataset = load_records(data_dir)
+    columns = ["id", "input_ids", "loss_mask", "prompt_ids"]
+    if teacher == "offline":
+        if "topk_ids" not in dataset.column_names:
+            raise ValueError(f"distill.teacher=offline needs top-k log-probabilities in {data_dir}, which has none: "
+                             f"regenerate with data_gen.top_k_logprobs=K (e.g. 20), or use distill.teacher=online")
+        columns += ["topk_ids", "topk_logprobs"]
+    return [Row(**row) for row in dataset.select_columns(columns)]
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, shuffler: random.Random) -> list[list[int]]:
-    """Batches of similar length (little padding), visited in random order."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], shuffler.random()))
+def split_heldout(rows: list[Row], count: int) -> tuple[list[Row], list[Row]]:
+    """A fixed held-out set: the `count` rows whose id hashes lowest (stable across runs and data order)."""
+    if count >= len(rows):
+        raise ValueError(f"distill.heldout_records={count} leaves nothing to train on ({len(rows)} records)")
+    ranked = sorted(rows, key=lambda row: hashlib.sha256(row.id.encode()).hexdigest())
+    heldout_ids = {row.id for row in ranked[:count]}
+    return [r for r in rows if r.id not in heldout_ids], [r for r in rows if r.id in heldout_ids]
+
+
+def epoch_batches(rows: list[Row], batch_size: int, seed: int, epoch: int, max_seq_len: int) -> list[list[int]]:
+    """Full batches of similar length in random order; the `len % batch_size` left-over rows (a different random
+    few each epoch) wait for the next epoch, so every rank and micro-batch always gets work."""
+    shuffler = random.Random(f"{seed}:epoch:{epoch}")
+    order = list(range(len(rows)))
+    shuffler.shuffle(order)
+    order = order[: len(order) - len(order) % batch_size]
+    order.sort(key=lambda i: min(len(rows[i].input_ids), max_seq_len))
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     shuffler.shuffle(batches)
     return batches
 
 
-def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
-            loss_fn: LossFn, settings: DistillSettings, out_dir: Path, tracker: Tracker) -> dict:
-    """Train `drafter` in place against `target`; save it as safetensors to `out_dir/model`."""
-    check_same_vocabulary(drafter, target)
-    torch.manual_seed(settings.seed)
-    dataset = load_records(data_dir).select_columns(["input_ids", "loss_mask"])
-    rows = list(dataset)
-    steps_per_epoch = (len(rows) + settings.batch_size - 1) // settings.batch_size
-    total_steps = settings.epochs * steps_per_epoch
-    optimizer, scheduler = build_optimizer(drafter, settings.optim, total_steps)
-    target.eval()
-    drafter.train()
-    shuffler = random.Random(settings.seed)
-    tokens_seen, started, step, loss_value = 0, time.perf_counter(), 0, float("nan")
-    progress = tqdm(total=total_steps, desc="distill", unit="step")
-    lengths = [min(len(row["input_ids"]), settings.max_seq_len) for row in rows]
-    for epoch in range(settings.epochs):
-        for batch_indices in length_grouped_batches(lengths, settings.batch_size, shuffler):
-            batch = [rows[i] for i in batch_indices]
-            input_ids, attention, loss_positions = (tensor.to(drafter.device) for tensor in
-                                                    collate(batch, tokenizer.pad_token_id, settings.max_seq_len))
-            with torch.inference_mode():
-                teacher_logits = logits_at(target, input_ids, attention, loss_positions)
-            student_logits = logits_at(drafter, input_ids, attention, loss_positions)
-            every_position = torch.ones(student_logits.shape[:2], dtype=torch.bool, device=drafter.device)
-            loss = loss_fn(student_logits, teacher_logits.clone(), every_position)
-            grad_norm = optimizer_step(loss, drafter, optimizer, scheduler, settings.optim.grad_clip,
-                                       f"distill epoch {epoch} step {step} (data {data_dir})")
-            tokens_seen += int(loss_positions.sum())
-            loss_value = loss.item()
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.3f}")
-            if step % settings.log_every == 0 or step == total_steps - 1:
-                tracker.log({"distill/loss": loss_value, "distill/lr": scheduler.get_last_lr()[0],
-                             "distill/grad_norm": grad_norm.item(), "distill/epoch": epoch,
-                             "distill/tokens_per_s": tokens_seen / (time.perf_counter() - started)}, step=step)
-            step += 1
-    progress.close()
+def collate(rows: list[Row], pad_id: int, max_seq_len: int, device: torch.device):
+    """Right-padded (input_ids, attention_mask, loss_positions, labels): loss_positions[b, t] marks the positions
+    whose *next* token is an answer token; labels[b, t] is that next token."""
+    width = max(min(len(r.input_ids), max_seq_len) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_positions = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids, mask = row.input_ids[:max_seq_len], row.loss_mask[:max_seq_len]
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention[b, : len(ids)] = 1
+        loss_positions[b, : len(ids) - 1] = torch.tensor(mask[1:], dtype=torch.bool)
+    labels = torch.roll(input_ids, -1, dims=1)
+    return input_ids.to(device), attention.to(device), loss_positions.to(device), labels.to(device)
+
+
+def offline_teacher_logits(rows: list[Row], max_seq_len: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Dense teacher log-probabilities [1, N, V] from stored top-k rows: the k stored values, and the rest of the
+    mass (1 − Σ top-k) spread evenly over the other tokens, so every divergence stays finite."""
+    per_row = []
+    for row in rows:
+        kept = row.loss_positions(max_seq_len)
+        ids = torch.as_tensor(row.topk_ids[:kept], dtype=torch.long)
+        values = torch.as_tensor(row.topk_logprobs[:kept], dtype=torch.float32)
+        if ids.shape[0] != kept:
+            raise ValueError(f"record {row.id}: {ids.shape[0]} top-k rows for {kept} answer positions; the data_gen "
+                             f"output is inconsistent, regenerate it")
+        tail = (1 - values.exp().sum(-1, keepdim=True)).clamp_min(1e-6) / (vocab_size - ids.shape[1])
+        dense = tail.log().expand(kept, vocab_size).clone()
+        per_row.append(dense.scatter_(-1, ids, values))
+    return torch.cat(per_row).unsqueeze(0).to(device)
+
+
+def on_policy_rows(drafter: PreTrainedModel, rows: list[Row], settings: DistillSettings, step: int, pad_id: int,
+                   stop_ids: list[int]) -> list[Row]:
+    """The same prompts, answered by the drafter (seeded per record and step, so identical on every rank and
+    after a resume); the target scores these answers in the loss."""
+    sampling = SamplingSettings(temperature=settings.on_policy.temperature, top_p=settings.on_policy.top_p,
+                                top_k=settings.on_policy.top_k, max_new_tokens=settings.on_policy.max_new_tokens)
+    backend = HFBackend(drafter, pad_id, stop_ids, sampling, batch_size=len(rows), progress=False)
+    requests = [Request(key=row.id, prompt_ids=row.prompt_ids,
+                        seed=request_seed(settings.seed, f"{row.id}:on_policy:{step}")) for row in rows]
+    was_training = drafter.training
     drafter.eval()
-    save_drafter(drafter, tokenizer, out_dir / "model")
+    completions = backend.generate(requests)
+    drafter.train(was_training)
+    return [Row(id=row.id, input_ids=row.prompt_ids + done.token_ids, prompt_ids=row.prompt_ids,
+                loss_mask=[0] * len(row.prompt_ids) + [1] * len(done.token_ids))
+            for row, done in zip(rows, completions)]
+
+
+@torch.no_grad()
+def acceptance_proxy(drafter: PreTrainedModel, target: PreTrainedModel, rows: list[Row], pad_id: int,
+                     max_seq_len: int, batch_size: int) -> float:
+    """Mean Σ_v min(p, q) over the held-out answer positions (every rank computes it whole, identically)."""
+    was_training = drafter.training
+    drafter.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        input_ids, attention, positions, _ = collate(rows[start: start + batch_size], pad_id, max_seq_len,
+                                                     target.device)
+        teacher = logits_at(target, input_ids, attention, positions)
+        student = logits_at(drafter, input_ids, attention, positions)
+        n = int(positions.sum())
+        total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool))) * n
+        count += n
+    drafter.train(was_training)
+    return total / max(count, 1)
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def save_weights(engine, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """The drafter as a plain HF folder (LoRA merged), written by rank 0 with ZeRO-3 parameters gathered."""
+    with engine.full_parameters():
+        if distributed.is_main():
+            temporary = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(temporary, ignore_errors=True)
+            save_drafter(engine.module, tokenizer, temporary)
+            shutil.rmtree(folder, ignore_errors=True)
+            temporary.replace(folder)
+    distributed.barrier()
+
+
+def my_micro_batches(batch: list[Row], accumulation: int) -> list[list[Row]]:
+    """This rank's share of an optimizer step's rows: `accumulation` micro-batches."""
+    per_micro = len(batch) // accumulation
+    chunks = [batch[i * per_micro: (i + 1) * per_micro] for i in range(accumulation)]
+    world, rank = distributed.world_size(), distributed.rank()
+    return [chunk[rank * len(chunk) // world: (rank + 1) * len(chunk) // world] for chunk in chunks]
+
+
+def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
+            loss: LossMix, settings: DistillSettings, out_dir: Path, tracker: Tracker,
+            deepspeed: DeepSpeedSettings = DeepSpeedSettings(), resume: str = "auto",
+            stop_ids: list[int] | None = None) -> dict:
+    """Train `drafter` against `target`; write `model/` (selected), `last/`, `curve.jsonl` and checkpoints."""
+    check_same_vocabulary(drafter, target)
+    if resume not in checkpoint.RESUME_CHOICES:
+        raise ValueError(f"resume={resume!r} is not one of {checkpoint.RESUME_CHOICES}")
+    world = distributed.world_size()
+    if settings.batch_size % (world * settings.accumulation):
+        raise ValueError(f"distill.batch_size={settings.batch_size} must divide by processes ({world}) × "
+                         f"accumulation ({settings.accumulation})")
+    if settings.on_policy.ratio > 0 and not stop_ids:
+        raise ValueError("distill.on_policy needs the target's end-of-turn ids (stop_ids)")
+    torch.manual_seed(settings.seed)
+    train_rows, heldout = split_heldout(read_rows(data_dir, settings.teacher), settings.heldout_records)
+    steps_per_epoch = len(train_rows) // settings.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_rows)} training records are fewer than distill.batch_size={settings.batch_size}")
+    total_steps = settings.epochs * steps_per_epoch
+    if settings.max_steps is not None:
+        total_steps = min(total_steps, settings.max_steps)
+    if settings.lora is not None:
+        drafter = apply_lora(drafter, settings.lora)
+    micro_batch = settings.batch_size // (world * settings.accumulation)
+    engine = build_engine(drafter, settings.optim, total_steps, deepspeed, micro_batch, settings.accumulation)
+    model, device, pad_id = engine.module, target.device, tokenizer.pad_token_id
+    target.eval()
+    model.train()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints, curve_path = out_dir / "checkpoints", out_dir / "curve.jsonl"
+    start_step, best, history = 0, {"proxy": float("-inf"), "step": None}, []
+    found = checkpoint.latest(checkpoints) if resume == "auto" else None
+    if found is not None:
+        state = checkpoint.load(engine, found)
+        start_step, best, history = state["step"], state["best"], state["proxy_history"]
+        print(f"[distill] resuming from {found} (step {start_step} of {total_steps})", flush=True)
+    elif distributed.is_main():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(out_dir / "best", ignore_errors=True)
+    if distributed.is_main():  # keep the curve up to the resumed step: the rerun rewrites the rest
+        kept = [line for line in (curve_path.read_text().splitlines() if curve_path.exists() else [])
+                if json.loads(line)["step"] < start_step]
+        curve_path.write_text("".join(line + "\n" for line in kept))
+
+    def evaluate_proxy(step: int) -> None:
+        proxy = acceptance_proxy(model, target, heldout, pad_id, settings.max_seq_len, micro_batch or 1)
+        history.append({"step": step, "proxy": round(proxy, 6)})
+        tracker.log({"distill/acceptance_proxy": proxy}, step=step)
+        if proxy > best["proxy"]:
+            best.update(proxy=proxy, step=step)
+            if settings.select == "proxy":
+                save_weights(engine, tokenizer, out_dir / "best")
+
+    if start_step == 0:
+        evaluate_proxy(0)  # the starting drafter is a candidate too: training may not improve acceptance
+    batches: dict[int, list[list[int]]] = {}
+    started, tokens, loss_tokens, losses = time.perf_counter(), 0, 0, {}
+    progress = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
+                    disable=not distributed.is_main())
+    for step in range(start_step, total_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in batches:
+            batches = {epoch: epoch_batches(train_rows, settings.batch_size, settings.seed, epoch,
+                                            settings.max_seq_len)}
+        batch = [train_rows[i] for i in batches[epoch][index]]
+        on_policy = random.Random(f"{settings.seed}:on_policy:{step}").random() < settings.on_policy.ratio
+        if on_policy:
+            batch = on_policy_rows(model, batch, settings, step, pad_id, stop_ids)
+        step_positions = sum(row.loss_positions(settings.max_seq_len) for row in batch)
+        sums = {"loss": 0.0}
+        for micro in my_micro_batches(batch, settings.accumulation):
+            input_ids, attention, positions, labels = collate(micro, pad_id, settings.max_seq_len, device)
+            n = int(positions.sum())
+            if loss.needs_teacher and settings.teacher == "offline" and not on_policy:
+                teacher_logits = offline_teacher_logits(micro, settings.max_seq_len, target.config.vocab_size,
+                                                        device)
+            elif loss.needs_teacher:
+                with torch.inference_mode():
+                    teacher_logits = logits_at(target, input_ids, attention, positions)
+                teacher_logits = teacher_logits.clone()  # inference tensors cannot enter autograd
+            else:
+                teacher_logits = None
+            student_logits = engine.logits(input_ids, attention, positions)
+            total, parts = loss(student_logits, teacher_logits, torch.ones(1, n, dtype=torch.bool),
+                                labels[positions].unsqueeze(0))
+            share = n / max(step_positions, 1)
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"distill step {step} (epoch {epoch}, records "
+                                         f"{[row.id for row in micro][:4]}...): loss is {total.item()}; lower "
+                                         f"distill.optim.lr or check the data in {data_dir}")
+            engine.backward(total * share)
+            sums["loss"] += total.item() * share
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * share
+            tokens += int(attention.sum())
+        grad_norm = engine.step()
+        names = sorted(sums)
+        losses = dict(zip(names, distributed.all_sum([sums[name] for name in names])))
+        loss_tokens += step_positions
+        tokens_all = distributed.all_sum([tokens])[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses['loss']:.4f}")
+        if distributed.is_main():
+            with curve_path.open("a") as curve:
+                curve.write(json.dumps({"step": step, "on_policy": on_policy, "grad_norm": grad_norm, **losses}) + "\n")
+        if step % settings.log_every == 0 or step == total_steps - 1:
+            elapsed = time.perf_counter() - started
+            tracker.log({**{f"distill/{'loss' if k == 'loss' else 'loss_' + k}": v for k, v in losses.items()},
+                         "distill/lr": engine.lr, "distill/grad_norm": grad_norm, "distill/epoch": epoch,
+                         "distill/on_policy": float(on_policy), "distill/tokens_per_s": tokens_all / elapsed,
+                         "distill/loss_tokens_per_s": loss_tokens / elapsed,
+                         "distill/peak_memory_mib": peak_memory_mib()}, step=step)
+        done = step + 1
+        if done == total_steps or (settings.eval_every and done % settings.eval_every == 0):
+            evaluate_proxy(done)
+        if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < total_steps:
+            checkpoint.save(engine, checkpoints, done, {"best": best, "proxy_history": history,
+                                                        "data_position": {"epoch": epoch, "batch": index + 1}},
+                            settings.keep_checkpoints)
+    progress.close()
+    model.eval()
+    save_weights(engine, tokenizer, out_dir / "last")
+    if distributed.is_main():
+        shutil.rmtree(out_dir / "model", ignore_errors=True)
+        chosen = out_dir / ("best" if settings.select == "proxy" else "last")
+        shutil.copytree(chosen, out_dir / "model")
+    distributed.barrier()
     elapsed = time.perf_counter() - started
-    return {"steps": total_steps, "epochs": settings.epochs, "records": len(rows), "final_loss": round(loss_value, 4),
-            "loss_tokens": tokens_seen, "seconds": round(elapsed, 1),
-            "loss_tokens_per_s": round(tokens_seen / elapsed)}
+    return {"steps": total_steps, "resumed_at": start_step, "epochs": settings.epochs, "records": len(train_rows),
+            "heldout_records": len(heldout), "final_loss": round(losses.get("loss", float("nan")), 4),
+            "loss_terms": sorted(loss.terms), "teacher": settings.teacher, "selected": settings.select,
+            "best_step": best["step"], "best_acceptance_proxy": round(best["proxy"], 4),
+            "acceptance_proxy": history, "loss_tokens_this_run": loss_tokens, "seconds": round(elapsed, 1),
+            "loss_tokens_per_s": round(loss_tokens / max(elapsed, 1e-9)), "processes": world,
+            "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}

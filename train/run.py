@@ -33,15 +33,17 @@ from models.loading import LoadedModel, load_target, resolve_device, resolve_mod
 from train.distill import distill
 from train.pretrain import pretrain
 from train.rundir import StageDir
-from train.tracking import Tracker
+from train import distributed
+from train.tracking import LoggerSettings, Tracker
 
 STAGES = ("data_gen", "pretrain", "distill", "eval", "export")
+DISTRIBUTED_STAGES = ("distill",)  # the stages a torchrun/deepspeed launch may run
 # The config sections each stage reads. A stage's fingerprint covers these plus its inputs' fingerprints, so a
 # changed upstream stage makes every stage after it stale.
 STAGE_SECTIONS = {
     "data_gen": ("target", "data", "data_gen"),
     "pretrain": ("target", "drafter", "corpus", "pretrain"),
-    "distill": ("target", "drafter", "distill", "loss"),
+    "distill": ("target", "drafter", "distill", "loss", "deepspeed"),
     "eval": ("target", "drafter", "eval_data", "eval"),
     "export": ("export",),
 }
@@ -128,8 +130,10 @@ def run_distill(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
         drafter = load_drafter(start, target.model, target.tokenizer)
     else:
         start, drafter = "fresh", build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer)
+    stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
     summary = distill(drafter, target.model, target.tokenizer, data, pipeline.spec("loss"), settings,
-                      out_dir, tracker)
+                      out_dir, tracker, deepspeed=pipeline.spec("deepspeed"), resume=pipeline.config.resume,
+                      stop_ids=stop_ids)
     return summary | {"init_from": str(start)}
 
 
@@ -199,12 +203,24 @@ RUNNERS = {"data_gen": run_data_gen, "pretrain": run_pretrain, "distill": run_di
            "export": run_export}
 
 
+def say(message: str) -> None:
+    """Print once per launch (rank 0 of a torchrun/deepspeed launch)."""
+    if distributed.is_main():
+        print(message, flush=True)
+
+
 def run(config: DictConfig) -> dict[str, Path]:
     """Run `config.stages` in order; returns each stage's output directory."""
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"stages={list(config.stages)}: unknown {unknown}; choose from {list(STAGES)}")
     stages = sorted(config.stages, key=STAGES.index)
+    if distributed.world_size() > 1:
+        outside = [s for s in stages if s not in DISTRIBUTED_STAGES]
+        if outside:
+            raise ValueError(f"{distributed.world_size()} processes were launched, but stages {outside} run in one "
+                             f"process: run them first without torchrun, then launch stages={list(DISTRIBUTED_STAGES)}")
+        distributed.init()
     run_dir = Path(config.runs_root) / config.experiment / config.run_name
     resolved = OmegaConf.to_container(config, resolve=True)
     pipeline = Pipeline(config=config, run_dir=run_dir, cache_dir=Path(config.cache_dir), resolved=resolved)
@@ -216,12 +232,16 @@ def run(config: DictConfig) -> dict[str, Path]:
         settings["inputs"] = {name: (StageDir(run_dir, name).meta() or {}).get("fingerprint")
                               for name in STAGE_INPUTS[stage]}
         if stage_dir.check_reusable(settings, bool(config.overwrite)):
-            print(f"[draftsmith] {stage}: complete output in {stage_dir.final} made with these settings, skipped")
+            say(f"[draftsmith] {stage}: complete output in {stage_dir.final} made with these settings, skipped")
             outputs[stage] = stage_dir.final
             continue
-        print(f"[draftsmith] {stage}: running into {stage_dir.final}", flush=True)
-        out_dir = stage_dir.begin(settings)
-        tracker = Tracker(logger_settings, run_dir, stage, resolved)
+        say(f"[draftsmith] {stage}: running into {stage_dir.final}")
+        if distributed.is_main():
+            stage_dir.begin(settings)
+        distributed.barrier()
+        out_dir = stage_dir.partial
+        tracker = Tracker(logger_settings if distributed.is_main() else LoggerSettings(backend="none"), run_dir,
+                          stage, resolved)
         try:
             summary = RUNNERS[stage](pipeline, out_dir, tracker)
         except ShardsPending as pending:  # other data_gen workers still at work, or a dry run: stop here
@@ -230,9 +250,12 @@ def run(config: DictConfig) -> dict[str, Path]:
             return outputs
         tracker.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         _, identity = resolve_model_dir(pipeline.spec("target"), pipeline.cache_dir)
-        outputs[stage] = stage_dir.commit(settings, resolved, identity.as_dict(), summary)
+        if distributed.is_main():
+            stage_dir.commit(settings, resolved, identity.as_dict(), summary)
+        distributed.barrier()
+        outputs[stage] = stage_dir.final
         printable = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-        print(f"[draftsmith] {stage}: done -> {outputs[stage]}\n  {json.dumps(printable, default=str)}", flush=True)
+        say(f"[draftsmith] {stage}: done -> {outputs[stage]}\n  {json.dumps(printable, default=str)}")
     return outputs
 
 

@@ -1,0 +1,166 @@
+"""Stage distill on the tiny target: every loss config trains, teachers online/offline agree, on-policy rows are the
+drafter's own answers, accumulation does not change the step, LoRA saves plain weights, NaN stops training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from data_gen.generate import GenerationSettings, generate
+from data_gen.sources import Conversation
+from losses.kl import forward_kl
+from losses.mix import LossMix
+from models.drafter import DrafterSpec, LoraSettings, build_drafter, load_drafter
+from train.distill import DistillSettings, OnPolicySettings, Row, collate, distill, offline_teacher_logits, \
+    on_policy_rows, read_rows
+from train.optim import OptimSettings
+from train.tracking import LoggerSettings, Tracker
+
+SPEC = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
+LOSS_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "conf" / "loss").glob("*.yaml"))
+FKL = LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})
+PROMPTS = ["hi", "tell me a story", "what is up", "count to ten", "name a colour", "say something kind",
+           "why is the sky blue", "write a haiku", "add two and two", "spell cat"]
+
+
+def quiet_tracker(tmp_path, stage="distill"):
+    return Tracker(LoggerSettings(backend="none", mode="disabled"), tmp_path, stage, {})
+
+
+@pytest.fixture(scope="module")
+def records_dir(tiny_target, tmp_path_factory):
+    """A real data_gen output of the tiny target, with its full-vocabulary top-k (k = V: nothing is cut off)."""
+    conversations = [Conversation(id=str(i), source="test", messages=[{"role": "user", "content": text}])
+                     for i, text in enumerate(PROMPTS)]
+    out = tmp_path_factory.mktemp("data_gen")
+    generate(tiny_target.model, tiny_target.tokenizer, conversations,
+             GenerationSettings(max_new_tokens=24, top_k_logprobs=tiny_target.model.config.vocab_size), out,
+             quiet_tracker(out, "data_gen"))
+    return out
+
+
+def run(tiny_target, records_dir, out, loss=FKL, **overrides):
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    settings = DistillSettings(**{"epochs": 4, "batch_size": 2, "heldout_records": 2, "log_every": 1,
+                                  "optim": OptimSettings(lr=1e-2, warmup_steps=2)} | overrides)
+    drafter = build_drafter(SPEC, model, tokenizer)
+    summary = distill(drafter, model, tokenizer, records_dir, loss, settings, out, quiet_tracker(out),
+                      stop_ids=[tokenizer.eos_token_id])
+    curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    return summary, curve
+
+
+def test_collate_marks_positions_whose_next_token_is_response():
+    rows = [Row(id="a", input_ids=[5, 6, 7, 8], loss_mask=[0, 0, 1, 1], prompt_ids=[5, 6]),
+            Row(id="b", input_ids=[9, 10], loss_mask=[0, 1], prompt_ids=[9])]
+    input_ids, attention, positions, labels = collate(rows, pad_id=0, max_seq_len=16, device=torch.device("cpu"))
+    assert input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert attention.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert positions.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert labels[positions].tolist() == [7, 8, 10]
+
+
+def test_distill_lowers_the_loss_raises_the_proxy_and_selects_the_best(tiny_target, records_dir, tmp_path):
+    summary, curve = run(tiny_target, records_dir, tmp_path, epochs=12)
+    losses = [entry["loss"] for entry in curve]
+    assert len(curve) == summary["steps"] == 12 * (8 // 2)
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
+    proxies = [entry["proxy"] for entry in summary["acceptance_proxy"]]
+    assert proxies[-1] > proxies[0] and summary["best_acceptance_proxy"] == pytest.approx(max(proxies), abs=1e-4)
+    selected = load_drafter(tmp_path / "model", tiny_target.model, tiny_target.tokenizer)
+    best_step = summary["best_step"]
+    assert best_step == max(summary["acceptance_proxy"], key=lambda entry: entry["proxy"])["step"]
+    assert (tmp_path / "last" / "model.safetensors").exists()
+    probe = torch.tensor([[1, 2, 3, 4]])
+    last = load_drafter(tmp_path / "last", tiny_target.model, tiny_target.tokenizer)
+    same = torch.allclose(selected(probe).logits, last(probe).logits)
+    assert same == (best_step == summary["steps"])  # model/ is the best-proxy weights, not blindly the last
+
+
+@pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda path: path.stem)
+def test_every_loss_config_trains(tiny_target, records_dir, tmp_path, config):
+    loss = instantiate(OmegaConf.load(config), _convert_="all")
+    summary, curve = run(tiny_target, records_dir, tmp_path, loss=loss, epochs=6)
+    assert set(curve[0]) >= {"loss", *loss.terms} and all(torch.isfinite(torch.tensor(e["loss"])) for e in curve)
+    losses = [entry["loss"] for entry in curve]
+    assert sum(losses[-4:]) < sum(losses[:4]), f"{config.stem}: loss did not go down: {losses}"
+    if loss.needs_teacher:  # CE fits the sampled tokens, not the (here near-uniform) target distribution
+        proxies = [entry["proxy"] for entry in summary["acceptance_proxy"]]
+        assert proxies[-1] > proxies[0], f"{config.stem}: acceptance proxy did not improve: {proxies}"
+
+
+def test_accumulation_splits_a_step_without_changing_it(tiny_target, records_dir, tmp_path):
+    _, whole = run(tiny_target, records_dir, tmp_path / "whole", batch_size=4, epochs=2)
+    _, split = run(tiny_target, records_dir, tmp_path / "split", batch_size=4, accumulation=2, epochs=2)
+    assert [e["loss"] for e in split] == pytest.approx([e["loss"] for e in whole], rel=1e-5)
+    assert [e["grad_norm"] for e in split] == pytest.approx([e["grad_norm"] for e in whole], rel=1e-4)
+
+
+def test_offline_teacher_equals_online_when_the_top_k_is_the_whole_vocabulary(tiny_target, records_dir, tmp_path):
+    rows = read_rows(records_dir, "offline")[:3]
+    model, vocab = tiny_target.model, tiny_target.model.config.vocab_size
+    input_ids, attention, positions, _ = collate(rows, 0, 512, model.device)
+    with torch.no_grad():
+        online = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits[positions], -1)
+    offline = offline_teacher_logits(rows, 512, vocab, model.device)[0]
+    assert torch.allclose(offline, online, atol=2e-2)  # stored as fp16
+    _, online_curve = run(tiny_target, records_dir, tmp_path / "on", epochs=2)
+    _, offline_curve = run(tiny_target, records_dir, tmp_path / "off", epochs=2, teacher="offline")
+    assert [e["loss"] for e in offline_curve] == pytest.approx([e["loss"] for e in online_curve], abs=1e-3)
+
+
+def test_offline_teacher_without_top_k_is_a_clear_error(tiny_target, tmp_path):
+    out = tmp_path / "data_gen"
+    out.mkdir()
+    conversations = [Conversation(id=str(i), source="t", messages=[{"role": "user", "content": p}])
+                     for i, p in enumerate(PROMPTS)]
+    generate(tiny_target.model, tiny_target.tokenizer, conversations, GenerationSettings(max_new_tokens=8), out,
+             quiet_tracker(out, "data_gen"))
+    with pytest.raises(ValueError, match="data_gen.top_k_logprobs"):
+        run(tiny_target, out, tmp_path / "o", teacher="offline")
+
+
+def test_on_policy_rows_are_the_drafters_own_answers(tiny_target, records_dir, tmp_path):
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    drafter = build_drafter(SPEC, model, tokenizer).eval()
+    rows = read_rows(records_dir, "online")[:3]
+    settings = DistillSettings(on_policy=OnPolicySettings(ratio=1.0, temperature=0.0, max_new_tokens=6))
+    answered = on_policy_rows(drafter, rows, settings, step=0, pad_id=tokenizer.pad_token_id, stop_ids=[-1])
+    for row, new in zip(rows, answered):
+        greedy = drafter.generate(torch.tensor([row.prompt_ids]), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)[0, len(row.prompt_ids):].tolist()
+        assert new.input_ids == row.prompt_ids + greedy and new.input_ids != row.input_ids
+        assert new.loss_mask == [0] * len(row.prompt_ids) + [1] * 6
+    _, curve = run(tiny_target, records_dir, tmp_path, epochs=3, on_policy=OnPolicySettings(ratio=0.5))
+    flags = [entry["on_policy"] for entry in curve]
+    assert any(flags) and not all(flags)
+
+
+def test_lora_trains_adapters_and_saves_plain_weights(tiny_target, records_dir, tmp_path):
+    before = build_drafter(SPEC, tiny_target.model, tiny_target.tokenizer).state_dict()
+    summary, curve = run(tiny_target, records_dir, tmp_path, epochs=4, select="last",
+                         lora=LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    saved = load_drafter(tmp_path / "model", tiny_target.model, tiny_target.tokenizer).state_dict()
+    assert not any("lora" in name for name in saved)  # merged: loads as a plain LlamaForCausalLM
+    changed = {name for name in before if not torch.equal(before[name], saved[name])}
+    assert changed and all("q_proj" in name or "v_proj" in name for name in changed)
+
+
+def test_nan_loss_is_a_clear_error_and_applies_nothing(tiny_target, records_dir, tmp_path):
+    def broken(student, teacher, mask, labels=None):
+        return forward_kl(student, teacher, mask) * float("nan")
+
+    with pytest.raises(FloatingPointError, match=r"distill step 0 \(epoch 0, records .*\): loss is nan"):
+        run(tiny_target, records_dir, tmp_path, loss=LossMix({"broken": {"fn": broken}}), select="last")
+    assert not (tmp_path / "last").exists()
+
+
+def test_bad_batch_split_names_the_keys(tiny_target, records_dir, tmp_path):
+    with pytest.raises(ValueError, match="distill.batch_size=3 must divide"):
+        run(tiny_target, records_dir, tmp_path, batch_size=3, accumulation=2)
+    with pytest.raises(ValueError, match="distill.teacher='teacher' is not one of"):
+        DistillSettings(teacher="teacher")

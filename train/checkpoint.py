@@ -1,0 +1,99 @@
+"""Resumable training state in `checkpoints/step-NNNNNNN/`, written atomically.
+
+A checkpoint holds the engine's state (weights, optimizer, scheduler: `PlainEngine.save` or DeepSpeed's own
+format), every rank's RNG states, and `state.json` (step, data position, best-so-far selection, the stage's
+settings and git commit). It is written to `step-N.tmp/` and renamed only when every rank has finished, so a
+folder named `step-N` is always complete; `latest()` ignores anything else. `resume=auto` continues from it.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train import distributed
+from train.rundir import git_commit
+
+RESUME_CHOICES = ("auto", "never")
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, if any."""
+    complete = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                and (p / "state.json").exists()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, root: Path, step: int, state: dict, keep: int) -> Path:
+    """Write the checkpoint for `step` (every rank calls this); keep the newest `keep` of them."""
+    final = root / f"step-{step:07d}"
+    temporary = final.with_name(final.name + ".tmp")
+    if distributed.is_main():
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    distributed.barrier()
+    engine.save(temporary)
+    torch.save(_picklable(rng_state()), temporary / f"rng_rank{distributed.rank()}.pt")
+    distributed.barrier()
+    if distributed.is_main():
+        payload = state | {"step": step, "world_size": distributed.world_size(), "git_commit": git_commit()}
+        (temporary / "state.json").write_text(json.dumps(payload, indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        temporary.replace(final)
+        complete = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def load(engine, folder: Path) -> dict:
+    """Restore the engine and this rank's RNG from `folder`; returns its state.json."""
+    state = json.loads((folder / "state.json").read_text())
+    if state["world_size"] != distributed.world_size():
+        raise ValueError(f"{folder} was written by {state['world_size']} processes, this run has "
+                         f"{distributed.world_size()}; resume with the same number, or resume=never")
+    engine.load(folder)
+    set_rng_state(_unpicklable(torch.load(folder / f"rng_rank{distributed.rank()}.pt", weights_only=True)))
+    return state
+
+
+def _picklable(state: dict) -> dict:
+    """RNG states as tensors and plain lists, which `torch.load(weights_only=True)` accepts."""
+    version, internal, gauss = state["python"]
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    converted = {"python": [version, list(internal), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)),
+                                                                         position, has_gauss, cached],
+                 "torch": state["torch"]}
+    if "cuda" in state:
+        converted["cuda"] = state["cuda"]
+    return converted
+
+
+def _unpicklable(state: dict) -> dict:
+    version, internal, gauss = state["python"]
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    restored = {"python": (version, tuple(internal), gauss),
+                "numpy": (kind, keys.numpy().astype(np.uint32), position, has_gauss, cached), "torch": state["torch"]}
+    if "cuda" in state:
+        restored["cuda"] = state["cuda"]
+    return restored

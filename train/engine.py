@@ -1,0 +1,180 @@
+"""How an optimizer step is taken: plain PyTorch in one process, or DeepSpeed ZeRO 0-3 over many.
+
+Both engines take the same calls from a training loop, so pretrain and distill have one loop each:
+
+    logits = engine.logits(input_ids, attention, positions)  # the trained model's forward, at loss positions
+    engine.backward(loss_share)   # once per micro-batch; loss_share = this micro-batch's part of the global mean
+    grad_norm = engine.step()     # once per optimizer step: clip, update, schedule, zero the gradients
+    engine.save(folder) / engine.load(folder)
+
+A loss share is the micro-batch's loss times its fraction of the optimizer step's loss positions (over all
+micro-batches and ranks), so the summed gradient is exactly that of the mean over the whole step, whatever the
+split. DeepSpeed divides by the number of ranks and of accumulation steps itself, which `backward` undoes.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from train import distributed
+from train.optim import OptimSettings, build_optimizer
+
+STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """`conf/deepspeed/*.yaml`. enabled=false trains with plain PyTorch. `config` is a DeepSpeed config; the
+    batch sizes, accumulation and clipping are filled in from the stage's own settings so they cannot disagree."""
+    enabled: bool = False
+    stage: int = 0
+    bf16: bool = False
+    offload_optimizer: bool = False
+    config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"deepspeed.stage={self.stage} is not one of {STAGES}")
+
+    def ds_config(self, micro_batch: int, accumulation: int, grad_clip: float) -> dict:
+        zero = {"stage": self.stage}
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
+                  "gradient_clipping": grad_clip, "zero_optimization": zero, "bf16": {"enabled": self.bf16},
+                  "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+        return _merge(config, copy.deepcopy(self.config))
+
+
+def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """LM-head logits [1, N, V] at the N `positions` only: prompt positions never reach the vocabulary projection,
+    which is most of a small drafter's cost and a fifth of the target's."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[positions])
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.unsqueeze(0)
+
+
+class LogitsAt(torch.nn.Module):
+    """`logits_at` as a module's forward, so DeepSpeed sees every training forward pass: ZeRO-3 counts
+    micro-batches in its engine's forward, and without that it overwrites accumulated gradients."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return logits_at(self.model, input_ids, attention, positions)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        base[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+class PlainEngine:
+    def __init__(self, model: torch.nn.Module, optim: OptimSettings, total_steps: int) -> None:
+        self.module = model
+        self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
+        self.grad_clip = optim.grad_clip
+
+    def logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return logits_at(self.module, input_ids, attention, positions)
+
+    def backward(self, loss_share: torch.Tensor) -> None:
+        loss_share.backward()
+
+    def step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_model
+
+        save_model(self.module, str(folder / "model.safetensors"))  # handles tied weights
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.module, str(folder / "model.safetensors"), device=str(next(self.module.parameters()).device))
+        state = torch.load(folder / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_parameters(self):
+        """Context in which every parameter is whole (a no-op here; ZeRO-3 gathers)."""
+        return contextlib.nullcontext()
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's engine around the same AdamW + warmup-cosine schedule as `PlainEngine`."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimSettings, total_steps: int, settings: DeepSpeedSettings,
+                 micro_batch: int, accumulation: int) -> None:
+        import deepspeed
+
+        distributed.init()
+        optimizer, scheduler = build_optimizer(model, optim, total_steps)
+        self.config = settings.ds_config(micro_batch, accumulation, optim.grad_clip)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=LogitsAt(model), optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
+        self.module, self.stage = model, settings.stage
+        self.scale = distributed.world_size() * accumulation
+
+    def logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.engine(input_ids, attention, positions)
+
+    def backward(self, loss_share: torch.Tensor) -> None:
+        self.engine.backward(loss_share * self.scale)
+        self.engine.step()  # DeepSpeed counts micro-batches and updates only at the accumulation boundary
+
+    def step(self) -> float:
+        grad_norm = self.engine.get_global_grad_norm()
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag="deepspeed")
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from")
+
+    def full_parameters(self):
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+
+def build_engine(model: torch.nn.Module, optim: OptimSettings, total_steps: int, deepspeed: DeepSpeedSettings,
+                 micro_batch: int, accumulation: int) -> PlainEngine | DeepSpeedEngine:
+    if deepspeed.enabled:
+        return DeepSpeedEngine(model, optim, total_steps, deepspeed, micro_batch, accumulation)
+    if distributed.world_size() > 1:
+        raise ValueError(f"{distributed.world_size()} processes were launched but deepspeed is off: pass "
+                         f"deepspeed=zero1 (or zero0/zero2/zero3) to train data-parallel")
+    return PlainEngine(model, optim, total_steps)
