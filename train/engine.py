@@ -50,11 +50,13 @@ class DeepSpeedSettings:
         return _merge(config, copy.deepcopy(self.config))
 
 
-def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
-              positions: torch.Tensor) -> torch.Tensor:
+def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """LM-head logits [1, N, V] at the N `positions` only: prompt positions never reach the vocabulary projection,
-    which is most of a small drafter's cost and a fifth of the target's."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    which is most of a small drafter's cost and a fifth of the target's. `attention` is a [B, T] padding mask or a
+    [B, 1, T, T] boolean mask (packed documents)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention,
+                                 position_ids=position_ids).last_hidden_state
     logits = model.get_output_embeddings()(hidden[positions])
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
@@ -70,8 +72,9 @@ class LogitsAt(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return logits_at(self.model, input_ids, attention, positions)
+    def forward(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return logits_at(self.model, input_ids, attention, positions, position_ids)
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -86,8 +89,9 @@ class PlainEngine:
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
         self.grad_clip = optim.grad_clip
 
-    def logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return logits_at(self.module, input_ids, attention, positions)
+    def logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return logits_at(self.module, input_ids, attention, positions, position_ids)
 
     def backward(self, loss_share: torch.Tensor) -> None:
         loss_share.backward()
@@ -138,8 +142,9 @@ class DeepSpeedEngine:
         self.module, self.stage = model, settings.stage
         self.scale = distributed.world_size() * accumulation
 
-    def logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.engine(input_ids, attention, positions)
+    def logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.engine(input_ids, attention, positions, position_ids)
 
     def backward(self, loss_share: torch.Tensor) -> None:
         self.engine.backward(loss_share * self.scale)
@@ -168,6 +173,14 @@ class DeepSpeedEngine:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+
+def micro_batches(batch: list, accumulation: int) -> list[list]:
+    """This rank's share of an optimizer step: `accumulation` micro-batches, each split evenly over ranks."""
+    per_micro = len(batch) // accumulation
+    chunks = [batch[i * per_micro: (i + 1) * per_micro] for i in range(accumulation)]
+    world, rank = distributed.world_size(), distributed.rank()
+    return [chunk[rank * len(chunk) // world: (rank + 1) * len(chunk) // world] for chunk in chunks]
 
 
 def build_engine(model: torch.nn.Module, optim: OptimSettings, total_steps: int, deepspeed: DeepSpeedSettings,

@@ -1,78 +1,170 @@
-"""Stage `pretrain` (FastDraft-style): next-token training of the drafter on chat text in the target's tokenizer.
+"""Stage `pretrain` (FastDraft-style): next-token training of the drafter on text in the target's tokenizer.
 
     python train/run.py +experiment=quickstart stages=[pretrain]
+    python train/run.py +experiment=quickstart stages=[pretrain] corpus=text corpus.location=/data/books/
+    torchrun --nproc_per_node 2 train/run.py +experiment=quickstart stages=[pretrain] deepspeed=zero2
 
-Documents (whole ShareGPT conversations rendered with the target's chat template) are concatenated and cut
-into fixed-length blocks; every block is a training sequence.
+Setup: documents (whole ShareGPT conversations in the target's chat template, or plain-text files) are packed
+back to back into fixed-length blocks; attention stays inside each document (a block-diagonal causal mask, with
+positions restarting at each document), and the token that starts a document is never a target of the one before.
+Loop: AdamW with warmup + cosine through the same engines as distill (plain or DeepSpeed ZeRO), checkpoints every
+`checkpoint_every` steps, `resume=auto` continues an interrupted run. Save: `model/` (safetensors), `curve.jsonl`.
 """
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from losses.ce import cross_entropy
 from models.drafter import save_drafter
-from train.optim import OptimSettings, build_optimizer, optimizer_step
+from train import checkpoint, distributed
+from train.engine import DeepSpeedSettings, build_engine, micro_batches
+from train.optim import OptimSettings
 from train.tracking import Tracker
 
 
 @dataclass(frozen=True)
 class PretrainSettings:
     steps: int = 100
-    batch_size: int = 8
+    batch_size: int = 8             # blocks per optimizer step, over all processes and accumulation steps
+    accumulation: int = 1
     seq_len: int = 256
     max_documents: int = 2000
+    document_mask: bool = True      # attention and targets stay inside each packed document
     log_every: int = 10
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
     seed: int = 0
     optim: OptimSettings = field(default_factory=OptimSettings)
 
 
-def pack_documents(documents: list[list[int]], seq_len: int) -> torch.Tensor:
-    """Concatenate token lists and cut them into [num_blocks, seq_len]; the ragged tail is dropped."""
+@dataclass
+class PackedBlocks:
+    """[num_blocks, seq_len] token ids and, per token, which document of its block it belongs to."""
+    tokens: torch.Tensor
+    documents: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def pack_documents(documents: list[list[int]], seq_len: int) -> PackedBlocks:
+    """Concatenate documents and cut the stream into blocks of `seq_len`; the ragged tail is dropped. A document
+    cut by a block boundary continues, as a new segment, in the next block."""
     stream = [token for document in documents for token in document]
+    owner = [index for index, document in enumerate(documents) for _ in document]
     num_blocks = len(stream) // seq_len
     if num_blocks == 0:
         raise ValueError(f"pretraining corpus has {len(stream)} tokens, fewer than one block of seq_len={seq_len}")
-    return torch.tensor(stream[: num_blocks * seq_len]).view(num_blocks, seq_len)
+    tokens = torch.tensor(stream[: num_blocks * seq_len]).view(num_blocks, seq_len)
+    owners = torch.tensor(owner[: num_blocks * seq_len]).view(num_blocks, seq_len)
+    return PackedBlocks(tokens=tokens, documents=owners - owners[:, :1])
 
 
-def next_token_loss(model: PreTrainedModel, block: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=block[:, :-1]).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), block[:, 1:].flatten())
+def block_inputs(tokens: torch.Tensor, documents: torch.Tensor, document_mask: bool):
+    """(attention, position_ids, loss_positions, labels) for a batch of packed blocks.
+
+    attention: [B, 1, T, T] bool, causal and (with document_mask) block-diagonal over documents; positions restart
+    at every document; loss_positions: predict t+1 from t only inside one document (and never from the last)."""
+    batch, width = tokens.shape
+    causal = torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril()
+    if not document_mask:
+        documents = torch.zeros_like(documents)
+    same_document = documents.unsqueeze(-1) == documents.unsqueeze(-2)
+    attention = (same_document & causal).unsqueeze(1)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    index = torch.arange(width, device=tokens.device).expand(batch, width)
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    position_ids = index - start_index
+    loss_positions = torch.zeros_like(starts)
+    loss_positions[:, :-1] = documents[:, 1:] == documents[:, :-1]
+    labels = torch.roll(tokens, -1, dims=1)
+    return attention, position_ids, loss_positions, labels
 
 
 def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, documents: list[list[int]],
-             settings: PretrainSettings, out_dir: Path, tracker: Tracker) -> dict:
-    """Train `drafter` in place for `settings.steps` steps; save it as safetensors to `out_dir/model`."""
+             settings: PretrainSettings, out_dir: Path, tracker: Tracker,
+             deepspeed: DeepSpeedSettings = DeepSpeedSettings(), resume: str = "auto") -> dict:
+    """Train `drafter` for `settings.steps` steps; save it as safetensors to `out_dir/model`."""
+    world = distributed.world_size()
+    if settings.batch_size % (world * settings.accumulation):
+        raise ValueError(f"pretrain.batch_size={settings.batch_size} must divide by processes ({world}) × "
+                         f"accumulation ({settings.accumulation})")
     torch.manual_seed(settings.seed)
     blocks = pack_documents(documents, settings.seq_len)
     order = list(range(len(blocks)))
     random.Random(settings.seed).shuffle(order)
-    optimizer, scheduler = build_optimizer(drafter, settings.optim, settings.steps)
-    drafter.train()
+    engine = build_engine(drafter, settings.optim, settings.steps, deepspeed,
+                          settings.batch_size // (world * settings.accumulation), settings.accumulation)
+    model, device = engine.module, drafter.device
+    model.train()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints, curve_path = out_dir / "checkpoints", out_dir / "curve.jsonl"
+    start_step = 0
+    found = checkpoint.latest(checkpoints) if resume == "auto" else None
+    if found is not None:
+        start_step = checkpoint.load(engine, found)["step"]
+        print(f"[pretrain] resuming from {found} (step {start_step} of {settings.steps})", flush=True)
+    elif distributed.is_main():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    if distributed.is_main():
+        kept = [line for line in (curve_path.read_text().splitlines() if curve_path.exists() else [])
+                if json.loads(line)["step"] < start_step]
+        curve_path.write_text("".join(line + "\n" for line in kept))
+
     tokens_seen, started, loss_value = 0, time.perf_counter(), float("nan")
-    progress = tqdm(range(settings.steps), desc="pretrain", unit="step")
-    for step in progress:
+    progress = tqdm(total=settings.steps, initial=start_step, desc="pretrain", unit="step",
+                    disable=not distributed.is_main())
+    for step in range(start_step, settings.steps):
         picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
-        batch = blocks[picks].to(drafter.device)
-        loss = next_token_loss(drafter, batch)
-        grad_norm = optimizer_step(loss, drafter, optimizer, scheduler, settings.optim.grad_clip,
-                                   f"pretrain step {step}")
-        tokens_seen += batch.numel()
-        loss_value = loss.item()
+        step_positions = int(block_inputs(blocks.tokens[picks], blocks.documents[picks],
+                                          settings.document_mask)[2].sum())
+        loss_sum = 0.0
+        for micro in micro_batches(picks, settings.accumulation):
+            tokens = blocks.tokens[micro].to(device)
+            attention, position_ids, positions, labels = block_inputs(tokens, blocks.documents[micro].to(device),
+                                                                      settings.document_mask)
+            logits = engine.logits(tokens, attention, positions, position_ids)
+            n = int(positions.sum())
+            loss = cross_entropy(logits, None, torch.ones(1, n, dtype=torch.bool), labels[positions].unsqueeze(0))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"pretrain step {step}: loss is {loss.item()}; lower pretrain.optim.lr")
+            share = n / max(step_positions, 1)
+            engine.backward(loss * share)
+            loss_sum += loss.item() * share
+            tokens_seen += tokens.numel()
+        grad_norm = engine.step()
+        loss_value = distributed.all_sum([loss_sum])[0]
+        progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.3f}")
+        if distributed.is_main():
+            with curve_path.open("a") as curve:
+                curve.write(json.dumps({"step": step, "loss": loss_value, "grad_norm": grad_norm}) + "\n")
         if step % settings.log_every == 0 or step == settings.steps - 1:
-            tracker.log({"pretrain/loss": loss_value, "pretrain/lr": scheduler.get_last_lr()[0],
-                         "pretrain/grad_norm": grad_norm.item(),
-                         "pretrain/tokens_per_s": tokens_seen / (time.perf_counter() - started)}, step=step)
-    drafter.eval()
-    save_drafter(drafter, tokenizer, out_dir / "model")
+            tracker.log({"pretrain/loss": loss_value, "pretrain/lr": engine.lr, "pretrain/grad_norm": grad_norm,
+                         "pretrain/tokens_per_s": distributed.all_sum([tokens_seen])[0]
+                         / (time.perf_counter() - started)}, step=step)
+        done = step + 1
+        if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
+            checkpoint.save(engine, checkpoints, done, {"data_position": {"block_offset": done * settings.batch_size}},
+                            settings.keep_checkpoints)
+    progress.close()
+    model.eval()
+    with engine.full_parameters():
+        if distributed.is_main():
+            save_drafter(model, tokenizer, out_dir / "model")
+    distributed.barrier()
     elapsed = time.perf_counter() - started
-    return {"steps": settings.steps, "final_loss": round(loss_value, 4), "blocks": len(blocks),
-            "tokens_seen": tokens_seen, "seconds": round(elapsed, 1), "tokens_per_s": round(tokens_seen / elapsed)}
+    return {"steps": settings.steps, "resumed_at": start_step, "final_loss": round(loss_value, 4),
+            "blocks": len(blocks), "tokens_seen_this_run": tokens_seen * world, "seconds": round(elapsed, 1),
+            "tokens_per_s": round(tokens_seen * world / max(elapsed, 1e-9)), "document_mask": settings.document_mask}

@@ -37,12 +37,12 @@ from train import distributed
 from train.tracking import LoggerSettings, Tracker
 
 STAGES = ("data_gen", "pretrain", "distill", "eval", "export")
-DISTRIBUTED_STAGES = ("distill",)  # the stages a torchrun/deepspeed launch may run
+DISTRIBUTED_STAGES = ("pretrain", "distill")  # the stages a torchrun/deepspeed launch may run
 # The config sections each stage reads. A stage's fingerprint covers these plus its inputs' fingerprints, so a
 # changed upstream stage makes every stage after it stale.
 STAGE_SECTIONS = {
     "data_gen": ("target", "data", "data_gen"),
-    "pretrain": ("target", "drafter", "corpus", "pretrain"),
+    "pretrain": ("target", "drafter", "corpus", "pretrain", "deepspeed"),
     "distill": ("target", "drafter", "distill", "loss", "deepspeed"),
     "eval": ("target", "drafter", "eval_data", "eval"),
     "export": ("export",),
@@ -107,14 +107,20 @@ def run_pretrain(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
     target, settings = pipeline.target(), pipeline.spec("pretrain")
     conversations, corpus_report = load_conversations(pipeline.spec("corpus"), pipeline.cache_dir)
     needed, documents, tokens = settings.steps * settings.batch_size * settings.seq_len, [], 0
+    tokenizer = target.tokenizer
     for conversation in conversations[: settings.max_documents]:
-        ids = chat_token_ids(target.tokenizer, conversation.messages)[: 4 * settings.seq_len]
+        if conversation.messages[0]["role"] == "text":  # corpus.format=text: raw text, then end-of-sequence
+            ids = tokenizer(conversation.messages[0]["content"], add_special_tokens=False)["input_ids"]
+            ids = (ids + [tokenizer.eos_token_id])[: 4 * settings.seq_len]
+        else:
+            ids = chat_token_ids(tokenizer, conversation.messages)[: 4 * settings.seq_len]
         documents.append(ids)  # capped: many short documents beat a few very long ones
         tokens += len(ids)
         if tokens >= needed:  # tokenize only what the step budget will read
             break
     drafter = build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer)
-    summary = pretrain(drafter, target.tokenizer, documents, settings, out_dir, tracker)
+    summary = pretrain(drafter, target.tokenizer, documents, settings, out_dir, tracker,
+                       deepspeed=pipeline.spec("deepspeed"), resume=pipeline.config.resume)
     return summary | {"documents": len(documents), "corpus": corpus_report.as_dict()}
 
 

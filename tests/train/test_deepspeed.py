@@ -1,7 +1,7 @@
 """DeepSpeed for real: 2 processes over gloo (torchrun), ZeRO-1/2/3, against one plain-PyTorch process.
 
-Each launch runs `train/run.py stages=[distill]` on the same data_gen output as the single-process reference;
-their per-step losses and gradient norms must agree. Every rank holds half of each batch, so agreement also proves
+Each launch runs `train/run.py stages=[pretrain,distill]` on the same data_gen output as the single-process
+reference; their per-step losses (and distill's gradient norms) must agree. Every rank holds half of each batch, so agreement also proves
 the loss is normalised over the whole step, not per rank. The GPU variant (NCCL, bf16) is skipped here.
 """
 from __future__ import annotations
@@ -41,15 +41,15 @@ def launch(runs_root: Path, run_name: str, *extra: str, processes: int = 1) -> s
     return result
 
 
-def curve(runs_root: Path, run_name: str) -> list[dict]:
-    path = runs_root / "smoke" / run_name / "distill" / "curve.jsonl"
+def curve(runs_root: Path, run_name: str, stage: str = "distill") -> list[dict]:
+    path = runs_root / "smoke" / run_name / stage / "curve.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed")
-    launch(root, "single", "stages=[data_gen,distill]")
+    launch(root, "single", "stages=[data_gen,pretrain,distill]")
     return root
 
 
@@ -57,8 +57,10 @@ def reference(tmp_path_factory):
 def test_two_process_zero_matches_one_process(reference, stage):
     name = f"zero{stage}"
     shutil.copytree(reference / "smoke" / "single" / "data_gen", reference / "smoke" / name / "data_gen")
-    result = launch(reference, name, "stages=[distill]", f"deepspeed=zero{stage}", processes=2)
+    result = launch(reference, name, "stages=[pretrain,distill]", f"deepspeed=zero{stage}", processes=2)
     assert result.stdout.count("distill: done") == 1  # rank 0 speaks for the launch
+    pretrained, pretrained_here = curve(reference, "single", "pretrain"), curve(reference, name, "pretrain")
+    assert [e["loss"] for e in pretrained_here] == pytest.approx([e["loss"] for e in pretrained], rel=1e-4)
     expected, actual = curve(reference, "single"), curve(reference, name)
     assert len(actual) == len(expected) >= 6
     assert [e["loss"] for e in actual] == pytest.approx([e["loss"] for e in expected], rel=1e-4)
@@ -84,7 +86,7 @@ def test_other_stages_refuse_a_multi_process_launch(reference):
 def test_two_gpu_zero2_bf16(reference):
     name = "gpu_zero2_bf16"
     shutil.copytree(reference / "smoke" / "single" / "data_gen", reference / "smoke" / name / "data_gen")
-    launch(reference, name, "stages=[distill]", "deepspeed=zero2", "deepspeed.bf16=true", "device=cuda",
+    launch(reference, name, "stages=[pretrain,distill]", "deepspeed=zero2", "deepspeed.bf16=true", "device=cuda",
            processes=2)
     expected, actual = curve(reference, "single"), curve(reference, name)
     assert [e["loss"] for e in actual] == pytest.approx([e["loss"] for e in expected], rel=5e-2)  # bf16
