@@ -6,12 +6,13 @@ a freshly built drafter meaningful token geometry for free.
 """
 from __future__ import annotations
 
+import collections
 import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.loading import load_causal_lm, load_tokenizer
 
@@ -30,6 +31,7 @@ class DrafterSpec:
     init: str = "random"
     seed: int = 0
     tie_embeddings: bool = True  # the LM head reuses the input embedding (fewer parameters)
+    draft_vocab_size: int | None = None  # LM head over only the N most frequent target tokens (untied)
 
     def __post_init__(self) -> None:
         if self.init not in INIT_CHOICES:
@@ -37,6 +39,56 @@ class DrafterSpec:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"drafter: hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}, "
                              f"and num_heads by num_kv_heads={self.num_kv_heads}")
+
+
+class ReducedVocabHead(torch.nn.Module):
+    """An LM head over a draft vocabulary of N target tokens (`d2t[i]` = target id of draft token i).
+
+    `forward` gives full-vocabulary logits with -inf outside the draft vocabulary, so decoders and HF generation use
+    the drafter unchanged; `compact` gives the [.., N] logits training uses, which is where the saving is: the head's
+    matmul, the largest cost of a small drafter, shrinks by V/N. (EAGLE-3's draft vocabulary, METHODS.md §8.)
+    """
+
+    def __init__(self, hidden_size: int, d2t: torch.Tensor, vocab_size: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(len(d2t), hidden_size))
+        self.register_buffer("d2t", d2t.long().clone())
+        self.vocab_size = vocab_size
+
+    def compact(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        small = self.compact(hidden)
+        full = small.new_full((*small.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.d2t, small)
+
+
+def frequent_tokens(token_lists, size: int, always: list[int]) -> tuple[torch.Tensor, float]:
+    """The draft vocabulary: `always` (special tokens) plus the most frequent ids, `size` in all, sorted by id;
+    and the share of all counted tokens it covers."""
+    counts = collections.Counter(token for tokens in token_lists for token in tokens)
+    chosen = list(dict.fromkeys(always))[:size]
+    for token, _ in counts.most_common():
+        if len(chosen) >= size:
+            break
+        if token not in chosen:
+            chosen.append(token)
+    total = sum(counts.values())
+    coverage = sum(counts[t] for t in chosen) / total if total else 0.0
+    return torch.tensor(sorted(chosen)), coverage
+
+
+def use_draft_vocabulary(drafter: LlamaForCausalLM, d2t: torch.Tensor, seed: int = 0) -> LlamaForCausalLM:
+    """Replace the drafter's head by a `ReducedVocabHead` over `d2t` (started from the full head's rows)."""
+    full = drafter.get_output_embeddings().weight.detach()
+    head = ReducedVocabHead(full.shape[1], d2t, drafter.config.vocab_size).to(full.device)
+    with torch.no_grad():
+        head.weight.copy_(full[d2t.to(full.device)])
+    drafter.config.tie_word_embeddings = False
+    drafter.config.draft_vocab_size = len(d2t)
+    drafter.lm_head = head
+    return drafter
 
 
 class VocabularyMismatchError(ValueError):
@@ -80,12 +132,15 @@ def _principal_embeddings(target_embeddings: torch.Tensor, width: int, seed: int
     return projected * (std / projected.std())
 
 
-def build_drafter(spec: DrafterSpec, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
-    """A fresh drafter for `target`: same vocabulary and special tokens, sizes from `spec`."""
+def build_drafter(spec: DrafterSpec, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                  token_lists=None) -> LlamaForCausalLM:
+    """A fresh drafter for `target`: same vocabulary and special tokens, sizes from `spec`. With
+    `spec.draft_vocab_size`, its head covers the most frequent tokens of `token_lists` (the training data)."""
     config = LlamaConfig(
         vocab_size=target.config.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=spec.tie_embeddings,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_embeddings and not spec.draft_vocab_size,
         rope_theta=getattr(target.config, "rope_theta", 10000.0),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -98,6 +153,16 @@ def build_drafter(spec: DrafterSpec, target: PreTrainedModel, tokenizer: PreTrai
             source = target.get_input_embeddings().weight.detach().float().cpu()
             drafter.get_input_embeddings().weight.copy_(_principal_embeddings(source, spec.hidden_size, spec.seed,
                                                                                     config.initializer_range))
+            if not config.tie_word_embeddings:
+                drafter.get_output_embeddings().weight.copy_(drafter.get_input_embeddings().weight)
+    if spec.draft_vocab_size:
+        if token_lists is None:
+            raise ValueError("drafter.draft_vocab_size needs the training tokens to count; build it in a stage")
+        special = [t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id,
+                               *tokenizer.all_special_ids) if t is not None]
+        d2t, coverage = frequent_tokens(token_lists, spec.draft_vocab_size, special)
+        use_draft_vocabulary(drafter, d2t)
+        drafter.config.draft_vocab_coverage = round(coverage, 6)
     return drafter.to(target.device)
 
 
@@ -135,7 +200,18 @@ def save_drafter(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
 
 def load_drafter(path: Path, target: PreTrainedModel, target_tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load a drafter checkpoint and prove it speaks the target's vocabulary."""
-    drafter = load_causal_lm(Path(path)).to(target.device)
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "draft_vocab_size", None):  # a reduced head: rebuild it, then load the weights into it
+        from safetensors.torch import load_file
+
+        weights = load_file(str(Path(path) / "model.safetensors"))
+        drafter = use_draft_vocabulary(LlamaForCausalLM(config), weights["lm_head.d2t"])
+        missing, unexpected = drafter.load_state_dict(weights, strict=False)
+        if unexpected or [m for m in missing if m != "lm_head.d2t"]:
+            raise ValueError(f"{path}: weights do not fit the drafter (missing {missing}, unexpected {unexpected})")
+        drafter = drafter.eval().to(target.device)
+    else:
+        drafter = load_causal_lm(Path(path)).to(target.device)
     drafter_tokenizer = load_tokenizer(Path(path)) if (Path(path) / "tokenizer_config.json").exists() else None
     check_same_vocabulary(drafter, target, drafter_tokenizer, target_tokenizer)
     return drafter

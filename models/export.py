@@ -7,6 +7,7 @@ The directory loads with `AutoModelForCausalLM.from_pretrained` and works unchan
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,11 @@ def model_card(name: str, target: dict, parameters: int, target_parameters: int,
 
 def export_drafter(drafter_dir: Path, out_dir: Path, card: str) -> Path:
     """Copy the model files of `drafter_dir` into `out_dir` with the card as README.md, then load it back."""
+    config = json.loads((drafter_dir / "config.json").read_text())
+    if config.get("draft_vocab_size"):
+        raise ValueError(f"{drafter_dir} has a reduced draft vocabulary ({config['draft_vocab_size']} tokens): "
+                         f"transformers and vLLM cannot load such a head as a standalone draft model. Export a "
+                         f"drafter trained with drafter.draft_vocab_size=null, or use it with draftsmith's eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     copied = [f for f in MODEL_FILES if (drafter_dir / f).exists()]
     for file_name in copied:

@@ -198,10 +198,34 @@ def acceptance_proxy(drafter: PreTrainedModel, target: PreTrainedModel, rows: li
         teacher = logits_at(target, input_ids, attention, positions)
         student = logits_at(drafter, input_ids, attention, positions)
         n = int(positions.sum())
-        total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool))) * n
+        d2t = draft_vocabulary(drafter)
+        if d2t is not None:  # Σ_v min(p, q) with q = 0 outside the draft vocabulary: p is not renormalised
+            p = torch.softmax(teacher.float(), -1)[..., d2t]
+            total += float(torch.minimum(p, torch.softmax(student.float(), -1)).sum(-1).sum())
+        else:
+            total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool))) * n
         count += n
     drafter.train(was_training)
     return total / max(count, 1)
+
+
+def draft_vocabulary(model: PreTrainedModel) -> torch.Tensor | None:
+    """d2t (draft id -> target id) of a drafter with a reduced vocabulary, else None."""
+    return getattr(model.get_output_embeddings(), "d2t", None)
+
+
+def to_draft_vocabulary(teacher_logits: torch.Tensor | None, labels: torch.Tensor, d2t: torch.Tensor,
+                        vocab_size: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Restrict the teacher to the draft vocabulary (the losses' softmax renormalises it), map labels to draft
+    ids, and keep only positions whose label and whose teacher argmax are both in it (EAGLE-3, METHODS.md §8)."""
+    t2d = torch.full((vocab_size,), -1, dtype=torch.long, device=labels.device)
+    t2d[d2t] = torch.arange(len(d2t), device=labels.device)
+    draft_labels = t2d[labels]
+    keep = draft_labels >= 0
+    if teacher_logits is not None:
+        keep &= t2d[teacher_logits.argmax(-1)] >= 0
+        teacher_logits = teacher_logits[..., d2t]
+    return teacher_logits, draft_labels.clamp_min(0), keep
 
 
 def peak_memory_mib() -> float:
@@ -249,6 +273,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
     micro_batch = settings.batch_size // (world * settings.accumulation)
     engine = build_engine(drafter, settings.optim, total_steps, deepspeed, micro_batch, settings.accumulation)
     model, device, pad_id = engine.module, target.device, tokenizer.pad_token_id
+    d2t = draft_vocabulary(model)
     target.eval()
     model.train()
 
@@ -307,9 +332,12 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
             else:
                 teacher_logits = None
             student_logits = engine.logits(input_ids, attention, positions)
-            total, parts = loss(student_logits, teacher_logits, torch.ones(1, n, dtype=torch.bool),
-                                labels[positions].unsqueeze(0))
-            share = n / max(step_positions, 1)
+            targets, keep = labels[positions].unsqueeze(0), torch.ones(1, n, dtype=torch.bool, device=device)
+            if d2t is not None:
+                teacher_logits, targets, keep = to_draft_vocabulary(teacher_logits, targets, d2t,
+                                                                    target.config.vocab_size)
+            total, parts = loss(student_logits, teacher_logits, keep, targets)
+            share = int(keep.sum()) / max(step_positions, 1)  # outside-vocabulary positions count as zero
             if not torch.isfinite(total):
                 raise FloatingPointError(f"distill step {step} (epoch {epoch}, records "
                                          f"{[row.id for row in micro][:4]}...): loss is {total.item()}; lower "

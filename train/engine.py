@@ -54,10 +54,12 @@ def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.
               position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """LM-head logits [1, N, V] at the N `positions` only: prompt positions never reach the vocabulary projection,
     which is most of a small drafter's cost and a fifth of the target's. `attention` is a [B, T] padding mask or a
-    [B, 1, T, T] boolean mask (packed documents)."""
+    [B, 1, T, T] boolean mask (packed documents). A drafter with a reduced draft vocabulary gives its compact
+    [1, N, V_draft] logits (`models.drafter.ReducedVocabHead`)."""
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention,
                                  position_ids=position_ids).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[positions])
+    head = model.get_output_embeddings()
+    logits = getattr(head, "compact", head)(hidden[positions])
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from data_gen.chat import chat_token_ids, end_of_turn_ids, prompt_token_ids
 from data_gen.generate import ShardsPending, WorkerSettings, generate
+from data_gen.shards import load_records
 from data_gen.sources import load_conversations
 from eval.speculative import evaluate
 from models.drafter import build_drafter, load_drafter
@@ -118,7 +119,7 @@ def run_pretrain(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
         tokens += len(ids)
         if tokens >= needed:  # tokenize only what the step budget will read
             break
-    drafter = build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer)
+    drafter = build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer, token_lists=documents)
     summary = pretrain(drafter, target.tokenizer, documents, settings, out_dir, tracker,
                        deepspeed=pipeline.spec("deepspeed"), resume=pipeline.config.resume)
     return summary | {"documents": len(documents), "corpus": corpus_report.as_dict()}
@@ -135,7 +136,9 @@ def run_distill(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
         start = Path(settings.init_from) if settings.init_from else pretrained / "model"
         drafter = load_drafter(start, target.model, target.tokenizer)
     else:
-        start, drafter = "fresh", build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer)
+        answers = load_records(data).select_columns(["response_ids"])["response_ids"]
+        start, drafter = "fresh", build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer,
+                                                token_lists=answers)
     stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
     summary = distill(drafter, target.model, target.tokenizer, data, pipeline.spec("loss"), settings,
                       out_dir, tracker, deepspeed=pipeline.spec("deepspeed"), resume=pipeline.config.resume,
@@ -151,7 +154,8 @@ def run_eval(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
                for c in conversations]
     drafters, paths = {}, {}
     if settings.include_untrained:
-        drafters["untrained"] = build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer).eval()
+        drafters["untrained"] = build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer,
+                                              token_lists=[p["prompt_ids"] for p in prompts]).eval()
         paths["untrained"] = "built from conf/drafter (no training)"
     candidates = {name: pipeline.stage_output(stage) for name, stage in (("pretrained", "pretrain"),
                                                                          ("distilled", "distill"))}

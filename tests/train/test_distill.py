@@ -164,3 +164,49 @@ def test_bad_batch_split_names_the_keys(tiny_target, records_dir, tmp_path):
         run(tiny_target, records_dir, tmp_path, batch_size=3, accumulation=2)
     with pytest.raises(ValueError, match="distill.teacher='teacher' is not one of"):
         DistillSettings(teacher="teacher")
+
+
+def test_frequent_tokens_keep_specials_and_the_most_common():
+    from models.drafter import frequent_tokens
+
+    d2t, coverage = frequent_tokens([[5, 5, 5, 7, 7, 9], [5, 7, 11]], size=3, always=[0])
+    assert d2t.tolist() == [0, 5, 7] and coverage == pytest.approx(7 / 9)
+
+
+def test_reduced_vocabulary_drafter_trains_saves_and_decodes_inside_its_vocabulary(tiny_target, records_dir,
+                                                                                   tmp_path):
+    from dataclasses import replace
+
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    answers = [row.input_ids for row in read_rows(records_dir, "online")]
+    drafter = build_drafter(replace(SPEC, draft_vocab_size=48), model, tokenizer, token_lists=answers)
+    head = drafter.get_output_embeddings()
+    assert head.weight.shape[0] == 48 and tokenizer.eos_token_id in head.d2t.tolist()
+    hidden = torch.randn(2, 32)
+    full = head(hidden)
+    assert torch.equal(full[:, head.d2t], head.compact(hidden))
+    outside = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    outside[head.d2t] = False
+    assert torch.isinf(full[:, outside]).all()
+    settings = DistillSettings(epochs=6, batch_size=2, heldout_records=2, optim=OptimSettings(lr=1e-2, warmup_steps=2))
+    summary = distill(drafter, model, tokenizer, records_dir, FKL, settings, tmp_path, quiet_tracker(tmp_path))
+    proxies = [entry["proxy"] for entry in summary["acceptance_proxy"]]
+    assert proxies[-1] > proxies[0]
+    reloaded = load_drafter(tmp_path / "last", model, tokenizer)
+    probe = torch.tensor([answers[0][:12]])
+    assert torch.equal(reloaded(probe).logits, drafter.eval()(probe).logits)
+    generated = reloaded.generate(probe, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert set(generated[0, 12:].tolist()) <= set(head.d2t.tolist())
+
+
+def test_export_refuses_a_reduced_vocabulary_drafter(tiny_target, tmp_path):
+    from dataclasses import replace
+
+    from models.drafter import save_drafter
+    from models.export import export_drafter
+
+    drafter = build_drafter(replace(SPEC, draft_vocab_size=40), tiny_target.model, tiny_target.tokenizer,
+                            token_lists=[[1, 2, 3]])
+    save_drafter(drafter, tiny_target.tokenizer, tmp_path / "d")
+    with pytest.raises(ValueError, match="reduced draft vocabulary"):
+        export_drafter(tmp_path / "d", tmp_path / "out", "card")
