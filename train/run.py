@@ -28,13 +28,16 @@ from data_gen.generate import ShardsPending, WorkerSettings, generate
 from data_gen.shards import load_records
 from data_gen.sources import load_conversations
 from eval.speculative import evaluate
+from losses.feature import FeatureLoss
 from models.drafter import build_drafter, load_drafter
 from models.export import export_drafter, model_card
+from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
 from models.loading import LoadedModel, load_target, resolve_device, resolve_model_dir
+from train import distributed
 from train.distill import distill
+from train.feature_distill import distill_features
 from train.pretrain import pretrain
 from train.rundir import StageDir
-from train import distributed
 from train.tracking import LoggerSettings, Tracker
 
 STAGES = ("data_gen", "pretrain", "distill", "eval", "export")
@@ -105,6 +108,9 @@ def generation_config_of(model_dir: Path) -> GenerationConfig | None:
 
 
 def run_pretrain(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
+    if isinstance(pipeline.spec("drafter"), FeatureDrafterSpec):
+        raise ValueError("a feature-level drafter (drafter=eagle/fspad) has no pretraining stage: "
+                         "run stages=[data_gen,distill]")
     target, settings = pipeline.target(), pipeline.spec("pretrain")
     conversations, corpus_report = load_conversations(pipeline.spec("corpus"), pipeline.cache_dir)
     needed, documents, tokens = settings.steps * settings.batch_size * settings.seq_len, [], 0
@@ -132,6 +138,13 @@ def run_distill(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
         raise FileNotFoundError(f"distill needs the data_gen output in {pipeline.run_dir / 'data_gen'}; "
                                 f"add data_gen to stages (stages=[data_gen,distill])")
     settings, pretrained = pipeline.spec("distill"), pipeline.stage_output("pretrain")
+    drafter_spec = pipeline.spec("drafter")
+    if isinstance(drafter_spec, FeatureDrafterSpec):  # EAGLE / FSPAD: trained on the target's features
+        loss = pipeline.spec("loss")
+        if not isinstance(loss, FeatureLoss):
+            raise ValueError(f"drafter={drafter_spec.name} is feature-level: choose loss=eagle or loss=fspad")
+        drafter = build_feature_drafter(drafter_spec, target.model)
+        return distill_features(drafter, target.model, target.tokenizer, data, loss, settings, out_dir, tracker)
     if settings.init_from or pretrained:
         start = Path(settings.init_from) if settings.init_from else pretrained / "model"
         drafter = load_drafter(start, target.model, target.tokenizer)
@@ -147,6 +160,9 @@ def run_distill(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
 
 
 def run_eval(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
+    if isinstance(pipeline.spec("drafter"), FeatureDrafterSpec):
+        raise NotImplementedError("the speculative decoder does not drive feature-level drafters yet; their "
+                                  "distill summary reports the first-token acceptance proxy")
     target, settings = pipeline.target(), pipeline.spec("eval")
     conversations, _ = load_conversations(pipeline.spec("eval_data"), pipeline.cache_dir)
     prompts = [{"id": c.id, "category": c.category, "prompt_ids": prompt_token_ids(target.tokenizer,

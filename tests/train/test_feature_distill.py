@@ -1,0 +1,65 @@
+"""Feature-level drafters (EAGLE, FSPAD): causal, learn the target's features and first-token distribution on the
+tiny target, save and load; the partial-alignment loss regresses only its share of the feature dimensions."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses.feature import FeatureLoss, feature_regression
+from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter, load_feature_drafter
+from tests.train.test_distill import records_dir  # noqa: F401  (the module-scoped data_gen fixture)
+from train.distill import DistillSettings
+from train.feature_distill import distill_features
+from train.optim import OptimSettings
+from train.tracking import LoggerSettings, Tracker
+
+
+def test_feature_regression_full_partial_and_masked():
+    predicted, target = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    expected = F.smooth_l1_loss(predicted[mask], target[mask])
+    assert torch.allclose(feature_regression(predicted, target, mask), expected)
+    changed = predicted.clone()
+    changed[..., 4:] += 5.0          # dimensions outside the aligned half
+    changed[~mask] = float("nan")   # masked positions
+    assert torch.allclose(feature_regression(changed, target, mask, aligned_fraction=0.5),
+                          feature_regression(predicted, target, mask, aligned_fraction=0.5))
+    assert not torch.allclose(feature_regression(changed.nan_to_num(), target, mask),
+                              feature_regression(predicted, target, mask))
+    with pytest.raises(ValueError, match="aligned_fraction"):
+        feature_regression(predicted, target, mask, aligned_fraction=0.0)
+
+
+def test_feature_drafter_is_causal(tiny_target):
+    drafter = build_feature_drafter(FeatureDrafterSpec(feature_sampling=True), tiny_target.model).eval()
+    features, embeddings = torch.randn(1, 6, 64), torch.randn(1, 6, 64)
+    attention = torch.ones(1, 6, dtype=torch.long)
+    later = features.clone()
+    later[:, 4:] = torch.randn(1, 2, 64)
+    with torch.no_grad():
+        assert torch.allclose(drafter(features, embeddings, attention)[:, :4],
+                              drafter(later, embeddings, attention)[:, :4], atol=1e-6)
+
+
+@pytest.mark.parametrize("sampling, loss", [(False, FeatureLoss(feature_noise=0.1)),
+                                            (True, FeatureLoss(aligned_fraction=0.5, feature_noise=0.1))],
+                         ids=["eagle", "fspad"])
+def test_feature_drafter_learns_and_round_trips(tiny_target, records_dir, tmp_path, sampling, loss):  # noqa: F811
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    drafter = build_feature_drafter(FeatureDrafterSpec(feature_sampling=sampling), model)
+    settings = DistillSettings(epochs=8, batch_size=2, heldout_records=2, log_every=1,
+                               optim=OptimSettings(lr=3e-3, warmup_steps=2))
+    summary = distill_features(drafter, model, tokenizer, records_dir, loss, settings, tmp_path,
+                               Tracker(LoggerSettings(backend="none", mode="disabled"), tmp_path, "distill", {}))
+    curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert sum(e["feature"] for e in curve[-4:]) < sum(e["feature"] for e in curve[:4])
+    proxies = [entry["proxy"] for entry in summary["acceptance_proxy"]]
+    assert proxies[-1] > proxies[0]
+    reloaded = load_feature_drafter(tmp_path / "last", model)
+    features, embeddings, attention = torch.randn(1, 5, 64), torch.randn(1, 5, 64), torch.ones(1, 5)
+    with torch.no_grad():
+        assert torch.equal(reloaded(features, embeddings, attention), drafter.eval()(features, embeddings, attention))
+    assert reloaded.spec.feature_sampling is sampling
