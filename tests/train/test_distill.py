@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from data_gen.generate import GenerationSettings, generate
 from data_gen.sources import Conversation
+from losses.ce import cross_entropy
 from losses.kl import forward_kl
 from losses.mix import LossMix
 from models.drafter import DrafterSpec, LoraSettings, build_drafter, load_drafter
@@ -210,3 +211,16 @@ def test_export_refuses_a_reduced_vocabulary_drafter(tiny_target, tmp_path):
     save_drafter(drafter, tiny_target.tokenizer, tmp_path / "d")
     with pytest.raises(ValueError, match="reduced draft vocabulary"):
         export_drafter(tmp_path / "d", tmp_path / "out", "card")
+
+
+def test_tracker_gets_every_loss_term_rate_norm_throughput_memory_and_proxy(tiny_target, records_dir, tmp_path):
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    tracker = quiet_tracker(tmp_path)
+    mix = LossMix({"fkl": {"fn": forward_kl, "weight": 0.5}, "ce": {"fn": cross_entropy, "weight": 0.5}})
+    distill(build_drafter(SPEC, model, tokenizer), model, tokenizer, records_dir, mix,
+            DistillSettings(epochs=1, batch_size=2, heldout_records=2, log_every=1), tmp_path, tracker)
+    keys = set().union(*(entry.keys() for entry in tracker.history))
+    assert keys >= {"distill/loss", "distill/loss_fkl", "distill/loss_ce", "distill/lr", "distill/grad_norm",
+                    "distill/tokens_per_s", "distill/loss_tokens_per_s", "distill/peak_memory_mib",
+                    "distill/acceptance_proxy"}
+    assert all(entry["distill/peak_memory_mib"] > 0 for entry in tracker.history if "distill/peak_memory_mib" in entry)
