@@ -78,6 +78,15 @@ class SourceReport:
     truncated_tail_chars: int = 0
     bad_locations: list[str] = field(default_factory=list)  # the first few skipped malformed lines
 
+    def bad_record(self, locator: str, problem: str, bad_records: str, section: str) -> None:
+        """A malformed line: an error naming it, or (bad_records=skip) a counted skip whose place is kept."""
+        if bad_records == "error":
+            raise SourceFormatError(f"{locator}: {problem} (set {section}.bad_records=skip to count and skip such "
+                                    f"lines)")
+        self.skipped[f"malformed: {problem}"] += 1
+        if len(self.bad_locations) < 20:
+            self.bad_locations.append(locator)
+
     def as_dict(self) -> dict:
         return {"path": self.path, "records": self.records, "kept": self.kept, "skipped": dict(self.skipped),
                 "notes": dict(self.notes), "truncated_tail_chars": self.truncated_tail_chars,
@@ -233,12 +242,7 @@ def records_to_conversations(rows: Iterator[tuple[str, object]], report: SourceR
         problem = str(record) if isinstance(record, Exception) else (
             None if isinstance(record, dict) else "record is not a JSON object")
         if problem:
-            if bad_records == "error":
-                raise SourceFormatError(f"{locator}: {problem} (set data.bad_records=skip to count and skip such "
-                                        f"lines)")
-            report.skipped[f"malformed: {problem.split(' (')[0]}"] += 1
-            if len(report.bad_locations) < 20:
-                report.bad_locations.append(locator)
+            report.bad_record(locator, problem.split(" (")[0], bad_records, "data")
             continue
         record_id = str(record.get("id", record.get("question_id", record.get("prompt_id", locator))))
         messages = normalize_messages(record_turns(record), record_id, report)
@@ -328,12 +332,7 @@ def text_documents(path: Path, report: SourceReport, bad_records: str = "error")
             if problem is None and not (isinstance(row, dict) and isinstance(row.get("text"), str)):
                 problem = SourceFormatError('expected an object with a "text" string')
             if problem is not None:
-                if bad_records == "error":
-                    raise SourceFormatError(f"{locator}: {problem} (set corpus.bad_records=skip to count and skip "
-                                            f"such lines)")
-                report.skipped[f"malformed: {problem}"] += 1
-                if len(report.bad_locations) < 5:
-                    report.bad_locations.append(locator)
+                report.bad_record(locator, str(problem), bad_records, "corpus")
             elif row["text"].strip():
                 report.kept += 1
                 yield row["text"]

@@ -121,6 +121,15 @@ def split_heldout(rows: list[Row], count: int) -> tuple[list[Row], list[Row]]:
     return [r for r in rows if r.id not in heldout_ids], [r for r in rows if r.id in heldout_ids]
 
 
+def count_steps(train_rows: list[Row], settings: DistillSettings) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) for `settings.epochs`, capped by `settings.max_steps`."""
+    steps_per_epoch = len(train_rows) // settings.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_rows)} training records are fewer than distill.batch_size={settings.batch_size}")
+    total_steps = settings.epochs * steps_per_epoch
+    return steps_per_epoch, total_steps if settings.max_steps is None else min(total_steps, settings.max_steps)
+
+
 def epoch_batches(rows: list[Row], batch_size: int, seed: int, epoch: int, max_seq_len: int) -> list[list[int]]:
     """Full batches of similar length in random order; the `len % batch_size` left-over rows (a different random
     few each epoch) wait for the next epoch, so every rank and micro-batch always gets work."""
@@ -262,12 +271,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
         raise ValueError("distill.on_policy needs the target's end-of-turn ids (stop_ids)")
     torch.manual_seed(settings.seed)
     train_rows, heldout = split_heldout(read_rows(data_dir, settings.teacher), settings.heldout_records)
-    steps_per_epoch = len(train_rows) // settings.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_rows)} training records are fewer than distill.batch_size={settings.batch_size}")
-    total_steps = settings.epochs * steps_per_epoch
-    if settings.max_steps is not None:
-        total_steps = min(total_steps, settings.max_steps)
+    steps_per_epoch, total_steps = count_steps(train_rows, settings)
     if settings.lora is not None:
         drafter = apply_lora(drafter, settings.lora)
     micro_batch = settings.batch_size // (world * settings.accumulation)

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from losses.feature import FeatureLoss
 from losses.tvd import expected_acceptance
 from models.feature_drafter import FeatureDrafter
-from train.distill import DistillSettings, Row, collate, epoch_batches, read_rows, split_heldout
+from train.distill import DistillSettings, Row, collate, count_steps, epoch_batches, read_rows, split_heldout
 from train.optim import build_optimizer
 from train.tracking import Tracker
 
@@ -74,12 +74,7 @@ def distill_features(drafter: FeatureDrafter, target: PreTrainedModel, tokenizer
     target.eval()
     target.requires_grad_(False)
     train_rows, heldout = split_heldout(read_rows(data_dir, "online"), settings.heldout_records)
-    steps_per_epoch = len(train_rows) // settings.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_rows)} training records are fewer than distill.batch_size={settings.batch_size}")
-    total_steps = settings.epochs * steps_per_epoch
-    if settings.max_steps is not None:
-        total_steps = min(total_steps, settings.max_steps)
+    steps_per_epoch, total_steps = count_steps(train_rows, settings)
     optimizer, scheduler = build_optimizer(drafter, settings.optim, total_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     curve_path = out_dir / "curve.jsonl"
