@@ -80,8 +80,8 @@ def main() -> None:
     for attempt in range(2):
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
-            times["hf_trainer"].append(trainer_run(build_drafter(DRAFTER, target, tokenizer), tokenizer, rows, options.steps,
-                                                   options.batch_size, options.lr, scratch / "hf"))
+            times["hf_trainer"].append(trainer_run(build_drafter(DRAFTER, target, tokenizer), tokenizer, rows,
+                                                   options.steps, options.batch_size, options.lr, scratch / "hf"))
             times["draftsmith"].append(ours_run(build_drafter(DRAFTER, target, tokenizer), target, tokenizer,
                                                 options.records, options.steps, options.batch_size, options.lr,
                                                 scratch / "ours"))

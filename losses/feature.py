@@ -1,7 +1,7 @@
 """Losses for feature-level drafters: EAGLE's feature regression + token loss, and FSPAD's partial alignment.
 
-EAGLE-1 (METHODS.md §8): L = w_f · SmoothL1(f̂_{t+1}, f_{t+1}) + w_t · CE_soft(p_{t+2}, p̂_{t+2}), with p and p̂ the
-frozen target head applied to the true and predicted features; the token term is written here as forward KL,
+EAGLE-1 (METHODS.md §8): L = w_f · SmoothL1(f̂_{t+1}, f_{t+1}) + w_t · CE_soft(p_{t+2}, p̂_{t+2}), with p and p̂
+the frozen target head applied to the true and predicted features; the token term is written here as forward KL,
 which differs from the soft cross-entropy by the teacher's entropy only (same gradient).
 
 FSPAD's partial alignment distillation weakens the coupling between feature regression and the logits (§7); its

@@ -1,8 +1,8 @@
 """DeepSpeed for real: 2 processes over gloo (torchrun), ZeRO-1/2/3, against one plain-PyTorch process.
 
 Each launch runs `train/run.py stages=[pretrain,distill]` on the same data_gen output as the single-process
-reference; their per-step losses (and distill's gradient norms) must agree. Every rank holds half of each batch, so agreement also proves
-the loss is normalised over the whole step, not per rank. The GPU variant (NCCL, bf16) is skipped here.
+reference; their per-step losses (and distill's gradient norms) must agree. Every rank holds half of each batch,
+so agreement also proves the loss is normalised over the whole step, not per rank. The GPU variant (NCCL, bf16) is skipped here.
 """
 from __future__ import annotations
 
