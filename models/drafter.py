@@ -16,7 +16,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedMo
 
 from models.loading import load_causal_lm, load_tokenizer
 
-INIT_CHOICES = ("random", "target_embeddings")
+INIT_CHOICES = ("random", "target_embeddings", "target_layers")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,61 @@ class DrafterSpec:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"drafter: hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}, "
                              f"and num_heads by num_kv_heads={self.num_kv_heads}")
+
+
+def _pca_basis(embeddings: torch.Tensor, width: int, seed: int) -> torch.Tensor:
+    """[d_target, width] orthonormal columns: the top principal directions of the target's embeddings."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    centered = embeddings - embeddings.mean(0, keepdim=True)
+    _, _, basis = torch.pca_lowrank(centered, q=width, center=False, niter=4)
+    torch.random.set_rng_state(generator_state)
+    return basis[:, :width]
+
+
+@torch.no_grad()
+def copy_target_layers(drafter: LlamaForCausalLM, target: PreTrainedModel, seed: int = 0) -> list[int]:
+    """Start the drafter as a thinner, shallower target: its embeddings, final norm and head, and evenly spaced
+    decoder layers, with the hidden dimension projected onto the embeddings' top principal directions when the
+    drafter is narrower (exact copies when the widths match). Returns the copied layer indices."""
+    source = {name: tensor.detach().float().cpu() for name, tensor in target.state_dict().items()}
+    width, target_width = drafter.config.hidden_size, target.config.hidden_size
+    if width > target_width:
+        raise ValueError(f"drafter.init=target_layers: hidden_size={width} is wider than the target's {target_width}")
+    embeddings = source["model.embed_tokens.weight"]
+    basis = torch.eye(target_width) if width == target_width else _pca_basis(embeddings, width, seed)
+
+    def norm(weight):  # diagonal of the projected scaling Bᵀ·diag(w)·B
+        return (basis ** 2 * weight.unsqueeze(1)).sum(0)
+
+    target_layers = target.config.num_hidden_layers
+    picks = torch.linspace(0, target_layers - 1, drafter.config.num_hidden_layers).round().long().tolist()
+    state = {"model.embed_tokens.weight": embeddings @ basis, "model.norm.weight": norm(source["model.norm.weight"])}
+    head = source.get("lm_head.weight", embeddings)
+    if not drafter.config.tie_word_embeddings:
+        state["lm_head.weight"] = head @ basis
+    for mine, theirs in enumerate(picks):
+        prefix, their_prefix = f"model.layers.{mine}.", f"model.layers.{theirs}."
+        for name, tensor in source.items():
+            if not name.startswith(their_prefix):
+                continue
+            key = prefix + name[len(their_prefix):]
+            if name.endswith("layernorm.weight"):
+                state[key] = norm(tensor)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                state[key] = basis.T @ tensor          # writes back into the hidden dimension
+            elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
+                                "up_proj.weight")):
+                state[key] = tensor @ basis            # reads from the hidden dimension
+            else:
+                state[key] = tensor
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and drafter.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"drafter.init=target_layers: the target's layers do not fit this drafter (missing "
+                         f"{missing[:4]}, unexpected {unexpected[:4]}); heads, kv heads and intermediate_size must "
+                         f"equal the target's")
+    return picks
 
 
 class ReducedVocabHead(torch.nn.Module):
@@ -123,12 +178,8 @@ def _principal_embeddings(target_embeddings: torch.Tensor, width: int, seed: int
         padded = torch.zeros(target_embeddings.shape[0], width)
         padded[:, : target_embeddings.shape[1]] = target_embeddings
         return padded * (std / padded.std())
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     centered = target_embeddings - target_embeddings.mean(0, keepdim=True)
-    _, _, basis = torch.pca_lowrank(centered, q=width, center=False, niter=4)
-    torch.random.set_rng_state(generator_state)
-    projected = centered @ basis[:, :width]
+    projected = centered @ _pca_basis(target_embeddings, width, seed)
     return projected * (std / projected.std())
 
 
@@ -136,19 +187,33 @@ def build_drafter(spec: DrafterSpec, target: PreTrainedModel, tokenizer: PreTrai
                   token_lists=None) -> LlamaForCausalLM:
     """A fresh drafter for `target`: same vocabulary and special tokens, sizes from `spec`. With
     `spec.draft_vocab_size`, its head covers the most frequent tokens of `token_lists` (the training data)."""
+    copying = spec.init == "target_layers"
+    if copying:
+        needed = {"num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+                  "intermediate_size": "intermediate_size"}
+        wrong = {mine: (getattr(spec, mine), getattr(target.config, theirs)) for mine, theirs in needed.items()
+                 if getattr(spec, mine) != getattr(target.config, theirs)}
+        if wrong:
+            raise ValueError("drafter.init=target_layers copies the target's layers, so these must equal the "
+                             "target's: " + ", ".join(f"drafter.{k}={v[0]} (target {v[1]})" for k, v in wrong.items()))
+    head_dim = getattr(target.config, "head_dim", None) if copying else None
     config = LlamaConfig(
+        head_dim=head_dim or spec.hidden_size // spec.num_heads,
         vocab_size=target.config.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=spec.tie_embeddings and not spec.draft_vocab_size,
         rope_theta=getattr(target.config, "rope_theta", 10000.0),
+        rms_norm_eps=getattr(target.config, "rms_norm_eps", 1e-6),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(spec.seed)
     drafter = LlamaForCausalLM(config)
     torch.random.set_rng_state(generator_state)
-    if spec.init == "target_embeddings":
+    if copying:
+        drafter.config.copied_target_layers = copy_target_layers(drafter, target, spec.seed)
+    elif spec.init == "target_embeddings":
         with torch.no_grad():
             source = target.get_input_embeddings().weight.detach().float().cpu()
             drafter.get_input_embeddings().weight.copy_(_principal_embeddings(source, spec.hidden_size, spec.seed,
