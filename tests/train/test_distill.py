@@ -22,7 +22,8 @@ from train.optim import OptimSettings
 from train.tracking import LoggerSettings, Tracker
 
 SPEC = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
-LOSS_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "conf" / "loss").glob("*.yaml"))
+LOSS_CONFIGS = [path for path in sorted((Path(__file__).resolve().parents[2] / "conf" / "loss").glob("*.yaml"))
+                if OmegaConf.load(path)._target_ == "losses.mix.LossMix"]  # eagle/fspad: tests/train/test_feature_distill.py
 FKL = LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})
 PROMPTS = ["hi", "tell me a story", "what is up", "count to ten", "name a colour", "say something kind",
            "why is the sky blue", "write a haiku", "add two and two", "spell cat"]
