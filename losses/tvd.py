@@ -33,12 +33,18 @@ def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.
     return row_mean(0.5 * (F.softmax(teacher.float(), -1) - F.softmax(student.float(), -1)).abs().sum(-1))
 
 
-def expected_acceptance(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:
-    """Mean Σ_v min(p, q) = 1 − TVD: the probability a drafted token is accepted, averaged over the mask."""
+def expected_acceptance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                        d2t: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Σ_v min(p, q) = 1 − TVD: the probability a drafted token is accepted, averaged over the mask.
+
+    With a reduced draft vocabulary (student logits over draft ids, `d2t` = their target ids), q is 0 outside it
+    and p is not renormalised: target mass the drafter cannot propose is never accepted."""
     with torch.no_grad():
         student, teacher = kept_rows(mask, student_logits, teacher_logits)
-        return row_mean(torch.minimum(F.softmax(teacher.float(), -1), F.softmax(student.float(), -1)).sum(-1))
+        p = F.softmax(teacher.float(), -1)
+        if d2t is not None:
+            p = p[..., d2t]
+        return row_mean(torch.minimum(p, F.softmax(student.float(), -1)).sum(-1))
 
 
 def tvd_plus_plus(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

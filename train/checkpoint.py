@@ -28,6 +28,26 @@ def latest(root: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def resume_or_clear(engine, root: Path, curve_path: Path, resume: str, stage: str, total_steps: int) -> dict:
+    """Start of a training stage: load the newest checkpoint under `root` (resume=auto) and return its state, or
+    clear `root` and return {}; the per-step curve keeps only the steps before the one training restarts from."""
+    if resume not in RESUME_CHOICES:
+        raise ValueError(f"resume={resume!r} is not one of {RESUME_CHOICES}")
+    found = latest(root) if resume == "auto" else None
+    state = {}
+    if found is not None:
+        state = load(engine, found)
+        print(f"[{stage}] resuming from {found} (step {state['step']} of {total_steps})", flush=True)
+    elif distributed.is_main():
+        shutil.rmtree(root, ignore_errors=True)
+    if distributed.is_main():
+        start_step = state.get("step", 0)
+        kept = [line for line in (curve_path.read_text().splitlines() if curve_path.exists() else [])
+                if json.loads(line)["step"] < start_step]
+        curve_path.write_text("".join(line + "\n" for line in kept))
+    return state
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
     if torch.cuda.is_available():

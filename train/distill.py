@@ -33,10 +33,10 @@ from data_gen.backends import HFBackend, Request
 from data_gen.shards import load_records
 from losses.mix import LossMix
 from losses.tvd import expected_acceptance
-from models.drafter import LoraSettings, apply_lora, check_same_vocabulary, save_drafter
+from models.drafter import LoraSettings, apply_lora, check_same_vocabulary
 from models.sampling import SamplingSettings, request_seed
 from train import checkpoint, distributed
-from train.engine import DeepSpeedSettings, build_engine, logits_at, micro_batches
+from train.engine import DeepSpeedSettings, build_engine, logits_at, micro_batches, save_weights
 from train.optim import OptimSettings
 from train.tracking import Tracker
 
@@ -200,19 +200,14 @@ def acceptance_proxy(drafter: PreTrainedModel, target: PreTrainedModel, rows: li
     """Mean Σ_v min(p, q) over the held-out answer positions (every rank computes it whole, identically)."""
     was_training = drafter.training
     drafter.eval()
-    total, count = 0.0, 0
+    total, count, d2t = 0.0, 0, draft_vocabulary(drafter)
     for start in range(0, len(rows), batch_size):
         input_ids, attention, positions, _ = collate(rows[start: start + batch_size], pad_id, max_seq_len,
                                                      target.device)
         teacher = logits_at(target, input_ids, attention, positions)
         student = logits_at(drafter, input_ids, attention, positions)
         n = int(positions.sum())
-        d2t = draft_vocabulary(drafter)
-        if d2t is not None:  # Σ_v min(p, q) with q = 0 outside the draft vocabulary: p is not renormalised
-            p = torch.softmax(teacher.float(), -1)[..., d2t]
-            total += float(torch.minimum(p, torch.softmax(student.float(), -1)).sum(-1).sum())
-        else:
-            total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool))) * n
+        total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool), d2t)) * n
         count += n
     drafter.train(was_training)
     return total / max(count, 1)
@@ -243,26 +238,12 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def save_weights(engine, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """The drafter as a plain HF folder (LoRA merged), written by rank 0 with ZeRO-3 parameters gathered."""
-    with engine.full_parameters():
-        if distributed.is_main():
-            temporary = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(temporary, ignore_errors=True)
-            save_drafter(engine.module, tokenizer, temporary)
-            shutil.rmtree(folder, ignore_errors=True)
-            temporary.replace(folder)
-    distributed.barrier()
-
-
 def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
             loss: LossMix, settings: DistillSettings, out_dir: Path, tracker: Tracker,
             deepspeed: DeepSpeedSettings = DeepSpeedSettings(), resume: str = "auto",
             stop_ids: list[int] | None = None) -> dict:
     """Train `drafter` against `target`; write `model/` (selected), `last/`, `curve.jsonl` and checkpoints."""
     check_same_vocabulary(drafter, target)
-    if resume not in checkpoint.RESUME_CHOICES:
-        raise ValueError(f"resume={resume!r} is not one of {checkpoint.RESUME_CHOICES}")
     world = distributed.world_size()
     if settings.batch_size % (world * settings.accumulation):
         raise ValueError(f"distill.batch_size={settings.batch_size} must divide by processes ({world}) × "
@@ -283,19 +264,12 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints, curve_path = out_dir / "checkpoints", out_dir / "curve.jsonl"
+    state = checkpoint.resume_or_clear(engine, checkpoints, curve_path, resume, "distill", total_steps)
     start_step, best, history = 0, {"proxy": float("-inf"), "step": None}, []
-    found = checkpoint.latest(checkpoints) if resume == "auto" else None
-    if found is not None:
-        state = checkpoint.load(engine, found)
+    if state:
         start_step, best, history = state["step"], state["best"], state["proxy_history"]
-        print(f"[distill] resuming from {found} (step {start_step} of {total_steps})", flush=True)
     elif distributed.is_main():
-        shutil.rmtree(checkpoints, ignore_errors=True)
         shutil.rmtree(out_dir / "best", ignore_errors=True)
-    if distributed.is_main():  # keep the curve up to the resumed step: the rerun rewrites the rest
-        kept = [line for line in (curve_path.read_text().splitlines() if curve_path.exists() else [])
-                if json.loads(line)["step"] < start_step]
-        curve_path.write_text("".join(line + "\n" for line in kept))
 
     def evaluate_proxy(step: int) -> None:
         proxy = acceptance_proxy(model, target, heldout, pad_id, settings.max_seq_len, micro_batch or 1)
@@ -353,9 +327,9 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
             tokens += int(attention.sum())
         grad_norm = engine.step()
         names = sorted(sums)
-        losses = dict(zip(names, distributed.all_sum([sums[name] for name in names])))
+        *summed, tokens_all = distributed.all_sum([sums[name] for name in names] + [tokens])  # one collective
+        losses = dict(zip(names, summed))
         loss_tokens += step_positions
-        tokens_all = distributed.all_sum([tokens])[0]
         progress.update(1)
         progress.set_postfix(loss=f"{losses['loss']:.4f}")
         if distributed.is_main():

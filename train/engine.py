@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +176,21 @@ class DeepSpeedEngine:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+
+def save_weights(engine: PlainEngine | DeepSpeedEngine, tokenizer, folder: Path) -> None:
+    """The trained model as a plain HF folder (LoRA merged), written atomically by rank 0 with ZeRO-3 parameters
+    gathered; every rank calls it."""
+    from models.drafter import save_drafter
+
+    with engine.full_parameters():
+        if distributed.is_main():
+            temporary = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(temporary, ignore_errors=True)
+            save_drafter(engine.module, tokenizer, temporary)
+            shutil.rmtree(folder, ignore_errors=True)
+            temporary.replace(folder)
+    distributed.barrier()
 
 
 def micro_batches(batch: list, accumulation: int) -> list[list]:

@@ -32,17 +32,3 @@ def build_optimizer(model: torch.nn.Module, settings: OptimSettings, total_steps
         return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
-
-
-def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer, scheduler, grad_clip: float,
-                   where: str) -> torch.Tensor:
-    """Backward, clip, step, schedule; returns the pre-clip gradient norm. A non-finite loss stops training with
-    an error naming `where` (stage and step) before it can corrupt the weights."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{where}: loss is {loss.item()}; lower the learning rate or check the data")
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm

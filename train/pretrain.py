@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from losses.ce import cross_entropy
-from models.drafter import save_drafter
 from train import checkpoint, distributed
-from train.engine import DeepSpeedSettings, build_engine, micro_batches
+from train.engine import DeepSpeedSettings, build_engine, micro_batches, save_weights
 from train.optim import OptimSettings
 from train.tracking import Tracker
 
@@ -75,6 +73,7 @@ def block_inputs(tokens: torch.Tensor, documents: torch.Tensor, document_mask: b
     attention: [B, 1, T, T] bool, causal and (with document_mask) block-diagonal over documents; positions restart
     at every document; loss_positions: predict t+1 from t only inside one document (and never from the last)."""
     batch, width = tokens.shape
+    positions = target_positions(documents, document_mask)
     causal = torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril()
     if not document_mask:
         documents = torch.zeros_like(documents)
@@ -85,10 +84,14 @@ def block_inputs(tokens: torch.Tensor, documents: torch.Tensor, document_mask: b
     index = torch.arange(width, device=tokens.device).expand(batch, width)
     start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     position_ids = index - start_index
-    loss_positions = torch.zeros_like(starts)
-    loss_positions[:, :-1] = documents[:, 1:] == documents[:, :-1]
-    labels = torch.roll(tokens, -1, dims=1)
-    return attention, position_ids, loss_positions, labels
+    return attention, position_ids, positions, torch.roll(tokens, -1, dims=1)
+
+
+def target_positions(documents: torch.Tensor, document_mask: bool) -> torch.Tensor:
+    """[B, T] bool: position t predicts token t+1 (never the last; with document_mask only inside one document)."""
+    positions = torch.zeros_like(documents, dtype=torch.bool)
+    positions[:, :-1] = documents[:, 1:] == documents[:, :-1] if document_mask else True
+    return positions
 
 
 def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, documents: list[list[int]],
@@ -110,25 +113,15 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints, curve_path = out_dir / "checkpoints", out_dir / "curve.jsonl"
-    start_step = 0
-    found = checkpoint.latest(checkpoints) if resume == "auto" else None
-    if found is not None:
-        start_step = checkpoint.load(engine, found)["step"]
-        print(f"[pretrain] resuming from {found} (step {start_step} of {settings.steps})", flush=True)
-    elif distributed.is_main():
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    if distributed.is_main():
-        kept = [line for line in (curve_path.read_text().splitlines() if curve_path.exists() else [])
-                if json.loads(line)["step"] < start_step]
-        curve_path.write_text("".join(line + "\n" for line in kept))
+    start_step = checkpoint.resume_or_clear(engine, checkpoints, curve_path, resume, "pretrain",
+                                            settings.steps).get("step", 0)
 
     tokens_seen, started, loss_value = 0, time.perf_counter(), float("nan")
     progress = tqdm(total=settings.steps, initial=start_step, desc="pretrain", unit="step",
                     disable=not distributed.is_main())
     for step in range(start_step, settings.steps):
         picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
-        step_positions = int(block_inputs(blocks.tokens[picks], blocks.documents[picks],
-                                          settings.document_mask)[2].sum())
+        step_positions = int(target_positions(blocks.documents[picks], settings.document_mask).sum())
         loss_sum = 0.0
         for micro in micro_batches(picks, settings.accumulation):
             tokens = blocks.tokens[micro].to(device)
@@ -160,10 +153,7 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
                             settings.keep_checkpoints)
     progress.close()
     model.eval()
-    with engine.full_parameters():
-        if distributed.is_main():
-            save_drafter(model, tokenizer, out_dir / "model")
-    distributed.barrier()
+    save_weights(engine, tokenizer, out_dir / "model")
     elapsed = time.perf_counter() - started
     return {"steps": settings.steps, "resumed_at": start_step, "final_loss": round(loss_value, 4),
             "blocks": len(blocks), "tokens_seen_this_run": tokens_seen * world, "seconds": round(elapsed, 1),
