@@ -67,6 +67,12 @@ class Conversation:
                 return prompt
         raise ValueError(f"conversation {self.id} has no user message")
 
+    def user_turns(self) -> tuple[list[dict], list[str]]:
+        """(leading system message, if any; the user messages in order): what a multi-turn benchmark replays,
+        answering each turn with the model under test instead of the recorded assistant."""
+        system = [m for m in self.messages[:1] if m["role"] == "system"]
+        return system, [m["content"] for m in self.messages if m["role"] == "user"]
+
 
 @dataclass
 class SourceReport:
@@ -225,7 +231,7 @@ def read_sharegpt(path: Path, report: SourceReport) -> Iterator[Conversation]:
 def record_turns(record: dict) -> object:
     """The turns of one record in any supported layout (see the module docstring)."""
     if "turns" in record:
-        return [{"role": "user", "content": text} for text in record["turns"][:1]]
+        return [{"role": "user", "content": text} for text in record["turns"]]
     if "prompt" in record and "messages" not in record:
         return [{"role": "user", "content": record["prompt"]}]
     if "data" in record and isinstance(record["data"], list):

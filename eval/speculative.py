@@ -1,233 +1,306 @@
-"""Stage `eval`: a lossless greedy speculative decoder and the acceptance benchmark built on it.
+"""Stage `eval`: the acceptance benchmark, built on the lossless decoder in `eval/decoder.py`.
 
     python train/run.py +experiment=quickstart stages=[eval]
+    python train/run.py +experiment=quickstart stages=[eval] eval.tree=[3,2,1] eval.temperature=1.0
+    python train/run.py +experiment=quickstart stages=[eval] eval_data=sharegpt_heldout +eval.drafters.mine=DIR
 
-Each step the drafter proposes up to γ tokens greedily; the target scores the last committed token plus all
-proposals in one forward; the longest prefix where proposal == target argmax is accepted, and the target's own
-next token (the correction, or the bonus when everything was accepted) is appended. Both KV caches are then
-cropped to the committed prefix. The output is, by construction, the target's greedy output; the benchmark
-checks that token for token against plain greedy decoding with the same model, cache and forward.
+For each conversation, each user turn up to `turns` (MT-Bench has two) is answered by plain target decoding on
+the pre-allocated cache; later turns are conditioned on the target's own earlier answers. Every drafter then
+decodes the same prompts speculatively and is checked against those references: greedy fp32 output must be
+equal token for token; in half precision every divergence is classified as a near-tie of the target's top-2
+logits or not (`classify_divergence`); sampled output is checked statistically by the test suite, not here.
 
-Metrics (see shared METHODS.md §2): acceptance rate = accepted / drafted; block efficiency τ = tokens emitted per
-target forward, the correction/bonus token included (vLLM's mean acceptance length); per-position acceptance,
-unconditional (accepted at i / steps that drafted position i, as vLLM logs it) and conditional (accepted at i /
-steps that reached position i, EAGLE's α_i); wall speedup = median over prompts of plain time / speculative time.
+Reported per prompt, per category and overall (metrics in `eval/metrics.py`): acceptance rate, per-position
+acceptance (unconditional and conditional), block efficiency τ, c (by parameters and measured), MBSU, the
+predicted and the measured wall speedup (median of per-prompt ratios with a bootstrap interval). Outputs:
+`report.json`, `report.md`, `acceptance_per_position.png`, `tau_per_category.png`, W&B tables.
 """
 from __future__ import annotations
 
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
+from eval.decoder import DecodeSettings, FeatureDraft, TokenDraft, plain_generate, speculative_generate
+from eval.metrics import DecodeStats, median_interval, speed_model
 from train.tracking import Tracker
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     gamma: int = 4
+    tree: tuple[int, ...] = ()
+    confidence_threshold: float = 0.0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
     max_new_tokens: int = 128
+    batch_size: int = 1  # > 1: speedups are per batch, not per prompt
+    seed: int = 0
+    turns: int = 2  # user turns replayed per conversation (MT-Bench has 2)
     warmup_prompts: int = 1
     require_lossless: bool = True
+    tie_tolerance: float = 0.5  # half precision: a divergence within this top-2 logit gap is a near-tie
     include_untrained: bool = True
+    plots: bool = True
     drafters: dict = field(default_factory=dict)  # extra drafters to compare: {name: checkpoint directory}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tree", tuple(self.tree))
+        self.decode  # validates
+        if self.turns < 1:
+            raise ValueError(f"eval.turns={self.turns} must be >= 1")
+
+    @property
+    def decode(self) -> DecodeSettings:
+        return DecodeSettings(self.gamma, self.tree, self.confidence_threshold, self.temperature, self.top_p,
+                              self.top_k, self.max_new_tokens, self.batch_size, self.seed)
 
 
 @dataclass
-class DecodeStats:
-    """Counters for one or more speculative generations; add them up with `merge`."""
-
-    gamma: int
-    steps: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    emitted: int = 0
-    drafted_at: list[int] = field(default_factory=list)
-    reached_at: list[int] = field(default_factory=list)
-    accepted_at: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for name in ("drafted_at", "reached_at", "accepted_at"):
-            if not getattr(self, name):
-                setattr(self, name, [0] * self.gamma)
-
-    def record_step(self, proposed: int, accepted: int, emitted: int) -> None:
-        self.steps += 1
-        self.drafted += proposed
-        self.accepted += accepted
-        self.emitted += emitted
-        for position in range(proposed):
-            self.drafted_at[position] += 1
-            if position <= accepted:
-                self.reached_at[position] += 1
-            if position < accepted:
-                self.accepted_at[position] += 1
-
-    def merge(self, other: "DecodeStats") -> None:
-        self.steps += other.steps
-        self.drafted += other.drafted
-        self.accepted += other.accepted
-        self.emitted += other.emitted
-        for name in ("drafted_at", "reached_at", "accepted_at"):
-            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
-
-    def metrics(self) -> dict:
-        return {
-            "acceptance_rate": self.accepted / max(1, self.drafted),
-            "block_efficiency": self.emitted / max(1, self.steps),
-            "accepted_per_position": [a / max(1, d) for a, d in zip(self.accepted_at, self.drafted_at)],
-            "conditional_acceptance_per_position": [a / max(1, r) for a, r in zip(self.accepted_at, self.reached_at)],
-            "target_forwards": self.steps, "drafted": self.drafted, "accepted": self.accepted,
-            "emitted": self.emitted,
-        }
-
-
-def _forward(model: PreTrainedModel, tokens: list[int], cache: DynamicCache) -> torch.Tensor:
-    """Logits [len(tokens), V] for `tokens` appended after what `cache` already holds."""
-    start = cache.get_seq_length()
-    input_ids = torch.tensor([tokens], device=model.device)
-    positions = torch.arange(start, start + len(tokens), device=model.device).unsqueeze(0)
-    return model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True).logits[0]
-
-
-def _rollback(cache: DynamicCache, keep: int) -> None:
-    """Forget every cached position from `keep` on (transformers' crop takes minus the number to remove)."""
-    surplus = cache.get_seq_length() - keep
-    if surplus > 0:
-        cache.crop(-surplus)
-
-
-@torch.inference_mode()
-def greedy_decode(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
-                  stop_ids: list[int]) -> list[int]:
-    """Plain greedy decoding, one token per forward, on the same cache and forward as the speculative path."""
-    cache = DynamicCache()
-    logits = _forward(model, prompt_ids, cache)
-    new_tokens: list[int] = []
-    while True:
-        token = int(logits[-1].argmax())
-        new_tokens.append(token)
-        if token in stop_ids or len(new_tokens) >= max_new_tokens:
-            return new_tokens
-        logits = _forward(model, [token], cache)
-
-
-@torch.inference_mode()
-def speculative_greedy_decode(target: PreTrainedModel, drafter: PreTrainedModel, prompt_ids: list[int], gamma: int,
-                              max_new_tokens: int, stop_ids: list[int]) -> tuple[list[int], DecodeStats]:
-    """Greedy speculative decoding; returns exactly `greedy_decode(target, ...)`'s tokens, plus counters."""
-    stats = DecodeStats(gamma=gamma)
-    sequence = list(prompt_ids)
-    target_cache, drafter_cache = DynamicCache(), DynamicCache()
-    if len(sequence) > 1:  # both caches hold everything but the last committed token
-        _forward(target, sequence[:-1], target_cache)
-        _forward(drafter, sequence[:-1], drafter_cache)
-    new_count = 0
-    while new_count < max_new_tokens:
-        proposals: list[int] = []
-        budget = min(gamma, max_new_tokens - new_count - 1)  # the target always adds one token of its own
-        feed = sequence[drafter_cache.get_seq_length():]
-        for _ in range(budget):
-            token = int(_forward(drafter, feed, drafter_cache)[-1].argmax())
-            proposals.append(token)
-            feed = [token]
-        verify_logits = _forward(target, sequence[-1:] + proposals, target_cache)
-        target_choice = verify_logits.argmax(-1).tolist()  # the step's one host sync
-        accepted = 0
-        while accepted < len(proposals) and proposals[accepted] == target_choice[accepted]:
-            accepted += 1
-        emitted = proposals[:accepted] + [target_choice[accepted]]
-        finished = False
-        for index, token in enumerate(emitted):
-            if token in stop_ids:
-                emitted, finished = emitted[: index + 1], True
-                break
-        sequence.extend(emitted)
-        new_count += len(emitted)
-        stats.record_step(len(proposals), min(accepted, len(emitted)), len(emitted))
-        _rollback(target_cache, len(sequence) - 1)
-        _rollback(drafter_cache, len(sequence) - 1)
-        if finished:
-            break
-    return sequence[len(prompt_ids):], stats
+class EvalPrompt:
+    id: str
+    category: str
+    system: list[dict]
+    turns: list[str]
 
 
 class LosslessnessError(AssertionError):
     pass
 
 
-def _timed(function, *args):
+def _timed(function, *args, **kwargs):
     started = time.perf_counter()
-    result = function(*args)
+    result = function(*args, **kwargs)
     return result, time.perf_counter() - started
 
 
-def evaluate(target: PreTrainedModel, drafters: dict[str, PreTrainedModel], prompts: list[dict], stop_ids: list[int],
-             settings: EvalSettings, out_dir: Path, tracker: Tracker) -> dict:
-    """Benchmark every drafter on `prompts` ([{id, category, prompt_ids}]) against plain target greedy decoding.
+def build_turns(target: PreTrainedModel, tokenizer, prompts: list[EvalPrompt], settings: EvalSettings,
+                stop_ids: list[int], encode) -> tuple[list[dict], list[list[int]], list[float], float]:
+    """Every (prompt, turn) as {id, category, turn, prompt_ids}, with the target's plain answers and times.
+    Turn k's prompt holds turns 1..k-1 answered by the target itself (plain decoding, the same settings)."""
+    decode = settings.decode
+    items, answers, seconds, total = [], [], [], 0.0
+    histories = {p.id: list(p.system) for p in prompts}
+    for turn in range(settings.turns):
+        batch = [p for p in prompts if turn < len(p.turns)]
+        if not batch:
+            break
+        turn_items = []
+        for p in batch:
+            histories[p.id].append({"role": "user", "content": p.turns[turn]})
+            turn_items.append({"id": p.id if turn == 0 else f"{p.id}/turn-{turn + 1}", "category": p.category,
+                               "turn": turn + 1, "prompt_ids": encode(histories[p.id])})
+        for first in tqdm(range(0, len(turn_items), decode.batch_size), desc=f"eval: plain target, turn {turn + 1}",
+                          unit="batch" if decode.batch_size > 1 else "prompt"):
+            chunk = turn_items[first: first + decode.batch_size]
+            outputs, elapsed = _timed(plain_generate, target, [i["prompt_ids"] for i in chunk], decode, stop_ids,
+                                      [i["id"] for i in chunk])
+            answers += outputs
+            seconds += [elapsed] * len(chunk)
+            total += elapsed
+            for item, output in zip(chunk, outputs):
+                text = tokenizer.decode([t for t in output if t not in stop_ids], skip_special_tokens=True)
+                histories[item["id"].split("/turn-")[0]].append({"role": "assistant", "content": text})
+        items += turn_items
+    return items, answers, seconds, total
 
-    Writes `out_dir/report.json` and `out_dir/report.md`; returns the report.
-    """
-    for warm in prompts[: settings.warmup_prompts]:  # first calls pay one-off allocation costs
-        greedy_decode(target, warm["prompt_ids"], 8, stop_ids)
-        for drafter in drafters.values():
-            speculative_greedy_decode(target, drafter, warm["prompt_ids"], settings.gamma, 8, stop_ids)
-    plain_outputs, plain_seconds = [], []
-    for prompt in tqdm(prompts, desc="eval: plain target", unit="prompt"):
-        tokens, seconds = _timed(greedy_decode, target, prompt["prompt_ids"], settings.max_new_tokens, stop_ids)
-        plain_outputs.append(tokens)
-        plain_seconds.append(seconds)
-    report = {"settings": {k: v for k, v in vars(settings).items() if k != "drafters"}, "num_prompts": len(prompts),
-              "plain": {"tokens": sum(map(len, plain_outputs)), "seconds": round(sum(plain_seconds), 3)},
+
+def classify_divergence(target: PreTrainedModel, prompt_ids: list[int], reference: list[int], tokens: list[int],
+                        tolerance: float) -> dict:
+    """Where `tokens` first leaves `reference`: the target's top-2 logit gap there (one full forward, no cache)
+    and whether it is a near-tie (gap <= tolerance), the expected effect of half-precision rounding."""
+    at = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    if at >= min(len(tokens), len(reference)):
+        return {"first_difference_at": at, "top2_gap": None, "near_tie": False, "reason": "lengths differ"}
+    with torch.inference_mode():
+        logits = target(input_ids=torch.tensor([prompt_ids + reference[:at]], device=target.device)).logits[0, -1]
+    top = logits.float().topk(2).values
+    gap = float(top[0] - top[1])
+    return {"first_difference_at": at, "top2_gap": gap, "near_tie": gap <= tolerance,
+            "tokens": [reference[at], tokens[at]]}
+
+
+def measure_cost_ratio(target: PreTrainedModel, draft, prompt_ids: list[int], tokens: int = 32) -> float:
+    """c measured: seconds per drafter forward / seconds per plain target forward, on one prompt, this machine.
+    The drafter is timed drafting alone (a chain step's drafting phase, γ = `tokens`, one row)."""
+    settings = DecodeSettings(gamma=tokens, max_new_tokens=tokens + 1)
+    _, target_seconds = _timed(plain_generate, target, [prompt_ids], settings, [])
+    timings = {}
+    speculative_generate(target, draft, [prompt_ids], settings, [], timings=timings)
+    return (timings["draft_seconds"] / timings["draft_forwards"]) / (target_seconds / (tokens + 1))
+
+
+def _aggregate(stats: list[DecodeStats], depth: int) -> dict:
+    total = DecodeStats(depth=depth)
+    for s in stats:
+        total.merge(s)
+    return {k: v for k, v in total.metrics().items()}
+
+
+def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[EvalPrompt], stop_ids: list[int],
+             settings: EvalSettings, out_dir: Path, tracker: Tracker, encode, parameters: dict[str, int]) -> dict:
+    """Benchmark every drafter (name -> TokenDraft | FeatureDraft) on `prompts`; `encode(messages) -> ids` is the
+    target's chat template; `parameters` holds parameter counts (target and drafters) for MBSU.
+    Writes report.json, report.md and plots to `out_dir`; returns the report."""
+    decode = settings.decode
+    half = next(target.parameters()).dtype in (torch.float16, torch.bfloat16)
+    for prompt in prompts[: settings.warmup_prompts]:  # one-off allocation costs
+        warm = DecodeSettings(gamma=decode.gamma, tree=decode.tree, max_new_tokens=8)
+        plain_generate(target, [encode(prompt.system + [{"role": "user", "content": prompt.turns[0]}])], warm,
+                       stop_ids)
+        for draft in drafters.values():
+            speculative_generate(target, draft, [encode([{"role": "user", "content": prompt.turns[0]}])], warm,
+                                 stop_ids)
+    items, references, plain_seconds, plain_total = build_turns(target, tokenizer, prompts, settings, stop_ids, encode)
+    report = {"settings": asdict(settings) | {"drafters": dict(settings.drafters)}, "num_prompts": len(prompts),
+              "num_turns": len(items), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
+              "plain": {"tokens": sum(map(len, references)),
+                        "tokens_per_second": sum(map(len, references)) / plain_total},
               "drafters": {}}
-    for name, drafter in drafters.items():
-        total, ratios, mismatches, per_prompt = DecodeStats(gamma=settings.gamma), [], [], []
-        for prompt, reference, reference_seconds in tqdm(list(zip(prompts, plain_outputs, plain_seconds)),
-                                                         desc=f"eval: {name}", unit="prompt"):
-            (tokens, stats), seconds = _timed(speculative_greedy_decode, target, drafter, prompt["prompt_ids"],
-                                              settings.gamma, settings.max_new_tokens, stop_ids)
-            if tokens != reference:
-                first = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b),
-                             min(len(tokens), len(reference)))
-                mismatches.append({"id": prompt["id"], "first_difference_at": first})
-            total.merge(stats)
-            ratios.append(reference_seconds / seconds)
-            per_prompt.append({"id": prompt["id"], "category": prompt.get("category", ""),
-                               **{k: v for k, v in stats.metrics().items() if not k.endswith("position")},
-                               "speedup": reference_seconds / seconds})
-        metrics = total.metrics()
-        metrics |= {"speedup_median": statistics.median(ratios), "speedup_min": min(ratios),
-                    "speedup_max": max(ratios), "lossless": not mismatches, "mismatches": mismatches,
-                    "per_prompt": per_prompt}
+    for name, draft in drafters.items():
+        generations, seconds, elapsed_total = [], [], 0.0
+        for first in tqdm(range(0, len(items), decode.batch_size), desc=f"eval: {name}",
+                          unit="batch" if decode.batch_size > 1 else "prompt"):
+            chunk = items[first: first + decode.batch_size]
+            outputs, elapsed = _timed(speculative_generate, target, draft, [i["prompt_ids"] for i in chunk], decode,
+                                      stop_ids, [i["id"] for i in chunk])
+            generations += outputs
+            seconds += [elapsed] * len(chunk)
+            elapsed_total += elapsed
+        mismatches = []
+        for item, generation, reference in zip(items, generations, references):
+            if generation.tokens != reference:
+                if decode.sampling.greedy:
+                    mismatches.append({"id": item["id"]} | classify_divergence(
+                        target, item["prompt_ids"], reference, generation.tokens, settings.tie_tolerance))
+        ratios = [p / s for p, s in zip(plain_seconds, seconds)]
+        median, low, high = median_interval(ratios)
+        metrics = _aggregate([g.stats for g in generations], decode.depth)
+        cost = measure_cost_ratio(target, draft, items[0]["prompt_ids"])
+        c_params = parameters.get(name, 0) / parameters["target"]
+        metrics |= {
+            "c_measured": cost, "c_parameters": c_params,
+            "mbsu": speed_model(metrics["block_efficiency"], metrics["mean_drafted_per_step"], c_params),
+            "predicted_speedup": speed_model(metrics["block_efficiency"], metrics["mean_drafted_per_step"], cost),
+            "speedup_median": median, "speedup_interval_95": [low, high],
+            "tokens_per_second": sum(len(g.tokens) for g in generations) / elapsed_total,
+            "lossless": not mismatches if not half else all(m["near_tie"] for m in mismatches),
+            "divergences": mismatches,
+            "per_category": {category: _aggregate([g.stats for g, i in zip(generations, items)
+                                                   if i["category"] == category], decode.depth)
+                             | {"speedup_median": statistics.median([r for r, i in zip(ratios, items)
+                                                                     if i["category"] == category])}
+                             for category in sorted({i["category"] for i in items})},
+            "per_turn": {str(turn): _aggregate([g.stats for g, i in zip(generations, items) if i["turn"] == turn],
+                                               decode.depth)["block_efficiency"]
+                         for turn in sorted({i["turn"] for i in items})},
+            "per_prompt": [{"id": i["id"], "category": i["category"], "turn": i["turn"], "speedup": r,
+                            **{k: v for k, v in g.stats.metrics().items() if not k.endswith("position")}}
+                           for i, g, r in zip(items, generations, ratios)],
+        }
         report["drafters"][name] = metrics
         tracker.log({f"eval/{name}/block_efficiency": metrics["block_efficiency"],
                      f"eval/{name}/acceptance_rate": metrics["acceptance_rate"],
-                     f"eval/{name}/speedup_median": metrics["speedup_median"]})
+                     f"eval/{name}/speedup_median": median, f"eval/{name}/mbsu": metrics["mbsu"]})
     trained = {n: m for n, m in report["drafters"].items() if n != "untrained"}
     report["best"] = max(trained or report["drafters"], key=lambda n: report["drafters"][n]["block_efficiency"])
+    report["table_markdown"] = markdown_report(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(markdown_table(report))
-    tracker.table("eval/summary", ["drafter", "block_efficiency", "acceptance_rate", "speedup_median", "lossless"],
-                  [[n, m["block_efficiency"], m["acceptance_rate"], m["speedup_median"], m["lossless"]]
-                   for n, m in report["drafters"].items()])
+    (out_dir / "report.md").write_text(report["table_markdown"])
+    if settings.plots:
+        report["plots"] = plot_report(report, out_dir)
+    tracker.table("eval/summary", SUMMARY_COLUMNS, summary_rows(report))
+    tracker.table("eval/per_category", ["drafter", "category", "block_efficiency", "acceptance_rate",
+                                        "speedup_median"],
+                  [[n, c, m["block_efficiency"], m["acceptance_rate"], m["speedup_median"]]
+                   for n, d in report["drafters"].items() for c, m in d["per_category"].items()])
     failing = [n for n, m in report["drafters"].items() if not m["lossless"]]
     if failing and settings.require_lossless:
-        raise LosslessnessError(f"speculative output differs from plain greedy output for {failing}: "
-                                f"{[report['drafters'][n]['mismatches'][:3] for n in failing]} (see {out_dir})")
+        raise LosslessnessError(f"speculative output differs from plain output for {failing}: "
+                                f"{[report['drafters'][n]['divergences'][:3] for n in failing]} (see {out_dir})")
     return report
 
 
-def markdown_table(report: dict) -> str:
-    gamma = report["settings"]["gamma"]
-    lines = [f"| drafter | block efficiency τ | acceptance rate | accepted per position (1..{gamma}) "
-             f"| wall speedup (median) | lossless |", "|---|---|---|---|---|---|"]
+SUMMARY_COLUMNS = ["drafter", "block_efficiency", "acceptance_rate", "c_measured", "mbsu", "predicted_speedup",
+                   "speedup_median", "lossless"]
+
+
+def summary_rows(report: dict) -> list[list]:
+    return [[n] + [m[c] for c in SUMMARY_COLUMNS[1:]] for n, m in report["drafters"].items()]
+
+
+def markdown_report(report: dict, label: str = "") -> str:
+    """The overall table (one row per drafter), then τ per category."""
+    settings = report["settings"]
+    depth = len(settings["tree"]) or settings["gamma"]
+    head = (f"| {label or 'drafter'} | τ | acceptance | accepted per position 1..{depth} (uncond. / cond.) | c meas. "
+            f"| MBSU | predicted | wall speedup (median, 95% CI) | lossless |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["drafters"].items():
-        positions = " / ".join(f"{value:.2f}" for value in m["accepted_per_position"])
-        lines.append(f"| {name} | {m['block_efficiency']:.3f} | {m['acceptance_rate']:.3f} | {positions} "
-                     f"| {m['speedup_median']:.2f}× | {'yes' if m['lossless'] else 'NO'} |")
+        unconditional = "/".join(f"{v:.2f}" for v in m["accepted_per_position"])
+        conditional = "/".join(f"{v:.2f}" for v in m["conditional_acceptance_per_position"])
+        low, high = m["speedup_interval_95"]
+        lines.append(f"| {name} | {m['block_efficiency']:.3f} | {m['acceptance_rate']:.3f} | {unconditional} ; "
+                     f"{conditional} | {m['c_measured']:.3f} | {m['mbsu']:.2f} | {m['predicted_speedup']:.2f}× "
+                     f"| {m['speedup_median']:.2f}× [{low:.2f}, {high:.2f}] | {'yes' if m['lossless'] else 'NO'} |")
+    categories = sorted({c for m in report["drafters"].values() for c in m["per_category"]})
+    if categories and categories != [""]:
+        lines += ["", "τ per category:", "", "| drafter | " + " | ".join(c or "-" for c in categories) + " |",
+                  "|---|" + "---|" * len(categories)]
+        for name, m in report["drafters"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{m['per_category'][c]['block_efficiency']:.3f}"
+                                                     if c in m["per_category"] else "" for c in categories) + " |")
+    mode = "greedy" if settings["temperature"] == 0 else f"T={settings['temperature']}"
+    shape = f"tree {settings['tree']}" if settings["tree"] else f"γ={settings['gamma']}"
+    lines += ["", f"{report['num_turns']} prompts ({report['num_prompts']} conversations), {mode}, {shape}, "
+                  f"up to {settings['max_new_tokens']} new tokens, {report['dtype']}."]
     return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, m in report["drafters"].items():
+        positions = range(1, len(m["accepted_per_position"]) + 1)
+        axes[0].plot(positions, m["accepted_per_position"], marker="o", label=name)
+        axes[1].plot(positions, m["conditional_acceptance_per_position"], marker="o", label=name)
+    for axis, title in zip(axes, ["unconditional (vLLM): accepted_i / drafts",
+                                  "conditional (EAGLE α_i): accepted_i / reached_i"]):
+        axis.set(title=title, xlabel="draft position", ylabel="acceptance", ylim=(0, 1.05))
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "acceptance_per_position.png", dpi=100)
+    plt.close(figure)
+    categories = sorted({c for m in report["drafters"].values() for c in m["per_category"]})
+    figure, axis = plt.subplots(figsize=(max(6, len(categories) * 1.2), 4))
+    width = 0.8 / max(1, len(report["drafters"]))
+    for index, (name, m) in enumerate(report["drafters"].items()):
+        axis.bar([c + index * width for c in range(len(categories))],
+                 [m["per_category"].get(c, {}).get("block_efficiency", 0) for c in categories], width, label=name)
+    axis.set_xticks([c + width * (len(report["drafters"]) - 1) / 2 for c in range(len(categories))],
+                    [c or "-" for c in categories], rotation=30)
+    axis.set(ylabel="block efficiency τ", title="τ per category")
+    axis.axhline(1.0, color="grey", linewidth=0.5)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "tau_per_category.png", dpi=100)
+    plt.close(figure)
+    return ["acceptance_per_position.png", "tau_per_category.png"]
+
+
+def draft_for(drafter, target: PreTrainedModel):
+    """The decoder's view of a loaded drafter: feature-level drafters read the target's features."""
+    from models.feature_drafter import FeatureDrafter
+
+    return FeatureDraft(drafter, target) if isinstance(drafter, FeatureDrafter) else TokenDraft(drafter)

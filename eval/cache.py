@@ -1,0 +1,93 @@
+"""A pre-allocated KV cache for a batch of rows of different lengths, rolled back by moving per-row pointers.
+
+Every layer owns keys and values of shape [rows, kv_heads, capacity, head_dim], allocated once. A forward writes
+its block of `width` new tokens for row b at columns `starts[b] .. starts[b] + width - 1` (one scatter per layer,
+no concatenation) and attends to columns `0 .. span - 1`, span = max(starts) + width. What each query may see is
+the caller's 4D mask (`block_mask`): the row's committed prefix (columns < starts[b]) plus the part of the new
+block the caller allows (causal for a chain, ancestors for a tree). Anything a row wrote beyond its committed
+length (rejected drafts, padding) is therefore invisible, and the next write simply overwrites it: rolling back
+is forgetting, done on the host, with no tensor work.
+
+Models see this object as their `past_key_values`: Llama-style attention calls `update(key, value, layer_idx)`
+and, given a 4D mask, transformers uses it as is. Targets whose attention needs something else (sliding windows,
+linear attention layers) are refused by `check_supported`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def check_supported(model) -> None:
+    config = model.config
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"} or getattr(config, "sliding_window", None) and getattr(
+            config, "use_sliding_window", True):
+        raise ValueError(f"{config.model_type}: the speculative decoder supports full-attention models only "
+                         f"(layer types {sorted(layer_types)}, sliding_window={getattr(config, 'sliding_window', None)})")
+
+
+class RaggedKVCache:
+    def __init__(self, num_layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (rows, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.device = device
+        self._row_index = torch.arange(rows, device=device)[:, None]
+        self._columns: torch.Tensor | None = None
+        self._span = 0
+
+    @classmethod
+    def for_model(cls, model, rows: int, capacity: int, num_layers: int | None = None) -> "RaggedKVCache":
+        config = model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        parameter = next(model.parameters())
+        return cls(num_layers or config.num_hidden_layers, rows, getattr(config, "num_key_value_heads", heads),
+                   head_dim, capacity, parameter.dtype, parameter.device)
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    def begin(self, starts: list[int], width: int) -> int:
+        """Direct the next forward's writes to columns starts[b] + 0..width-1; returns the span it will read."""
+        span = max(starts) + width
+        if span > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions is full (a write reaches {span})")
+        starts_tensor = torch.tensor(starts, device=self.device)
+        self._columns = starts_tensor[:, None] + torch.arange(width, device=self.device)
+        self._span = span
+        return span
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        """key/value [rows, kv_heads, width, head_dim] -> this layer's keys/values for columns 0..span-1."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[self._row_index, :, self._columns] = key.transpose(1, 2).to(keys.dtype)
+        values[self._row_index, :, self._columns] = value.transpose(1, 2).to(values.dtype)
+        return keys[:, :, : self._span], values[:, :, : self._span]
+
+    def move(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
+        """Copy columns `sources` [rows, n] onto `destinations` [rows, n], per row (a tree's accepted path)."""
+        for keys, values in zip(self.keys, self.values):
+            keys[self._row_index, :, destinations] = keys[self._row_index, :, sources]
+            values[self._row_index, :, destinations] = values[self._row_index, :, sources]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop finished rows so later forwards stop paying for them."""
+        index = torch.tensor(rows, device=self.device)
+        self.keys = [keys.index_select(0, index) for keys in self.keys]
+        self.values = [values.index_select(0, index) for values in self.values]
+        self._row_index = torch.arange(len(rows), device=self.device)[:, None]
+
+
+def block_mask(starts: list[int], span: int, local: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[rows, 1, width, span] bool: query i of row b sees columns < starts[b] and, inside its block, the columns
+    `local[i]` allows (local is [width, block columns], block column c = starts[b] + c)."""
+    width, block = local.shape
+    relative = torch.arange(span, device=device)[None, :] - torch.tensor(starts, device=device)[:, None]
+    prefix = relative < 0
+    inside = (relative >= 0) & (relative < block)
+    allowed = local.to(device)[:, relative.clamp(0, block - 1)].permute(1, 0, 2)  # [rows, width, span]
+    return (prefix[:, None, :] | (inside[:, None, :] & allowed)).unsqueeze(1)

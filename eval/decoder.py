@@ -1,0 +1,573 @@
+"""The lossless speculative decoder (shared METHODS.md §1): chains and trees, greedy and sampled, batched.
+
+    generations = speculative_generate(target, TokenDraft(drafter), prompts, DecodeSettings(gamma=4), stop_ids)
+
+One step, for every row of the batch at once:
+1. The drafter catches up on the tokens committed since its last step (one forward) and proposes: a chain of up to
+   γ tokens (greedy, or sampled from its warped distribution q, which is kept), or a tree (top-k children per node,
+   `tree=(k1, k2, ...)`, one drafter forward per depth with a tree attention mask).
+2. The target scores the last committed token plus every proposal in one forward (a 4D mask makes tree nodes see
+   only their ancestors) and gives p at every node.
+3. Acceptance. Greedy: the longest path whose tokens are the target's argmax. Sampled chain: accept x_i when
+   r_i q_i(x_i) <= p_i(x_i), r_i ~ U(0,1); on a rejection emit a token from the residual (p - q)_+, after a fully
+   accepted chain a bonus token from p. Sampled tree (children are the drafter's top-k, a point mass each, the
+   EAGLE-2 rule): at a node accept child x with probability p(x), else set p(x) = 0, renormalise and try the next
+   sibling; if none is accepted emit a token from what is left of p. Temperature, top-k and top-p are applied to
+   p and q identically (`models.sampling.warp_logits`), so the output follows the warped target distribution.
+4. The accepted tokens and the target's own token are committed. Both KV caches are pre-allocated
+   (`eval.cache.RaggedKVCache`); rejected positions are forgotten by moving per-row pointers on the host, a tree's
+   accepted path is copied into place. The step's results reach the host in one transfer (its one sync).
+
+Adaptive draft length (`confidence_threshold` > 0, chains only): a row stops drafting after a token whose
+drafter probability is below the threshold (the token itself is still proposed), as HF's assistant confidence
+threshold and SpecDec++ do; deciding whether any row still drafts costs one host sync per drafted position.
+
+Rows have their own lengths and acceptance; a finished row leaves the batch. Each row samples from its own
+generator seeded from (seed, row key), so what a prompt gets does not depend on its batch.
+
+Feature-level drafters (EAGLE, FSPAD; `models.feature_drafter`) run through `FeatureDraft`: they read the target's
+last hidden states, which the target forwards already compute, and feed their own predicted features back while
+drafting; each step they re-read the true features of what was accepted.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from eval.cache import RaggedKVCache, block_mask, check_supported
+from eval.metrics import DecodeStats
+from models.sampling import SamplingSettings, make_generator, request_seed, warp_logits
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    gamma: int = 4  # chain draft length (the most a row drafts per step)
+    tree: tuple[int, ...] = ()  # top-k branching per depth, e.g. (3, 2, 1); empty: a chain of gamma
+    confidence_threshold: float = 0.0  # > 0: adaptive draft length (chains)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    batch_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tree", tuple(int(k) for k in self.tree))
+        if self.gamma < 1:
+            raise ValueError(f"gamma={self.gamma} must be >= 1")
+        if any(k < 1 for k in self.tree):
+            raise ValueError(f"tree={self.tree}: every depth needs at least one child per node")
+        if not 0 <= self.confidence_threshold < 1:
+            raise ValueError(f"confidence_threshold={self.confidence_threshold} must be in [0, 1)")
+        if self.tree and self.confidence_threshold:
+            raise ValueError("confidence_threshold (adaptive draft length) applies to chains; use tree=[] with it")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        self.sampling  # validates temperature, top_p, top_k, max_new_tokens
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.temperature, self.top_p, self.top_k, self.max_new_tokens)
+
+    @property
+    def depth(self) -> int:
+        return len(self.tree) or self.gamma
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    stats: DecodeStats
+    finished_by_stop: bool = False
+
+
+class Tree:
+    """Node 0 is the last committed token; nodes are numbered depth by depth, children of one parent adjacent."""
+
+    def __init__(self, branching: tuple[int, ...]) -> None:
+        self.branching = branching
+        self.parent, self.depth, self.levels = [-1], [0], [[0]]
+        for k in branching:
+            level = []
+            for parent in self.levels[-1]:
+                for _ in range(k):
+                    level.append(len(self.parent))
+                    self.parent.append(parent)
+                    self.depth.append(self.depth[parent] + 1)
+            self.levels.append(level)
+        size = len(self.parent)
+        self.ancestors = torch.zeros(size, size, dtype=torch.bool)  # [i, j]: j is i or one of its ancestors
+        for node in range(size):
+            walk = node
+            while walk >= 0:
+                self.ancestors[node, walk] = True
+                walk = self.parent[walk]
+        self.children = [torch.tensor(level).view(len(previous), -1)
+                         for previous, level in zip(self.levels, self.levels[1:])]  # per depth: [parents, k]
+
+    @property
+    def size(self) -> int:
+        return len(self.parent)
+
+
+def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(1, max(map(len, rows)))
+    return torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
+
+
+def _forward(model: PreTrainedModel, cache: RaggedKVCache, tokens: torch.Tensor, starts: list[int],
+             local: torch.Tensor, relative_positions: torch.Tensor, offset: int = 0,
+             inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states [rows, width, d] for a block written after each row's `starts[b]` committed columns
+    (at column starts[b] + offset + i), seeing the prefix and the block columns `local` allows."""
+    device = cache.device
+    span = cache.begin([start + offset for start in starts], tokens.shape[1])
+    positions = torch.tensor(starts, device=device)[:, None] + relative_positions.to(device)[None, :]
+    mask = block_mask(starts, span, local, device)
+    arguments = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": tokens}
+    return model.get_decoder()(**arguments, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                               use_cache=True).last_hidden_state
+
+
+def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    return model.get_output_embeddings()(hidden).float()
+
+
+class _Rows:
+    """Per-row random streams: exponential races for sampling, uniforms for acceptance tests."""
+
+    def __init__(self, seeds: list[int], device: torch.device) -> None:
+        self.generators = [make_generator_on(seed, device) for seed in seeds]
+        self.device = device
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.generators = [self.generators[row] for row in rows]
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row of [rows, V] non-negative weights (normalisation not needed)."""
+        noise = torch.stack([torch.empty(probs.shape[-1], device=self.device).exponential_(generator=g)
+                             for g in self.generators])
+        return (probs / noise).argmax(-1)
+
+    def uniform(self, count: int) -> torch.Tensor:
+        return torch.stack([torch.rand(count, device=self.device, generator=g) for g in self.generators])
+
+
+def make_generator_on(seed: int, device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return make_generator(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class TokenDraft:
+    """A standalone drafter: a causal LM over the target's vocabulary (a reduced draft vocabulary gives -inf
+    outside it, which the rules above handle as q = 0)."""
+
+    needs_features = False
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        check_supported(model)
+        self.model = model
+
+    def start(self, rows: int, capacity: int) -> None:
+        self.cache = RaggedKVCache.for_model(self.model, rows, capacity)
+        self.lengths = [0] * rows
+
+    def catch_up(self, sequences: list[list[int]], features: torch.Tensor | None) -> torch.Tensor:
+        """Feed what each row committed since the last step; logits [rows, V] for the next token."""
+        feeds = [sequence[length:] for sequence, length in zip(sequences, self.lengths)]
+        tokens = _pad(feeds, self.cache.device)
+        width = tokens.shape[1]
+        hidden = _forward(self.model, self.cache, tokens, self.lengths, torch.ones(width, width).tril().bool(),
+                          torch.arange(width))
+        last = torch.tensor([len(feed) - 1 for feed in feeds], device=hidden.device)
+        self.lengths = [len(sequence) for sequence in sequences]
+        return _logits(self.model, hidden[torch.arange(len(feeds), device=hidden.device), last])
+
+    def extend(self, tokens: torch.Tensor, parents: list[int], local: torch.Tensor, relative: torch.Tensor,
+               offset: int) -> torch.Tensor:
+        """Draft tokens [rows, w] after the committed prefix (block columns offset..offset+w-1); logits [rows, w, V]."""
+        return _logits(self.model, _forward(self.model, self.cache, tokens, self.lengths, local, relative, offset))
+
+    def commit(self, accepted: list[int], fed_drafts: int) -> None:
+        """Keep the committed prefix plus the drafts that were fed and accepted (their columns are in place)."""
+        self.lengths = [length + min(n, fed_drafts) for length, n in zip(self.lengths, accepted)]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.keep_rows(rows)
+        self.lengths = [self.lengths[row] for row in rows]
+
+
+class FeatureDraft:
+    """A feature-level drafter (`models.feature_drafter.FeatureDrafter`) with the target's embedding and head.
+
+    Its input at position t pairs the target feature f_t with the embedding of x_{t+1}; it predicts f_{t+1},
+    which the target's head turns into the distribution of x_{t+2}. While drafting, predicted features stand in
+    for the target's; the next step re-reads the true ones.
+    """
+
+    needs_features = True
+
+    def __init__(self, drafter: torch.nn.Module, target: PreTrainedModel) -> None:
+        self.drafter, self.target = drafter, target
+        self.embed, self.head = target.get_input_embeddings(), target.get_output_embeddings()
+
+    def start(self, rows: int, capacity: int) -> None:
+        config = self.drafter.layer_config
+        parameter = next(self.drafter.parameters())
+        self.cache = RaggedKVCache(1, rows, config.num_key_value_heads, config.hidden_size //
+                                   config.num_attention_heads, capacity, parameter.dtype, parameter.device)
+        self.lengths = [0] * rows  # pairs (f_t, x_{t+1}) held, t = 0 .. length-1
+        self.predicted: torch.Tensor | None = None
+
+    def _run(self, features: torch.Tensor, tokens: torch.Tensor, local: torch.Tensor, relative: torch.Tensor,
+             offset: int) -> torch.Tensor:
+        embeddings = self.embed(tokens)
+        if self.drafter.spec.feature_sampling:
+            features = features * embeddings
+        hidden = self.drafter.fuse(torch.cat([features.to(embeddings.dtype), embeddings], dim=-1))
+        span = self.cache.begin([length + offset for length in self.lengths], tokens.shape[1])
+        positions = torch.tensor(self.lengths, device=hidden.device)[:, None] + relative.to(hidden.device)[None, :]
+        mask = block_mask(self.lengths, span, local, hidden.device)
+        output = self.drafter.layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                                    position_embeddings=self.drafter.rotary(hidden, positions))
+        self.predicted = output[0] if isinstance(output, tuple) else output
+        return _logits(self.target, self.predicted)
+
+    def catch_up(self, sequences: list[list[int]], features: torch.Tensor) -> torch.Tensor:
+        ends = [len(sequence) - 1 for sequence in sequences]  # pairs up to t = len - 2
+        if min(ends) < 1:
+            raise ValueError("a feature-level drafter needs prompts of at least 2 tokens (it pairs each target "
+                             "feature with the next token)")
+        rows = range(len(sequences))
+        width = max(1, max(end - length for end, length in zip(ends, self.lengths)))
+        index = torch.tensor([[min(length + i, max(end - 1, 0)) for i in range(width)]
+                              for length, end in zip(self.lengths, ends)], device=features.device)
+        feats = features[torch.arange(len(ends), device=features.device)[:, None], index]
+        tokens = _pad([sequences[b][self.lengths[b] + 1: ends[b] + 1] for b in rows], features.device)
+        logits = self._run(feats, tokens, torch.ones(width, width).tril().bool(), torch.arange(width), 0)
+        last = torch.tensor([max(end - length, 1) - 1 for end, length in zip(ends, self.lengths)],
+                            device=logits.device)
+        every = torch.arange(len(ends), device=logits.device)
+        self.predicted = self.predicted[every, last][:, None]
+        self.lengths = ends
+        return logits[every, last]
+
+    def extend(self, tokens: torch.Tensor, parents: list[int], local: torch.Tensor, relative: torch.Tensor,
+               offset: int) -> torch.Tensor:
+        features = self.predicted[:, torch.tensor(parents, device=tokens.device)]
+        return self._run(features, tokens, local, relative, offset)
+
+    def commit(self, accepted: list[int], fed_drafts: int) -> None:
+        pass  # drafted pairs used predicted features: the next catch-up re-feeds them with the target's
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.keep_rows(rows)
+        self.lengths = [self.lengths[row] for row in rows]
+
+
+class _Target:
+    """The target's pre-allocated cache (holding every committed token but the last) and, for feature drafters,
+    its last hidden states per committed position."""
+
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int, keep_features: bool) -> None:
+        check_supported(model)
+        self.model = model
+        self.cache = RaggedKVCache.for_model(model, len(prompts), capacity)
+        self.features = None
+        self.lengths = [0] * len(prompts)
+        tokens = _pad([prompt[:-1] for prompt in prompts], self.cache.device)
+        hidden = self.forward(tokens, torch.ones(tokens.shape[1], tokens.shape[1]).tril().bool(),
+                              torch.arange(tokens.shape[1]))
+        if keep_features:
+            self.features = hidden.new_zeros(len(prompts), capacity, hidden.shape[-1])
+            self.features[:, : hidden.shape[1]] = hidden
+        self.lengths = [len(prompt) - 1 for prompt in prompts]
+
+    def forward(self, tokens: torch.Tensor, local: torch.Tensor, relative: torch.Tensor) -> torch.Tensor:
+        return _forward(self.model, self.cache, tokens, self.lengths, local, relative)
+
+    def store_features(self, hidden: torch.Tensor, nodes: torch.Tensor) -> None:
+        """Keep the hidden states of `nodes` [rows, n] (block indices) at columns lengths[b] + 0..n-1."""
+        if self.features is not None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+            columns = torch.tensor(self.lengths, device=hidden.device)[:, None] + torch.arange(
+                nodes.shape[1], device=hidden.device)
+            self.features[rows, columns] = hidden[rows, nodes]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.keep_rows(rows)
+        self.lengths = [self.lengths[row] for row in rows]
+        if self.features is not None:
+            self.features = self.features[torch.tensor(rows, device=self.features.device)]
+
+
+def accepts(draws: torch.Tensor, p_token: torch.Tensor, q_token: torch.Tensor) -> torch.Tensor:
+    """Leviathan's test, r <= p(x)/q(x), written without the division (q(x) > 0 for a drafted x)."""
+    return draws * q_token <= p_token
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Weights of the token emitted at the first rejection: (p - q)_+ (all of p past the last draft, where q = 0).
+    A zero residual means p == q, where nothing is rejected; p is returned so the rows stay well defined."""
+    left = (p - q).clamp_min(0)
+    return torch.where(left.sum(-1, keepdim=True) > 0, left, p)
+
+
+def _chain_step(target: _Target, draft, sequences: list[list[int]], budgets: list[int],
+                settings: DecodeSettings, rng: _Rows) -> tuple[list[tuple[int, int, list[int]]], int]:
+    """One chain step; per row (proposed, accepted, emitted tokens), and how many drafts were fed to the drafter."""
+    device = target.cache.device
+    rows, most = len(sequences), max(budgets)
+    sampling = not settings.sampling.greedy
+    drafts, q_rows = [], []
+    proposed = torch.zeros(rows, dtype=torch.long, device=device)
+    if most:
+        logits = draft.catch_up(sequences, target.features)
+        alive = torch.ones(rows, dtype=torch.bool, device=device)
+        budget = torch.tensor(budgets, device=device)
+        for i in range(most):
+            if sampling:
+                q = torch.softmax(warp_logits(logits, settings.sampling), -1)
+                token = rng.sample(q)
+                q_rows.append(q)
+            else:
+                token = logits.argmax(-1)
+            drafts.append(token)
+            proposed += (alive & (budget > i)).long()
+            if settings.confidence_threshold:
+                probs = q if sampling else torch.softmax(logits, -1)
+                alive &= probs.gather(1, token[:, None])[:, 0] >= settings.confidence_threshold
+                if not bool(alive.any()):  # adaptive length: one sync per drafted position
+                    break
+            if i + 1 < most:
+                logits = draft.extend(token[:, None], [0], torch.ones(1, i + 1, dtype=torch.bool),
+                                      torch.tensor([i]), i)[:, 0]
+    count = len(drafts)
+    last = torch.tensor([sequence[-1] for sequence in sequences], device=device)[:, None]
+    block = torch.cat([last] + [token[:, None] for token in drafts], 1)
+    hidden = target.forward(block, torch.ones(count + 1, count + 1).tril().bool(), torch.arange(count + 1))
+    logits = _logits(target.model, hidden)
+    valid = torch.arange(count, device=device)[None, :] < proposed[:, None]
+    if sampling:
+        p = torch.softmax(warp_logits(logits, settings.sampling), -1)
+        q = torch.stack(q_rows, 1) if q_rows else p.new_zeros(rows, 0, p.shape[-1])
+        q = torch.cat([q * valid[..., None], p.new_zeros(rows, 1, p.shape[-1])], 1)  # q = 0 where not drafted
+        x = block[:, 1:]
+        ok = accepts(rng.uniform(count), p[:, :count].gather(2, x[..., None])[..., 0],
+                     q[:, :count].gather(2, x[..., None])[..., 0]) & valid
+        accepted = ok.long().cumprod(1).sum(1)
+        at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
+        own = rng.sample(residual(p.gather(1, at)[:, 0], q.gather(1, at)[:, 0]))
+    else:
+        choice = logits.argmax(-1)
+        accepted = ((block[:, 1:] == choice[:, :count]) & valid).long().cumprod(1).sum(1)
+        own = choice.gather(1, accepted[:, None])[:, 0]
+    target.store_features(hidden, torch.arange(count + 1, device=device).expand(rows, -1))
+    packed = torch.cat([proposed[:, None], accepted[:, None], block[:, 1:], own[:, None]], 1).tolist()  # the sync
+    results = [(row[0], row[1], row[2: 2 + row[1]] + [row[-1]]) for row in packed]
+    return results, max(0, count - 1)
+
+
+def _children(tree: Tree, depth: int, current: torch.Tensor) -> torch.Tensor:
+    """[rows, k] node ids of the children of each row's current node (rows that stopped earlier get any
+    valid row; their result is masked)."""
+    table = tree.children[depth].to(current.device)
+    return table[(current - tree.levels[depth][0]).clamp(0, table.shape[0] - 1)]
+
+
+def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], settings: DecodeSettings,
+               rng: _Rows) -> tuple[list[tuple[int, int, list[int]]], torch.Tensor]:
+    """One tree step; per row (depth, accepted, emitted tokens), and the accepted path's nodes [rows, depth]."""
+    device = target.cache.device
+    rows, depth = len(sequences), len(tree.branching)
+    logits = draft.catch_up(sequences, target.features)[:, None]  # [rows, 1, V]: the root's children
+    levels = []
+    for d, k in enumerate(tree.branching, start=1):
+        levels.append(logits.topk(k, dim=-1).indices.flatten(1))  # [rows, nodes at depth d]
+        if d < depth:
+            nodes = tree.levels[d]
+            local = tree.ancestors[nodes][:, 1: nodes[-1] + 1]
+            parents = [tree.parent[n] - (tree.levels[d - 1][0] if d > 1 else 0) for n in nodes]
+            logits = draft.extend(levels[-1], parents, local, torch.tensor([d - 1] * len(nodes)),
+                                  nodes[0] - 1)
+    last = torch.tensor([sequence[-1] for sequence in sequences], device=device)[:, None]
+    block = torch.cat([last] + levels, 1)  # [rows, tree.size]
+    hidden = target.forward(block, tree.ancestors, torch.tensor(tree.depth))
+    logits = _logits(target.model, hidden)
+    every = torch.arange(rows, device=device)
+    current = torch.zeros(rows, dtype=torch.long, device=device)
+    searching = torch.ones(rows, dtype=torch.bool, device=device)
+    path = torch.zeros(rows, depth, dtype=torch.long, device=device)
+    accepted = torch.zeros(rows, dtype=torch.long, device=device)
+    if settings.sampling.greedy:
+        choice = logits.argmax(-1)
+        for d in range(depth):
+            children = _children(tree, d, current)  # [rows, k]
+            hit = (block.gather(1, children) == choice.gather(1, current[:, None])) & searching[:, None]
+            found = hit.any(1)
+            current = torch.where(found, children.gather(1, hit.long().argmax(1, keepdim=True))[:, 0], current)
+            path[:, d] = current
+            accepted += found.long()
+            searching &= found
+        own = choice.gather(1, current[:, None])[:, 0]
+    else:
+        p = torch.softmax(warp_logits(logits, settings.sampling), -1)
+        final = p[:, 0].clone()
+        for d in range(depth):
+            children = _children(tree, d, current)
+            left = p[every, current].clone()  # what is left of p at this node
+            chosen = torch.full_like(current, -1)
+            draws = rng.uniform(children.shape[1])
+            for j in range(children.shape[1]):
+                token = block.gather(1, children[:, j: j + 1])[:, 0]
+                mass = left.sum(-1)
+                share = left.gather(1, token[:, None])[:, 0] / mass.clamp_min(1e-30)
+                take = searching & (chosen < 0) & (draws[:, j] < share)
+                chosen = torch.where(take, children[:, j], chosen)
+                reject = searching & (chosen < 0)
+                left = left.scatter(1, token[:, None], torch.where(reject[:, None], 0.0,
+                                                                   left.gather(1, token[:, None])))
+            failed = searching & (chosen < 0)
+            final = torch.where(failed[:, None], left, final)
+            searching &= ~failed
+            current = torch.where(searching, chosen, current)
+            path[:, d] = current
+            accepted += searching.long()
+        final = torch.where(searching[:, None], p[every, current], final)
+        own = rng.sample(final)
+    nodes = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=device), path], 1)
+    target.store_features(hidden, nodes)
+    packed = torch.cat([accepted[:, None], block.gather(1, path), own[:, None]], 1).tolist()  # the sync
+    results = [(depth, row[0], row[1: 1 + row[0]] + [row[-1]]) for row in packed]
+    return results, path
+
+
+def _capacity(prompts: list[list[int]], settings: DecodeSettings, tree: Tree | None) -> int:
+    return max(map(len, prompts)) + settings.max_new_tokens + (tree.size if tree else settings.gamma) + 2
+
+
+class _TimedDraft:
+    """Times a drafter's drafting forwards (not its catch-up), synchronising the device around each: for
+    measuring the cost ratio c only, never in timed runs."""
+
+    def __init__(self, draft, timings: dict) -> None:
+        self.draft, self.timings = draft, timings
+        timings.setdefault("draft_seconds", 0.0)
+        timings.setdefault("draft_forwards", 0)
+
+    def __getattr__(self, name):
+        return getattr(self.draft, name)
+
+    def extend(self, *arguments):
+        device = self.draft.cache.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        logits = self.draft.extend(*arguments)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.timings["draft_seconds"] += time.perf_counter() - started
+        self.timings["draft_forwards"] += 1
+        return logits
+
+
+@torch.inference_mode()
+def speculative_generate(target: PreTrainedModel, draft, prompts: list[list[int]], settings: DecodeSettings,
+                         stop_ids: list[int], keys: list[str] | None = None,
+                         timings: dict | None = None) -> list[Generation]:
+    """Speculative generations for `prompts` (token id lists), `settings.batch_size` rows at a time. `keys` name
+    the rows' random streams (default: their index); `draft` is a `TokenDraft` or a `FeatureDraft`. With
+    `timings`, the drafter's drafting forwards are timed into it (adds syncs: for measuring c only)."""
+    keys = keys or [str(i) for i in range(len(prompts))]
+    if timings is not None:
+        draft = _TimedDraft(draft, timings)
+    generations = []
+    for first in range(0, len(prompts), settings.batch_size):
+        chunk = slice(first, first + settings.batch_size)
+        generations += _generate_batch(target, draft, prompts[chunk], settings, stop_ids, keys[chunk])
+    return generations
+
+
+def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys) -> list[Generation]:
+    tree = Tree(settings.tree) if settings.tree else None
+    capacity = _capacity(prompts, settings, tree)
+    target = _Target(target_model, prompts, capacity, draft.needs_features)
+    draft.start(len(prompts), capacity)
+    rng = _Rows([request_seed(settings.seed, key) for key in keys], target.cache.device)
+    results = [Generation([], DecodeStats(depth=settings.depth)) for _ in prompts]
+    live = list(range(len(prompts)))  # batch row -> prompt index
+    sequences = [list(prompt) for prompt in prompts]
+    stops = set(stop_ids)
+    while live:
+        remaining = [settings.max_new_tokens - len(results[i].tokens) for i in live]
+        if tree:
+            steps, path = _tree_step(target, draft, tree, sequences, settings, rng)
+            fed = 0
+        else:
+            steps, fed = _chain_step(target, draft, sequences, [min(settings.gamma, r - 1) for r in remaining],
+                                     settings, rng)
+        accepted = [n for _, n, _ in steps]
+        if tree:  # move the accepted path's keys/values next to the prefix
+            columns = torch.tensor(target.lengths, device=path.device)[:, None]
+            target.cache.move(columns + path, columns + torch.arange(1, path.shape[1] + 1, device=path.device))
+        draft.commit(accepted, fed)
+        target.lengths = [length + n + 1 for length, n in zip(target.lengths, accepted)]
+        keep = []
+        for row, ((proposed, n, emitted), left) in enumerate(zip(steps, remaining)):
+            result = results[live[row]]
+            cut = next((i + 1 for i, token in enumerate(emitted) if token in stops), len(emitted))
+            emitted = emitted[: min(cut, left)]
+            result.tokens += emitted
+            sequences[row] += emitted
+            result.stats.record_step(proposed, min(n, len(emitted)), len(emitted))
+            result.finished_by_stop = emitted[-1] in stops
+            if not result.finished_by_stop and len(result.tokens) < settings.max_new_tokens:
+                keep.append(row)
+        if len(keep) < len(live):
+            if keep:
+                for part in (target, draft, rng):
+                    part.keep_rows(keep)
+            live, sequences = [live[row] for row in keep], [sequences[row] for row in keep]
+    return results
+
+
+@torch.inference_mode()
+def plain_generate(target_model: PreTrainedModel, prompts: list[list[int]], settings: DecodeSettings,
+                   stop_ids: list[int], keys: list[str] | None = None) -> list[list[int]]:
+    """Plain decoding, one token per forward, on the same cache, forward and sampling as the speculative path."""
+    keys = keys or [str(i) for i in range(len(prompts))]
+    outputs = []
+    for first in range(0, len(prompts), settings.batch_size):
+        chunk = prompts[first: first + settings.batch_size]
+        target = _Target(target_model, chunk, _capacity(chunk, settings, None), keep_features=False)
+        rng = _Rows([request_seed(settings.seed, key) for key in keys[first: first + settings.batch_size]],
+                    target.cache.device)
+        tokens = [[] for _ in chunk]
+        live, last = list(range(len(chunk))), [prompt[-1] for prompt in chunk]
+        one = torch.ones(1, 1, dtype=torch.bool)
+        while live:
+            block = torch.tensor(last, device=target.cache.device)[:, None]
+            logits = _logits(target_model, target.forward(block, one, torch.zeros(1, dtype=torch.long)))[:, 0]
+            if settings.sampling.greedy:
+                chosen = logits.argmax(-1)
+            else:
+                chosen = rng.sample(torch.softmax(warp_logits(logits, settings.sampling), -1))
+            target.lengths = [length + 1 for length in target.lengths]
+            keep = []
+            for row, token in enumerate(chosen.tolist()):  # the step's one sync
+                tokens[live[row]].append(token)
+                last[row] = token
+                if token not in stop_ids and len(tokens[live[row]]) < settings.max_new_tokens:
+                    keep.append(row)
+            if len(keep) < len(live) and keep:
+                target.keep_rows(keep)
+                rng.keep_rows(keep)
+            live, last = [live[row] for row in keep], [last[row] for row in keep]
+        outputs += tokens
+    return outputs
