@@ -41,7 +41,7 @@ from train.optim import OptimSettings
 from train.tracking import Tracker
 
 TEACHERS = ("online", "offline")
-SELECTIONS = ("proxy", "last")
+SELECTIONS = ("proxy", "decoder", "last")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,9 @@ class DistillSettings:
     keep_checkpoints: int = 2
     eval_every: int = 0               # acceptance proxy every N steps (0: only before and after training)
     heldout_records: int = 16         # records kept out of training for the proxy
-    select: str = "proxy"             # which weights become model/: best proxy, or the last step's
+    select: str = "proxy"             # which weights become model/: best proxy, best decoder τ, or the last
+    select_gamma: int = 4             # select=decoder: draft length of the greedy speculative decoding run
+    select_max_new_tokens: int = 32   # select=decoder: tokens decoded per held-out prompt
     seed: int = 0
     init_from: str | None = None      # drafter checkpoint to start from (default: this run's pretrain output)
     optim: OptimSettings = field(default_factory=OptimSettings)
@@ -213,6 +215,20 @@ def acceptance_proxy(drafter: PreTrainedModel, target: PreTrainedModel, rows: li
     return total / max(count, 1)
 
 
+def decoder_block_efficiency(drafter: PreTrainedModel, target: PreTrainedModel, rows: list[Row],
+                             settings: DistillSettings, stop_ids: list[int]) -> float:
+    """τ (tokens per target forward) of greedy speculative decoding with `drafter` on the rows' prompts."""
+    from eval.decoder import DecodeSettings, TokenDraft, speculative_generate
+
+    was_training = drafter.training
+    drafter.eval()
+    generations = speculative_generate(target, TokenDraft(drafter), [row.prompt_ids for row in rows],
+                                       DecodeSettings(gamma=settings.select_gamma,
+                                                      max_new_tokens=settings.select_max_new_tokens), stop_ids)
+    drafter.train(was_training)
+    return sum(g.stats.emitted for g in generations) / max(1, sum(g.stats.steps for g in generations))
+
+
 def draft_vocabulary(model: PreTrainedModel) -> torch.Tensor | None:
     """d2t (draft id -> target id) of a drafter with a reduced vocabulary, else None."""
     return getattr(model.get_output_embeddings(), "d2t", None)
@@ -248,8 +264,11 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
     if settings.batch_size % (world * settings.accumulation):
         raise ValueError(f"distill.batch_size={settings.batch_size} must divide by processes ({world}) × "
                          f"accumulation ({settings.accumulation})")
-    if settings.on_policy.ratio > 0 and not stop_ids:
-        raise ValueError("distill.on_policy needs the target's end-of-turn ids (stop_ids)")
+    if (settings.on_policy.ratio > 0 or settings.select == "decoder") and not stop_ids:
+        raise ValueError("distill.on_policy and distill.select=decoder need the target's end-of-turn ids (stop_ids)")
+    if settings.select == "decoder" and deepspeed.enabled and deepspeed.stage == 3:
+        raise ValueError("distill.select=decoder decodes with whole weights on each rank; ZeRO-3 partitions them: "
+                         "use select=proxy, or ZeRO 0-2")
     torch.manual_seed(settings.seed)
     train_rows, heldout = split_heldout(read_rows(data_dir, settings.teacher), settings.heldout_records)
     steps_per_epoch, total_steps = count_steps(train_rows, settings)
@@ -265,7 +284,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints, curve_path = out_dir / "checkpoints", out_dir / "curve.jsonl"
     state = checkpoint.resume_or_clear(engine, checkpoints, curve_path, resume, "distill", total_steps)
-    start_step, best, history = 0, {"proxy": float("-inf"), "step": None}, []
+    start_step, best, history = 0, {"proxy": float("-inf"), "score": float("-inf"), "step": None}, []
     if state:
         start_step, best, history = state["step"], state["best"], state["proxy_history"]
     elif distributed.is_main():
@@ -273,11 +292,16 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
 
     def evaluate_proxy(step: int) -> None:
         proxy = acceptance_proxy(model, target, heldout, pad_id, settings.max_seq_len, micro_batch or 1)
-        history.append({"step": step, "proxy": round(proxy, 6)})
+        entry, score = {"step": step, "proxy": round(proxy, 6)}, proxy
+        if settings.select == "decoder":  # what serving will see: τ of the lossless decoder on held-out prompts
+            score = decoder_block_efficiency(model, target, heldout, settings, stop_ids)
+            entry["block_efficiency"] = round(score, 6)
+            tracker.log({"distill/block_efficiency": score}, step=step)
+        history.append(entry)
         tracker.log({"distill/acceptance_proxy": proxy}, step=step)
-        if proxy > best["proxy"]:
-            best.update(proxy=proxy, step=step)
-            if settings.select == "proxy":
+        if score > best.get("score", best["proxy"]):
+            best.update(proxy=proxy, score=score, step=step)
+            if settings.select != "last":
                 save_weights(engine, tokenizer, out_dir / "best")
 
     if start_step == 0:
@@ -354,7 +378,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
     save_weights(engine, tokenizer, out_dir / "last")
     if distributed.is_main():
         shutil.rmtree(out_dir / "model", ignore_errors=True)
-        chosen = out_dir / ("best" if settings.select == "proxy" else "last")
+        chosen = out_dir / ("last" if settings.select == "last" else "best")
         shutil.copytree(chosen, out_dir / "model")
     distributed.barrier()
     elapsed = time.perf_counter() - started
@@ -362,6 +386,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
             "heldout_records": len(heldout), "final_loss": round(losses.get("loss", float("nan")), 4),
             "loss_terms": sorted(loss.terms), "teacher": settings.teacher, "selected": settings.select,
             "best_step": best["step"], "best_acceptance_proxy": round(best["proxy"], 4),
+            **({"best_block_efficiency": round(best["score"], 4)} if settings.select == "decoder" else {}),
             "acceptance_proxy": history, "loss_tokens_this_run": loss_tokens, "seconds": round(elapsed, 1),
             "loss_tokens_per_s": round(loss_tokens / max(elapsed, 1e-9)), "processes": world,
             "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}

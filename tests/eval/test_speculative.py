@@ -75,11 +75,29 @@ def test_eval_replays_both_turns_on_the_targets_own_answers_and_writes_its_repor
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "acceptance_per_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "τ per category" in (tmp_path / "report.md").read_text()
-    # turn 2's prompt holds the target's own first answer
-    first = plain_generate(model, [prompt_token_ids(tokenizer, [{"role": "user", "content": "Write a haiku."}])],
-                           DecodeSettings(max_new_tokens=16), end_of_turn_ids(tokenizer, model.generation_config))[0]
-    assert json.loads((tmp_path / "report.json").read_text())["drafters"]["small"]["per_turn"]["2"] >= 1.0
-    assert tokenizer.decode(first, skip_special_tokens=True).strip() != ""
+    # two runs compared side by side, their differing settings named
+    from eval.compare import combine
+    for run, gamma in (("a", 3), ("b", 5)):
+        (tmp_path / run / "eval").mkdir(parents=True)
+        saved = json.loads((tmp_path / "report.json").read_text())
+        saved["settings"]["gamma"] = gamma
+        (tmp_path / run / "eval" / "report.json").write_text(json.dumps(saved))
+    combined = combine([tmp_path / "a" / "eval" / "report.json", tmp_path / "b" / "eval" / "report.json"])
+    assert set(combined["drafters"]) == {"a/small", "a/self", "b/small", "b/self"}
+    assert combined["differing_settings"] == {"gamma": [3, 5]}
+    # turn 2's prompt holds the target's own first answer, decoded by plain decoding on the same settings
+    from eval.speculative import build_turns
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
+    encode = lambda messages: prompt_token_ids(tokenizer, messages)  # noqa: E731
+    items, answers, _, _ = build_turns(model, tokenizer, two_turn_prompts()[:1], tiny_settings(), stop_ids, encode)
+    first = plain_generate(model, [encode([{"role": "user", "content": "Write a haiku."}])],
+                           DecodeSettings(max_new_tokens=16), stop_ids)[0]
+    assert answers[0] == first and [i["id"] for i in items] == ["q1", "q1/turn-2"]
+    history = [{"role": "user", "content": "Write a haiku."},
+               {"role": "assistant", "content": tokenizer.decode([t for t in first if t not in stop_ids],
+                                                                 skip_special_tokens=True)},
+               {"role": "user", "content": "Now make it sadder."}]
+    assert items[1]["prompt_ids"] == encode(history)
 
 
 def test_eval_with_sampling_and_trees_runs_and_reports(tiny_target, tmp_path):

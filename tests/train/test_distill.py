@@ -83,6 +83,26 @@ def test_distill_lowers_the_loss_raises_the_proxy_and_selects_the_best(tiny_targ
     assert same == (best_step == summary["steps"])  # model/ is the best-proxy weights, not blindly the last
 
 
+def test_select_decoder_keeps_the_weights_with_the_best_measured_tau(tiny_target, records_dir, tmp_path):
+    """select=decoder runs the lossless speculative decoder on the held-out prompts at every evaluation and keeps
+    the weights whose τ is highest; τ is recomputed here from the saved model/ to check it is the one chosen."""
+    from eval.decoder import DecodeSettings, TokenDraft, speculative_generate
+    from train.distill import read_rows, split_heldout
+
+    summary, _ = run(tiny_target, records_dir, tmp_path, epochs=6, eval_every=6, select="decoder",
+                     select_gamma=3, select_max_new_tokens=12)
+    taus = [entry["block_efficiency"] for entry in summary["acceptance_proxy"]]
+    assert len(taus) == 5 and all(tau >= 1.0 for tau in taus)  # steps 0, 6, 12, 18, 24
+    assert summary["best_block_efficiency"] == pytest.approx(max(taus), abs=1e-4)
+    _, heldout = split_heldout(read_rows(records_dir, "online"), 2)
+    selected = load_drafter(tmp_path / "model", tiny_target.model, tiny_target.tokenizer)
+    generations = speculative_generate(tiny_target.model, TokenDraft(selected), [r.prompt_ids for r in heldout],
+                                       DecodeSettings(gamma=3, max_new_tokens=12),
+                                       [tiny_target.tokenizer.eos_token_id])
+    tau = sum(g.stats.emitted for g in generations) / sum(g.stats.steps for g in generations)
+    assert tau == pytest.approx(max(taus), abs=1e-4)
+
+
 @pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda path: path.stem)
 def test_every_loss_config_trains(tiny_target, records_dir, tmp_path, config):
     loss = instantiate(OmegaConf.load(config), _convert_="all")
