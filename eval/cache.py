@@ -36,6 +36,7 @@ class RaggedKVCache:
         self.device = device
         self._row_index = torch.arange(rows, device=device)[:, None]
         self._columns: torch.Tensor | None = None
+        self._slice: slice | None = None
         self._span = 0
 
     @classmethod
@@ -56,16 +57,23 @@ class RaggedKVCache:
         span = max(starts) + width
         if span > self.capacity:
             raise ValueError(f"KV cache of {self.capacity} positions is full (a write reaches {span})")
-        starts_tensor = torch.tensor(starts, device=self.device)
-        self._columns = starts_tensor[:, None] + torch.arange(width, device=self.device)
+        if len(set(starts)) == 1:  # one row, or rows in step: a plain slice write
+            self._slice, self._columns = slice(starts[0], span), None
+        else:
+            self._slice = None
+            self._columns = torch.tensor(starts, device=self.device)[:, None] + torch.arange(width, device=self.device)
         self._span = span
         return span
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         """key/value [rows, kv_heads, width, head_dim] -> this layer's keys/values for columns 0..span-1."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[self._row_index, :, self._columns] = key.transpose(1, 2).to(keys.dtype)
-        values[self._row_index, :, self._columns] = value.transpose(1, 2).to(values.dtype)
+        if self._slice is not None:
+            keys[:, :, self._slice] = key
+            values[:, :, self._slice] = value
+        else:
+            keys[self._row_index, :, self._columns] = key.transpose(1, 2).to(keys.dtype)
+            values[self._row_index, :, self._columns] = value.transpose(1, 2).to(values.dtype)
         return keys[:, :, : self._span], values[:, :, : self._span]
 
     def move(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:

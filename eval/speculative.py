@@ -132,10 +132,12 @@ def measure_cost_ratio(target: PreTrainedModel, draft, prompt_ids: list[int], to
     """c measured: seconds per drafter forward / seconds per plain target forward, on one prompt, this machine.
     The drafter is timed drafting alone (a chain step's drafting phase, γ = `tokens`, one row)."""
     settings = DecodeSettings(gamma=tokens, max_new_tokens=tokens + 1)
+    _, prefill = _timed(plain_generate, target, [prompt_ids], DecodeSettings(max_new_tokens=1), [])
     _, target_seconds = _timed(plain_generate, target, [prompt_ids], settings, [])
     timings = {}
     speculative_generate(target, draft, [prompt_ids], settings, [], timings=timings)
-    return (timings["draft_seconds"] / timings["draft_forwards"]) / (target_seconds / (tokens + 1))
+    per_target_step = max(target_seconds - prefill, 1e-9) / tokens  # the prompt's forward taken out
+    return (timings["draft_seconds"] / timings["draft_forwards"]) / per_target_step
 
 
 def _aggregate(stats: list[DecodeStats], depth: int) -> dict:

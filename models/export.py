@@ -50,11 +50,14 @@ def model_card(name: str, target: dict, parameters: int, target_parameters: int,
         settings = eval_report["settings"]
         lines += [
             "## Measured acceptance", "",
-            f"Greedy speculative decoding with draftsmith's embedded lossless decoder, γ={settings['gamma']}, up to "
-            f"{settings['max_new_tokens']} new tokens, on {eval_report['num_prompts']} held-out prompts, fp32 on CPU. "
-            "Block efficiency counts the target's own token per step (vLLM's mean acceptance length); "
-            "wall speedup is the median over prompts against plain greedy decoding on the same cache. "
-            "Every output was checked token for token against plain greedy decoding.", "",
+            f"{'Greedy' if not settings.get('temperature') else 'Sampled (T=' + str(settings['temperature']) + ')'} "
+            f"speculative decoding with draftsmith's embedded lossless decoder, "
+            f"{'tree ' + str(settings['tree']) if settings.get('tree') else 'γ=' + str(settings['gamma'])}, up to "
+            f"{settings['max_new_tokens']} new tokens, on {eval_report.get('num_turns', eval_report['num_prompts'])} "
+            f"held-out prompts, {eval_report.get('dtype', 'float32')}. "
+            "Block efficiency τ counts the target's own token per step (vLLM's mean acceptance length); "
+            "wall speedup is the median over prompts against plain decoding on the same cache and machine. "
+            "Greedy outputs were checked token for token against plain greedy decoding.", "",
             eval_report.get("table_markdown", ""), "",
         ]
     lines += ["## Reproduce", "", "```", reproduce, "```", ""]

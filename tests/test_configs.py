@@ -17,7 +17,8 @@ GROUPS = ["target", "drafter", "data", "corpus", "eval_data", "data_gen", "pretr
           "export", "logger"]
 # Options that need a value the user must supply (`???`).
 NEEDS_USER_VALUE = {("target", "local_dir"): ["target.location=/some/dir"], ("data", "jsonl"): ["data.location=x"],
-                    ("data", "hf"): ["data.location=x"], ("corpus", "text"): ["corpus.location=x"]}
+                    ("data", "hf"): ["data.location=x"], ("corpus", "text"): ["corpus.location=x"],
+                    ("eval_data", "jsonl"): ["eval_data.location=x"]}
 
 
 def compose_config(overrides: list[str]):

@@ -115,3 +115,19 @@ def test_on_policy_data_from_the_pipelines_own_drafter(smoke_run):
     assert all(len(r["topk_ids"]) == sum(r["loss_mask"]) for r in rows)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["settings"]["data_gen"]["on_policy_drafter"] == str(drafter)
+
+
+def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_run):
+    """EAGLE end to end: distill on the run's data, then the eval stage decodes with it (reading the target's
+    features) and checks every output against plain decoding; the held-out check sees the same data_gen."""
+    tmp_path, _ = smoke_run
+    default = tmp_path / "runs" / "smoke" / "default"
+    eagle = tmp_path / "runs" / "smoke" / "eagle"
+    eagle.mkdir(parents=True)
+    (eagle / "data_gen").symlink_to(default / "data_gen", target_is_directory=True)
+    run_cli(tmp_path, "logger=none", "run_name=eagle", "stages=[distill,eval]", "drafter=eagle", "loss=eagle",
+            "eval.tree=[2,2]")
+    report = json.loads((eagle / "eval" / "report.json").read_text())
+    assert set(report["drafters"]) == {"untrained", "distilled"}
+    assert all(m["lossless"] for m in report["drafters"].values())
+    assert report["drafter_paths"]["distilled"].endswith("distill/model")
