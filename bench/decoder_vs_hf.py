@@ -2,19 +2,25 @@
 
     python bench/decoder_vs_hf.py --drafter runs/quickstart/bench/distill/model --prompts 8 --gamma 3
 
-Same real target (SmolLM2-135M-Instruct, fp32), same drafter, same MT-Bench first-turn prompts, greedy, one prompt
-at a time, fixed draft length γ and no confidence threshold on both sides:
-- HF: `target.generate(assistant_model=drafter, num_assistant_tokens=γ, num_assistant_tokens_schedule="constant",
-  assistant_confidence_threshold=0)`, as its users call it;
-- ours: `eval.decoder.speculative_generate` with `DecodeSettings(gamma=γ)`;
-- plain: HF `generate` without an assistant, and our `plain_generate` (the eval stage's baseline).
-Every output is asserted identical to plain greedy decoding. The sides run alternately, `--repeats` times, and
-the best total time of each counts. Prints tokens/s, the ratios, τ, and c, MBSU and the predicted speedup.
-Optionally `--tree 3,2,1` adds our tree decoder (HF has no tree drafts).
+Same real target (SmolLM2-135M-Instruct, fp32), same drafter, same MT-Bench first-turn prompts, greedy, fixed
+draft length γ and no confidence threshold on both sides:
+- HF: `target.generate(assistant_model=drafter)` with the drafter's `generation_config` set to
+  `num_assistant_tokens=γ, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0`. HF reads
+  these from the *assistant's* generation config: passed to `target.generate(...)` they are ignored and HF keeps
+  its defaults (a confidence threshold of 0.4, which with a weak drafter stops after one draft token).
+  HF assisted generation takes one prompt at a time ("assisted generate is only supported for batch_size = 1");
+- ours: `eval.decoder.speculative_generate` with `DecodeSettings(gamma=γ)`, one prompt at a time (like for like)
+  and `--batch-size` prompts at a time (ragged acceptance per row), the throughput a user of ours gets;
+- plain: HF `generate` without an assistant, and our `plain_generate` (the eval stage's baseline), also batched.
+For reference it also runs HF assisted generation with its default settings (`--hf-defaults`: up to 20 drafts,
+stopping below confidence 0.4) and our adaptive draft length with the same two settings. Every output is asserted identical to plain greedy decoding. The sides
+run alternately, `--repeats` times, and the best total time of each counts. Prints tokens/s, the ratios, τ, and
+c, MBSU and the predicted speedup. Optionally `--tree 3,2,1` adds our tree decoder (HF has no tree drafts).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -53,6 +59,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tree", type=str, default="")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--hf-defaults", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "draftsmith")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -64,16 +72,21 @@ def main() -> None:
     conversations, _ = load_conversations(spec, args.cache)
     prompts = [prompt_token_ids(tokenizer, c.first_turn_prompt()) for c in conversations]
     settings = DecodeSettings(gamma=args.gamma, max_new_tokens=args.max_new_tokens)
+    batched = DecodeSettings(gamma=args.gamma, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     draft = TokenDraft(drafter)
+    hf_default_config = copy.deepcopy(drafter.generation_config)
+    fixed_config = copy.deepcopy(drafter.generation_config)
+    fixed_config.update(num_assistant_tokens=args.gamma, num_assistant_tokens_schedule="constant",
+                        assistant_confidence_threshold=0.0)
 
-    def hf_assisted():
+    def hf_assisted(assistant_config):
+        drafter.generation_config = assistant_config
         outputs = []
         for prompt in prompts:
             with torch.inference_mode():
                 output = model.generate(torch.tensor([prompt]), assistant_model=drafter, do_sample=False,
-                                        num_assistant_tokens=args.gamma, num_assistant_tokens_schedule="constant",
-                                        assistant_confidence_threshold=0.0, max_new_tokens=args.max_new_tokens,
-                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+                                        max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
+                                        pad_token_id=tokenizer.pad_token_id)
             outputs.append(output[0, len(prompt):].tolist())
         return outputs
 
@@ -86,10 +99,21 @@ def main() -> None:
             outputs.append(output[0, len(prompt):].tolist())
         return outputs
 
+    batch = f"batch {args.batch_size}"
     sides = {"ours (speculative)": lambda: speculative_generate(model, draft, prompts, settings, stop_ids),
-             "HF assisted": hf_assisted,
+             "HF assisted": lambda: hf_assisted(fixed_config),
+             f"ours (speculative, {batch})": lambda: speculative_generate(model, draft, prompts, batched, stop_ids),
              "ours (plain)": lambda: plain_generate(model, prompts, settings, stop_ids),
-             "HF plain": hf_plain}
+             "HF plain": hf_plain,
+             f"ours (plain, {batch})": lambda: plain_generate(model, prompts, batched, stop_ids)}
+    if args.hf_defaults:
+        resolved = copy.deepcopy(hf_default_config)  # what HF's candidate generator falls back to
+        resolved.update(**resolved._get_default_generation_params(), defaults_only=True)
+        threshold, longest = resolved.assistant_confidence_threshold, resolved.num_assistant_tokens
+        adaptive = DecodeSettings(gamma=longest, confidence_threshold=threshold, max_new_tokens=args.max_new_tokens)
+        sides["HF assisted (its defaults)"] = lambda: hf_assisted(hf_default_config)
+        sides[f"ours (adaptive, γ ≤ {longest}, threshold {threshold})"] = lambda: speculative_generate(
+            model, draft, prompts, adaptive, stop_ids)
     if args.tree:
         tree_settings = DecodeSettings(tree=tuple(int(k) for k in args.tree.split(",")),
                                        max_new_tokens=args.max_new_tokens)
@@ -97,9 +121,9 @@ def main() -> None:
                                                                           stop_ids)
     # warm-up (one-off allocations, lazy imports): one short generation per side
     speculative_generate(model, draft, prompts[:1], DecodeSettings(gamma=args.gamma, max_new_tokens=8), stop_ids)
+    drafter.generation_config = fixed_config
     model.generate(torch.tensor([prompts[0]]), assistant_model=drafter, do_sample=False, max_new_tokens=8,
-                   num_assistant_tokens=args.gamma, num_assistant_tokens_schedule="constant",
-                   assistant_confidence_threshold=0.0, pad_token_id=tokenizer.pad_token_id)
+                   pad_token_id=tokenizer.pad_token_id)
     best, outputs = {}, {}
     for repeat in range(args.repeats):
         for name, side in sides.items():
@@ -124,7 +148,12 @@ def main() -> None:
     print("|---|---|---|")
     for name, seconds in best.items():
         print(f"| {name} | {seconds:.1f} | {total_tokens / seconds:.1f} |")
-    print(f"\nours vs HF assisted: {best['HF assisted'] / best['ours (speculative)']:.2f}× tokens/s")
+    print(f"\nours vs HF assisted, one prompt at a time: {best['HF assisted'] / best['ours (speculative)']:.2f}× "
+          "tokens/s")
+    print(f"ours at {batch} vs HF assisted (which takes one prompt at a time): "
+          f"{best['HF assisted'] / best[f'ours (speculative, {batch})']:.2f}× tokens/s")
+    print(f"ours speculative vs ours plain at {batch} (wall speedup): "
+          f"{best[f'ours (plain, {batch})'] / best[f'ours (speculative, {batch})']:.2f}×")
     print(f"ours speculative vs ours plain (wall speedup): {best['ours (plain)'] / best['ours (speculative)']:.2f}×")
     print(f"HF assisted vs HF plain: {best['HF plain'] / best['HF assisted']:.2f}×")
     print(f"ours plain vs HF plain: {best['HF plain'] / best['ours (plain)']:.2f}×")

@@ -280,6 +280,7 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     for axis, title in zip(axes, ["unconditional (vLLM): accepted_i / drafts",
                                   "conditional (EAGLE α_i): accepted_i / reached_i"]):
         axis.set(title=title, xlabel="draft position", ylabel="acceptance", ylim=(0, 1.05))
+        axis.xaxis.get_major_locator().set_params(integer=True)
         axis.legend()
     figure.tight_layout()
     figure.savefig(out_dir / "acceptance_per_position.png", dpi=100)
