@@ -35,7 +35,7 @@ from data_gen.chat import end_of_turn_ids, prompt_token_ids
 from data_gen.sources import PromptSourceSpec, load_conversations
 from eval.decoder import DecodeSettings, TokenDraft, plain_generate, speculative_generate
 from eval.metrics import DecodeStats, speed_model
-from eval.speculative import measure_cost_ratio
+from eval.speculative import measure_cost_ratio, measure_verify_cost
 from models.drafter import load_drafter
 from models.loading import load_target
 from tests.conftest import SMOLLM2
@@ -141,6 +141,7 @@ def main() -> None:
         stats.merge(generation.stats)
     metrics = stats.metrics()
     cost = measure_cost_ratio(model, draft, prompts[0])
+    verify = measure_verify_cost(model, prompts[0], args.gamma + 1)
     c_params = sum(p.numel() for p in drafter.parameters()) / sum(p.numel() for p in model.parameters())
     print(f"\n{len(prompts)} MT-Bench prompts, {total_tokens} tokens each side, greedy, γ={args.gamma}, "
           f"all outputs identical to plain greedy decoding")
@@ -162,7 +163,8 @@ def main() -> None:
     print(f"c measured = {cost:.3f}, c by parameters = {c_params:.3f}, "
           f"MBSU = {speed_model(metrics['block_efficiency'], metrics['mean_drafted_per_step'], c_params):.2f}, "
           f"predicted speedup = "
-          f"{speed_model(metrics['block_efficiency'], metrics['mean_drafted_per_step'], cost):.2f}×")
+          f"{speed_model(metrics['block_efficiency'], metrics['mean_drafted_per_step'], cost, verify):.2f}× "
+          f"(v measured = {verify:.2f}: a {args.gamma + 1}-token verification costs that many one-token steps)")
     if args.tree:
         tree_stats = DecodeStats(depth=len(args.tree.split(",")))
         for generation in outputs[f"ours (tree {args.tree})"]:

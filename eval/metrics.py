@@ -7,7 +7,9 @@
   (accepted at i / steps that reached i, i.e. drafted i with everything before it accepted: EAGLE's α_i);
 - c: draft step cost / target step cost, either by parameters (`mbsu`) or measured on this machine
   (`predicted_speedup`), both with γ = the mean number of drafted positions per step (tree depth for trees);
-- MBSU = τ / (1 + γ c_params); predicted speedup = τ / (1 + γ c_measured) (Leviathan's model).
+- v: the cost of the target's verification forward (γ + 1 tokens, or the tree's nodes) over a one-token step;
+- MBSU = τ / (1 + γ c_params) (Leviathan's model, v = 1); predicted speedup = τ / (v + γ c_measured), both
+  measured on this machine (a CPU pays ~1.8× a one-token step to verify 4 tokens; a GPU at batch 1 about 1×).
 """
 from __future__ import annotations
 
@@ -70,9 +72,10 @@ class DecodeStats:
         }
 
 
-def speed_model(block_efficiency: float, drafted_per_step: float, cost_ratio: float) -> float:
-    """τ / (1 + γ c): the speedup a drafter of relative cost c gives at this τ (MBSU when c is by parameters)."""
-    return block_efficiency / (1 + drafted_per_step * cost_ratio)
+def speed_model(block_efficiency: float, drafted_per_step: float, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """τ / (v + γ c): the speedup a drafter of relative cost c gives at this τ when verifying costs v one-token
+    steps (MBSU: c by parameters, v = 1)."""
+    return block_efficiency / (verify_cost + drafted_per_step * cost_ratio)
 
 
 def median_interval(values: list[float], confidence: float = 0.95, resamples: int = 2000,

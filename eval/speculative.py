@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from eval.decoder import DecodeSettings, FeatureDraft, TokenDraft, plain_generate, speculative_generate
+from eval.decoder import (DecodeSettings, FeatureDraft, TokenDraft, Tree, _logits, _Target, plain_generate,
+                          speculative_generate)
 from eval.metrics import DecodeStats, median_interval, speed_model
 from train.tracking import Tracker
 
@@ -140,6 +141,21 @@ def measure_cost_ratio(target: PreTrainedModel, draft, prompt_ids: list[int], to
     return (timings["draft_seconds"] / timings["draft_forwards"]) / per_target_step
 
 
+def measure_verify_cost(target: PreTrainedModel, prompt_ids: list[int], width: int, calls: int = 5) -> float:
+    """v measured: seconds per target forward over a `width`-token block (a verification, LM head included) /
+    seconds per one-token forward, after `prompt_ids` on this machine; alternated, median of `calls` each."""
+    state = _Target(target, [prompt_ids], len(prompt_ids) + width, keep_features=False)
+    times = {1: [], width: []}
+    with torch.inference_mode():
+        for _ in range(calls + 1):  # the first round warms up
+            for w in times:  # lengths are not advanced: every call writes the same cache columns
+                tokens = torch.full((1, w), prompt_ids[-1], device=state.cache.device)
+                _, seconds = _timed(lambda: _logits(target, state.forward(tokens, torch.ones(w, w).tril().bool(),
+                                                                          torch.arange(w))).argmax(-1).tolist())
+                times[w].append(seconds)
+    return statistics.median(times[width][1:]) / statistics.median(times[1][1:])
+
+
 def _aggregate(stats: list[DecodeStats], depth: int) -> dict:
     total = DecodeStats(depth=depth)
     for s in stats:
@@ -167,6 +183,9 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
               "plain": {"tokens": sum(map(len, references)),
                         "tokens_per_second": sum(map(len, references)) / plain_total},
               "drafters": {}}
+    width = Tree(decode.tree).size if decode.tree else decode.gamma + 1
+    verify_cost = measure_verify_cost(target, items[0]["prompt_ids"], width)
+    report["verify_cost"] = {"tokens": width, "v_measured": verify_cost}
     for name, draft in drafters.items():
         generations, seconds, elapsed_total = [], [], 0.0
         for first in tqdm(range(0, len(items), decode.batch_size), desc=f"eval: {name}",
@@ -191,7 +210,9 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
         metrics |= {
             "c_measured": cost, "c_parameters": c_params,
             "mbsu": speed_model(metrics["block_efficiency"], metrics["mean_drafted_per_step"], c_params),
-            "predicted_speedup": speed_model(metrics["block_efficiency"], metrics["mean_drafted_per_step"], cost),
+            "v_measured": verify_cost,
+            "predicted_speedup": speed_model(metrics["block_efficiency"], metrics["mean_drafted_per_step"], cost,
+                                             verify_cost),
             "speedup_median": median, "speedup_interval_95": [low, high],
             "tokens_per_second": sum(len(g.tokens) for g in generations) / elapsed_total,
             "lossless": not mismatches if not half else all(m["near_tie"] for m in mismatches),
@@ -231,7 +252,8 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
     return report
 
 
-SUMMARY_COLUMNS = ["drafter", "block_efficiency", "acceptance_rate", "c_measured", "mbsu", "predicted_speedup",
+SUMMARY_COLUMNS = ["drafter", "block_efficiency", "acceptance_rate", "c_measured", "v_measured", "mbsu",
+                   "predicted_speedup",
                    "speedup_median", "lossless"]
 
 
@@ -244,14 +266,16 @@ def markdown_report(report: dict, label: str = "") -> str:
     settings = report["settings"]
     depth = len(settings["tree"]) or settings["gamma"]
     head = (f"| {label or 'drafter'} | τ | acceptance | accepted per position 1..{depth} (uncond. / cond.) | c meas. "
-            f"| MBSU | predicted | wall speedup (median, 95% CI) | lossless |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+            f"| v meas. | MBSU | predicted | wall speedup (median, 95% CI) | lossless |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["drafters"].items():
         unconditional = "/".join(f"{v:.2f}" for v in m["accepted_per_position"])
         conditional = "/".join(f"{v:.2f}" for v in m["conditional_acceptance_per_position"])
         low, high = m["speedup_interval_95"]
+        verify = m.get("v_measured", float("nan"))  # reports before v was measured lack it
         lines.append(f"| {name} | {m['block_efficiency']:.3f} | {m['acceptance_rate']:.3f} | {unconditional} ; "
-                     f"{conditional} | {m['c_measured']:.3f} | {m['mbsu']:.2f} | {m['predicted_speedup']:.2f}× "
+                     f"{conditional} | {m['c_measured']:.3f} | {verify:.2f} | {m['mbsu']:.2f} | "
+                     f"{m['predicted_speedup']:.2f}× "
                      f"| {m['speedup_median']:.2f}× [{low:.2f}, {high:.2f}] | {'yes' if m['lossless'] else 'NO'} |")
     categories = sorted({c for m in report["drafters"].values() for c in m["per_category"]})
     if categories and categories != [""]:

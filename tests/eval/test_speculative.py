@@ -33,6 +33,7 @@ def test_speed_formulas_match_the_reference_vectors():
     """METHODS.md §10: τ = 2.3, γ = 3, c = 115M/7B gives MBSU 2.19; MBSU never exceeds τ."""
     assert speed_model(2.3, 3, 115e6 / 7e9) == pytest.approx(2.19, abs=0.005)
     assert speed_model(2.3, 3, 0.0) == 2.3
+    assert speed_model(2.3, 3, 0.1, verify_cost=1.6) == pytest.approx(2.3 / 1.9)
     median, low, high = median_interval([1.0, 1.2, 1.1, 0.9, 1.3, 1.05, 1.15])
     assert median == 1.1 and low <= median <= high and low >= 0.9 and high <= 1.3
 
@@ -68,7 +69,7 @@ def test_eval_replays_both_turns_on_the_targets_own_answers_and_writes_its_repor
     assert set(small["per_category"]) == {"writing", "math"} and set(small["per_turn"]) == {"1", "2"}
     assert {p["id"] for p in small["per_prompt"]} == {"q1", "q1/turn-2", "q2", "q2/turn-2", "q3"}
     low, high = small["speedup_interval_95"]
-    assert low <= small["speedup_median"] <= high and small["c_measured"] > 0
+    assert low <= small["speedup_median"] <= high and small["c_measured"] > 0 and small["v_measured"] > 0
     assert self_["mbsu"] == pytest.approx(self_["block_efficiency"] / (1 + 3 * self_["c_parameters"]))
     assert report["best"] == "self"
     for name in ("report.json", "report.md", "acceptance_per_position.png", "tau_per_category.png"):

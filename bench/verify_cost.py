@@ -1,0 +1,93 @@
+"""What a verification forward costs: one target forward over w new tokens, ours vs HF, against w = 1.
+
+    .venv/bin/python bench/verify_cost.py --context 300 --widths 1,2,4,8,16
+
+The speed models (MBSU = τ / (1 + γc)) price a target forward over γ + 1 tokens like a one-token step. This
+measures that assumption on this machine with the real SmolLM2-135M target (fp32) after a `--context`-token
+prefix: our pre-allocated ragged cache and block mask (`eval.decoder`'s forward), and transformers' own
+`DynamicCache` forward (cropped back after each call, as HF assisted generation does), alternately, best of
+`--repeats`. It prints milliseconds per forward (LM head included) and each width's cost relative to w = 1, and
+the same for the LM head alone: the matrix products of a few rows are where a CPU pays.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from transformers import DynamicCache
+
+from eval.cache import RaggedKVCache
+from eval.decoder import _forward, _logits
+from models.loading import load_target
+from tests.conftest import SMOLLM2
+
+
+def seconds_per_call(function, calls: int) -> float:
+    function()
+    started = time.perf_counter()
+    for _ in range(calls):
+        function()
+    return (time.perf_counter() - started) / calls
+
+
+def ours(model, prefix: torch.Tensor, width: int, calls: int) -> float:
+    cache = RaggedKVCache.for_model(model, 1, prefix.shape[1] + width)
+    length = prefix.shape[1]
+    _forward(model, cache, prefix, [0], torch.ones(length, length).tril().bool(), torch.arange(length))
+    block = torch.randint(0, model.config.vocab_size, (1, width))
+    causal = torch.ones(width, width).tril().bool()
+    return seconds_per_call(lambda: _logits(model, _forward(model, cache, block, [length], causal,
+                                                            torch.arange(width))), calls)
+
+
+def huggingface(model, prefix: torch.Tensor, width: int, calls: int) -> float:
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix, past_key_values=cache, use_cache=True)
+    block = torch.randint(0, model.config.vocab_size, (1, width))
+
+    def step():
+        model(input_ids=block, past_key_values=cache, use_cache=True)
+        cache.crop(-width)
+    return seconds_per_call(step, calls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=300)
+    parser.add_argument("--widths", type=str, default="1,2,4,8,16")
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "draftsmith")
+    args = parser.parse_args()
+    widths = [int(w) for w in args.widths.split(",")]
+    torch.manual_seed(0)
+    model = load_target(SMOLLM2, args.cache).model
+    prefix = torch.randint(0, model.config.vocab_size, (1, args.context))
+    head = model.get_output_embeddings()
+    best: dict[tuple[str, int], float] = {}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for width in widths:
+                hidden = torch.randn(1, width, model.config.hidden_size)
+                for name, seconds in (("ours", ours(model, prefix, width, args.calls)),
+                                      ("HF", huggingface(model, prefix, width, args.calls)),
+                                      ("LM head", seconds_per_call(lambda: head(hidden), args.calls))):
+                    best[(name, width)] = min(best.get((name, width), float("inf")), seconds)
+    print(f"SmolLM2-135M fp32, {args.context}-token context, {torch.get_num_threads()} threads, best of "
+          f"{args.repeats} × {args.calls} calls")
+    print("| new tokens w | ours ms | × w=1 | HF ms | × w=1 | LM head ms | × w=1 |")
+    print("|---|---|---|---|---|---|---|")
+    for width in widths:
+        cells = []
+        for name in ("ours", "HF", "LM head"):
+            cells += [f"{best[(name, width)] * 1e3:.1f}", f"{best[(name, width)] / best[(name, widths[0])]:.2f}"]
+        print(f"| {width} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
