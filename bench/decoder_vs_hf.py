@@ -13,9 +13,10 @@ draft length γ and no confidence threshold on both sides:
   and `--batch-size` prompts at a time (ragged acceptance per row), the throughput a user of ours gets;
 - plain: HF `generate` without an assistant, and our `plain_generate` (the eval stage's baseline), also batched.
 For reference it also runs HF assisted generation with its default settings (`--hf-defaults`: up to 20 drafts,
-stopping below confidence 0.4) and our adaptive draft length with the same two settings. Every output is asserted identical to plain greedy decoding. The sides
-run alternately, `--repeats` times, and the best total time of each counts. Prints tokens/s, the ratios, τ, and
-c, MBSU and the predicted speedup. Optionally `--tree 3,2,1` adds our tree decoder (HF has no tree drafts).
+stopping below confidence 0.4) and our adaptive draft length with the same two settings. Every output is asserted
+identical to plain greedy decoding. The sides run alternately, `--repeats` times, and the best total time of each
+counts. Prints tokens/s, the ratios, τ, and c, v, MBSU and the predicted speedup. Optionally `--tree 3,2,1` adds
+our tree decoder (HF has no tree drafts).
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def main() -> None:
         stats.merge(generation.stats)
     metrics = stats.metrics()
     cost = measure_cost_ratio(model, draft, prompts[0])
-    verify = measure_verify_cost(model, prompts[0], args.gamma + 1)
+    verify = measure_verify_cost(model, prompts[0], settings.block_width)
     c_params = sum(p.numel() for p in drafter.parameters()) / sum(p.numel() for p in model.parameters())
     print(f"\n{len(prompts)} MT-Bench prompts, {total_tokens} tokens each side, greedy, γ={args.gamma}, "
           f"all outputs identical to plain greedy decoding")
@@ -164,7 +165,7 @@ def main() -> None:
           f"MBSU = {speed_model(metrics['block_efficiency'], metrics['mean_drafted_per_step'], c_params):.2f}, "
           f"predicted speedup = "
           f"{speed_model(metrics['block_efficiency'], metrics['mean_drafted_per_step'], cost, verify):.2f}× "
-          f"(v measured = {verify:.2f}: a {args.gamma + 1}-token verification costs that many one-token steps)")
+          f"(v measured = {verify:.2f}: a {settings.block_width}-token verification costs that many one-token steps)")
     if args.tree:
         tree_stats = DecodeStats(depth=len(args.tree.split(",")))
         for generation in outputs[f"ours (tree {args.tree})"]:

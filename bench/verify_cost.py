@@ -4,14 +4,16 @@
 
 The speed models (MBSU = τ / (1 + γc)) price a target forward over γ + 1 tokens like a one-token step. This
 measures that assumption on this machine with the real SmolLM2-135M target (fp32) after a `--context`-token
-prefix: our pre-allocated ragged cache and block mask (`eval.decoder`'s forward), and transformers' own
-`DynamicCache` forward (cropped back after each call, as HF assisted generation does), alternately, best of
-`--repeats`. It prints milliseconds per forward (LM head included) and each width's cost relative to w = 1, and
-the same for the LM head alone: the matrix products of a few rows are where a CPU pays.
+prefix: our pre-allocated ragged cache and block mask (`eval.decoder.verification_seconds`, what the eval stage
+measures v with), and transformers' own `DynamicCache` forward (cropped back after each call, as HF assisted
+generation does); median of `--calls` calls, the sides alternately, best of `--repeats`. It prints milliseconds
+per forward (LM head included) and each width's cost relative to w = 1, and the same for the LM head alone: the
+matrix products of a few rows are where a CPU pays.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,28 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from transformers import DynamicCache
 
-from eval.cache import RaggedKVCache
-from eval.decoder import _forward, _logits
+from eval.decoder import verification_seconds
 from models.loading import load_target
 from tests.conftest import SMOLLM2
 
 
 def seconds_per_call(function, calls: int) -> float:
+    """Median of `calls` timed calls after one warm-up call (as `verification_seconds` times ours)."""
     function()
-    started = time.perf_counter()
+    times = []
     for _ in range(calls):
+        started = time.perf_counter()
         function()
-    return (time.perf_counter() - started) / calls
-
-
-def ours(model, prefix: torch.Tensor, width: int, calls: int) -> float:
-    cache = RaggedKVCache.for_model(model, 1, prefix.shape[1] + width)
-    length = prefix.shape[1]
-    _forward(model, cache, prefix, [0], torch.ones(length, length).tril().bool(), torch.arange(length))
-    block = torch.randint(0, model.config.vocab_size, (1, width))
-    causal = torch.ones(width, width).tril().bool()
-    return seconds_per_call(lambda: _logits(model, _forward(model, cache, block, [length], causal,
-                                                            torch.arange(width))), calls)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def huggingface(model, prefix: torch.Tensor, width: int, calls: int) -> float:
@@ -74,7 +68,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for width in widths:
                 hidden = torch.randn(1, width, model.config.hidden_size)
-                for name, seconds in (("ours", ours(model, prefix, width, args.calls)),
+                ours = verification_seconds(model, prefix[0].tolist(), [width], args.calls)[width]
+                for name, seconds in (("ours", ours),
                                       ("HF", huggingface(model, prefix, width, args.calls)),
                                       ("LM head", seconds_per_call(lambda: head(hidden), args.calls))):
                     best[(name, width)] = min(best.get((name, width), float("inf")), seconds)

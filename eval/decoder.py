@@ -31,6 +31,7 @@ drafting; each step they re-read the true features of what was accepted.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -75,6 +76,11 @@ class DecodeSettings:
     @property
     def depth(self) -> int:
         return len(self.tree) or self.gamma
+
+    @property
+    def block_width(self) -> int:
+        """Tokens in one verification forward: the last committed token and the drafts (chain or tree)."""
+        return Tree(self.tree).size if self.tree else self.gamma + 1
 
 
 @dataclass
@@ -571,3 +577,20 @@ def plain_generate(target_model: PreTrainedModel, prompts: list[list[int]], sett
             live, last = [live[row] for row in keep], [last[row] for row in keep]
         outputs += tokens
     return outputs
+
+
+@torch.inference_mode()
+def verification_seconds(target_model: PreTrainedModel, prompt_ids: list[int], widths: list[int],
+                         calls: int = 5) -> dict[int, float]:
+    """Median seconds per target forward over a w-token block after `prompt_ids` (LM head and the host transfer
+    included), for each w in `widths`, on this cache and forward; the widths alternate, after one warm-up round."""
+    target = _Target(target_model, [prompt_ids], len(prompt_ids) + max(widths), keep_features=False)
+    times: dict[int, list[float]] = {w: [] for w in widths}
+    for _ in range(calls + 1):
+        for w in times:  # lengths are not advanced: every call writes the same cache columns
+            tokens = torch.full((1, w), prompt_ids[-1], device=target.cache.device)
+            started = time.perf_counter()
+            _logits(target_model, target.forward(tokens, torch.ones(w, w).tril().bool(), torch.arange(w))
+                    ).argmax(-1).tolist()
+            times[w].append(time.perf_counter() - started)
+    return {w: statistics.median(t[1:]) for w, t in times.items()}

@@ -28,8 +28,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from eval.decoder import (DecodeSettings, FeatureDraft, TokenDraft, Tree, _logits, _Target, plain_generate,
-                          speculative_generate)
+from eval.decoder import (DecodeSettings, FeatureDraft, TokenDraft, plain_generate, speculative_generate,
+                          verification_seconds)
 from eval.metrics import DecodeStats, median_interval, speed_model
 from train.tracking import Tracker
 
@@ -142,18 +142,10 @@ def measure_cost_ratio(target: PreTrainedModel, draft, prompt_ids: list[int], to
 
 
 def measure_verify_cost(target: PreTrainedModel, prompt_ids: list[int], width: int, calls: int = 5) -> float:
-    """v measured: seconds per target forward over a `width`-token block (a verification, LM head included) /
-    seconds per one-token forward, after `prompt_ids` on this machine; alternated, median of `calls` each."""
-    state = _Target(target, [prompt_ids], len(prompt_ids) + width, keep_features=False)
-    times = {1: [], width: []}
-    with torch.inference_mode():
-        for _ in range(calls + 1):  # the first round warms up
-            for w in times:  # lengths are not advanced: every call writes the same cache columns
-                tokens = torch.full((1, w), prompt_ids[-1], device=state.cache.device)
-                _, seconds = _timed(lambda: _logits(target, state.forward(tokens, torch.ones(w, w).tril().bool(),
-                                                                          torch.arange(w))).argmax(-1).tolist())
-                times[w].append(seconds)
-    return statistics.median(times[width][1:]) / statistics.median(times[1][1:])
+    """v measured: seconds per target forward over a `width`-token block (a verification) / seconds per one-token
+    forward, after `prompt_ids` on this machine."""
+    seconds = verification_seconds(target, prompt_ids, [1, width], calls)
+    return seconds[width] / seconds[1]
 
 
 def _aggregate(stats: list[DecodeStats], depth: int) -> dict:
@@ -183,9 +175,8 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
               "plain": {"tokens": sum(map(len, references)),
                         "tokens_per_second": sum(map(len, references)) / plain_total},
               "drafters": {}}
-    width = Tree(decode.tree).size if decode.tree else decode.gamma + 1
-    verify_cost = measure_verify_cost(target, items[0]["prompt_ids"], width)
-    report["verify_cost"] = {"tokens": width, "v_measured": verify_cost}
+    verify_cost = measure_verify_cost(target, items[0]["prompt_ids"], decode.block_width)
+    report["verify_cost"] = {"tokens": decode.block_width, "v_measured": verify_cost}
     for name, draft in drafters.items():
         generations, seconds, elapsed_total = [], [], 0.0
         for first in tqdm(range(0, len(items), decode.batch_size), desc=f"eval: {name}",
