@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from eval.decoder import verification_seconds
+from models.compat import cache_argument
 from models.loading import load_target
 from tests.conftest import SMOLLM2
 
@@ -41,11 +42,11 @@ def seconds_per_call(function, calls: int) -> float:
 
 def huggingface(model, prefix: torch.Tensor, width: int, calls: int) -> float:
     cache = DynamicCache(config=model.config)
-    model(input_ids=prefix, past_key_values=cache, use_cache=True)
+    model(input_ids=prefix, use_cache=True, **cache_argument(model, cache))
     block = torch.randint(0, model.config.vocab_size, (1, width))
 
     def step():
-        model(input_ids=block, past_key_values=cache, use_cache=True)
+        model(input_ids=block, use_cache=True, **cache_argument(model, cache))
         cache.crop(-width)
     return seconds_per_call(step, calls)
 

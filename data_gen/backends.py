@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from data_gen.chat import cut_at_end_of_turn
+from models.compat import cache_argument
 from models.sampling import SamplingSettings, choose_tokens, make_generator
 
 BACKENDS = ("hf", "vllm")
@@ -78,7 +79,7 @@ class HFBackend:
         finished = [False] * rows  # with cache=static, finished rows keep decoding until every row has finished
         outputs: list[list[int]] = [[] for _ in range(rows)]
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                            use_cache=True, logits_to_keep=1, **cache_argument(self.model, cache)).logits[:, -1]
         next_position = positions[:, -1] + 1
         for step in range(max_new):
             live_generators = None if generators is None else [generators[i] for i in live]
@@ -96,7 +97,8 @@ class HFBackend:
                 tokens, attention_mask, next_position = tokens[index], attention_mask[index], next_position[index]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=-1)
             logits = self.model(input_ids=tokens[:, None], attention_mask=attention_mask,
-                                position_ids=next_position[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+                                position_ids=next_position[:, None], use_cache=True,
+                                **cache_argument(self.model, cache)).logits[:, -1]
             next_position = next_position + 1
         return [Completion(*cut_at_end_of_turn(tokens, self.stop_ids)) for tokens in outputs]
 

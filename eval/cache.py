@@ -8,8 +8,9 @@ block the caller allows (causal for a chain, ancestors for a tree). Anything a r
 length (rejected drafts, padding) is therefore invisible, and the next write simply overwrites it: rolling back
 is forgetting, done on the host, with no tensor work.
 
-Models see this object as their `past_key_values`: Llama-style attention calls `update(key, value, layer_idx)`
-and, given a 4D mask, transformers uses it as is. Targets whose attention needs something else (sliding windows,
+Models see this object as their cache argument (`models.compat.cache_argument` names it for the installed
+transformers): Llama-style attention calls `update(key, value, layer_idx, ...)` and, given a 4D mask,
+transformers uses it as is. Targets whose attention needs something else (sliding windows,
 linear attention layers) are refused by `check_supported`.
 """
 from __future__ import annotations
@@ -65,8 +66,11 @@ class RaggedKVCache:
         self._span = span
         return span
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
-        """key/value [rows, kv_heads, width, head_dim] -> this layer's keys/values for columns 0..span-1."""
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key/value [rows, kv_heads, width, head_dim] -> this layer's keys/values for columns 0..span-1.
+
+        Whatever else attention passes (5.0's positional `cache_kwargs`, 5.24's `kwargs=`) carries nothing this
+        cache needs (positions come from the caller's block), so it is accepted in every form and ignored."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self._slice is not None:
             keys[:, :, self._slice] = key

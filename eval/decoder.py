@@ -40,6 +40,7 @@ from transformers import PreTrainedModel
 
 from eval.cache import RaggedKVCache, block_mask, check_supported
 from eval.metrics import DecodeStats
+from models.compat import cache_argument
 from models.sampling import SamplingSettings, make_generator, request_seed, warp_logits
 
 
@@ -134,8 +135,9 @@ def _forward(model: PreTrainedModel, cache: RaggedKVCache, tokens: torch.Tensor,
     positions = torch.tensor(starts, device=device)[:, None] + relative_positions.to(device)[None, :]
     mask = block_mask(starts, span, local, device)
     arguments = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": tokens}
-    return model.get_decoder()(**arguments, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                               use_cache=True).last_hidden_state
+    decoder = model.get_decoder()
+    return decoder(**arguments, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **cache_argument(decoder, cache)).last_hidden_state
 
 
 def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -240,8 +242,9 @@ class FeatureDraft:
         span = self.cache.begin([length + offset for length in self.lengths], tokens.shape[1])
         positions = torch.tensor(self.lengths, device=hidden.device)[:, None] + relative.to(hidden.device)[None, :]
         mask = block_mask(self.lengths, span, local, hidden.device)
-        output = self.drafter.layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                                    position_embeddings=self.drafter.rotary(hidden, positions))
+        output = self.drafter.layer(hidden, attention_mask=mask, position_ids=positions,
+                                    position_embeddings=self.drafter.rotary(hidden, positions),
+                                    **cache_argument(self.drafter.layer, self.cache))
         self.predicted = output[0] if isinstance(output, tuple) else output
         return _logits(self.target, self.predicted)
 
