@@ -5,10 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
 from models.loading import LoadedModel, TargetSpec, load_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LOCK, VLLM_LOCK = REPO_ROOT / ".ci" / "lock.txt", REPO_ROOT / ".ci" / "lock-vllm.txt"
 TINY_TARGET = TargetSpec(name="tiny-random-llama", kind="tiny_random",
                          tiny={"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128,
                                "seed": 1234})
@@ -37,3 +39,15 @@ def real_target_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_target(real_target_cache) -> LoadedModel:
     return load_target(SMOLLM2, real_target_cache)
+
+
+def locked_versions(path: Path = LOCK) -> dict[str, str]:
+    """{package: version} pinned by a lock file (.ci/lock.txt by default)."""
+    pins = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, separator, version = line.partition("==")
+            assert separator and version, f"{path}:{number}: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    return pins

@@ -12,6 +12,8 @@ import pytest
 from data_gen.shards import load_records
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # a vLLM engine in .venv-vllm: not in .ci/check-latest's fast part
+
 VLLM_PYTHON = os.environ.get("DRAFTSMITH_VLLM_PYTHON", str(REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 ARGS = ["+experiment=quickstart", "stages=[data_gen]", "logger=none", "data.limit=12", "data_gen.max_new_tokens=40",
         "data_gen.shard_size=8", "data_gen.batch_size=8"]

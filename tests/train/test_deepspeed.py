@@ -19,6 +19,8 @@ import torch
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # multi-process torchrun launches: not in .ci/check-latest's fast part
+
 ARGS = ["+experiment=smoke", "logger=none", "data.limit=24", "distill.epochs=2", "distill.batch_size=4",
         "distill.accumulation=2", "distill.checkpoint_every=3", "loss=jsd"]
 

@@ -14,7 +14,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # a real training subprocess, killed and resumed: not in .ci/check-latest's fast part
 
 ARGS = ["+experiment=smoke", "logger=none", "data.limit=24", "drafter.hidden_size=128", "drafter.num_layers=4",
         "drafter.intermediate_size=384", "distill.epochs=40", "distill.batch_size=4", "distill.checkpoint_every=5",
