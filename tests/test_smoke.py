@@ -131,3 +131,10 @@ def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_ru
     assert set(report["drafters"]) == {"untrained", "distilled"}
     assert all(m["lossless"] for m in report["drafters"].values())
     assert report["drafter_paths"]["distilled"].endswith("distill/model")
+
+
+def test_preflight_checks_every_stage_before_the_first_one_runs(smoke_run):
+    _, result = smoke_run
+    out = result.stdout
+    assert "[draftsmith] preflight: data_gen, pretrain, distill, eval, export can run here" in out
+    assert out.index("[draftsmith] preflight:") < out.index("[draftsmith] data_gen: running")

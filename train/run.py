@@ -21,7 +21,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from data_gen.chat import chat_token_ids, end_of_turn_ids, prompt_token_ids
 from data_gen.generate import ShardsPending, WorkerSettings, generate
@@ -34,10 +34,12 @@ from models.export import export_drafter, model_card
 from models.feature_drafter import CONFIG_FILE as FEATURE_CONFIG_FILE
 from models.feature_drafter import (FeatureDrafter, FeatureDrafterSpec, build_feature_drafter,
                                     load_feature_drafter)
+from models.compat import check_versions
 from models.loading import LoadedModel, load_target, resolve_device, resolve_model_dir
 from train import distributed
 from train.distill import distill
 from train.feature_distill import distill_features
+from train.preflight import check_stages
 from train.pretrain import pretrain
 from train.rundir import StageDir
 from train.tracking import LoggerSettings, Tracker
@@ -254,6 +256,17 @@ def parameters_in(model_dir: Path) -> int:
         return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
 
 
+def preflight(pipeline: Pipeline, stages: list[str]) -> float:
+    """Seconds-long checks on a tiny model of the target's architecture that `stages` can run (train/preflight.py)."""
+    target = pipeline.spec("target")
+    model_dir, _ = resolve_model_dir(target, pipeline.cache_dir)
+    data_gen = pipeline.spec("data_gen")
+    return check_stages(stages, AutoConfig.from_pretrained(model_dir, trust_remote_code=target.trust_remote_code),
+                        data_gen_backend=data_gen.backend, data_gen_cache=data_gen.cache,
+                        feature_level=isinstance(pipeline.spec("drafter"), FeatureDrafterSpec),
+                        deepspeed=pipeline.spec("deepspeed").enabled)
+
+
 RUNNERS = {"data_gen": run_data_gen, "pretrain": run_pretrain, "distill": run_distill, "eval": run_eval,
            "export": run_export}
 
@@ -266,6 +279,7 @@ def say(message: str) -> None:
 
 def run(config: DictConfig) -> dict[str, Path]:
     """Run `config.stages` in order; returns each stage's output directory."""
+    check_versions()
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"stages={list(config.stages)}: unknown {unknown}; choose from {list(STAGES)}")
@@ -280,8 +294,8 @@ def run(config: DictConfig) -> dict[str, Path]:
     resolved = OmegaConf.to_container(config, resolve=True)
     pipeline = Pipeline(config=config, run_dir=run_dir, cache_dir=Path(config.cache_dir), resolved=resolved)
     logger_settings = pipeline.spec("logger")
-    outputs = {}
-    for stage in stages:
+    outputs, checked = {}, not config.preflight
+    for index, stage in enumerate(stages):
         stage_dir = StageDir(run_dir, stage)
         settings = {section: resolved[section] for section in STAGE_SECTIONS[stage]}
         settings["inputs"] = {name: (StageDir(run_dir, name).meta() or {}).get("fingerprint")
@@ -290,6 +304,10 @@ def run(config: DictConfig) -> dict[str, Path]:
             say(f"[draftsmith] {stage}: complete output in {stage_dir.final} made with these settings, skipped")
             outputs[stage] = stage_dir.final
             continue
+        if not checked:  # before the first stage that does work: can every stage still to come run here?
+            seconds = preflight(pipeline, stages[index:])
+            say(f"[draftsmith] preflight: {', '.join(stages[index:])} can run here (checked in {seconds:.1f} s)")
+            checked = True
         say(f"[draftsmith] {stage}: running into {stage_dir.final}")
         if distributed.is_main():
             stage_dir.begin(settings)
