@@ -25,8 +25,8 @@ from data_gen.chat import cut_at_end_of_turn, end_of_turn_ids, prompt_token_ids
 from data_gen.generate import GenerationSettings, generate
 from data_gen.shards import load_records
 from data_gen.sources import load_conversations
+from infra.tracking import LoggerSettings, Tracker
 from models.loading import load_target
-from train.tracking import LoggerSettings, Tracker
 
 
 def from_conf(group: str, option: str):

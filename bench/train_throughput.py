@@ -25,14 +25,13 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from data_gen.shards import load_records
+from infra.tracking import LoggerSettings, Tracker
 from losses.ce import cross_entropy
 from losses.mix import LossMix
 from models.drafter import DrafterSpec, build_drafter
-from models.loading import load_target
-from tests.conftest import SMOLLM2
+from models.loading import configured_target, load_target
 from train.distill import DistillSettings, distill
 from train.optim import OptimSettings
-from train.tracking import LoggerSettings, Tracker
 
 DRAFTER = DrafterSpec(name="smollm2-draft-11m", hidden_size=192, num_layers=4, num_heads=3, num_kv_heads=1,
                       intermediate_size=512, init="target_embeddings")
@@ -70,7 +69,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "draftsmith")
     options = parser.parse_args()
     torch.manual_seed(0)
-    loaded = load_target(SMOLLM2, options.cache)
+    loaded = load_target(configured_target("smollm2_135m"), options.cache)
     target, tokenizer = loaded.model, loaded.tokenizer
     rows = list(load_records(options.records).select_columns(["input_ids", "loss_mask"]))
     # the rows both sides will see: ours trains on all but one held-out record; the Trainer shuffles all

@@ -25,8 +25,7 @@ from transformers import DynamicCache
 
 from eval.decoder import verification_seconds
 from models.compat import cache_argument
-from models.loading import load_target
-from tests.conftest import SMOLLM2
+from models.loading import configured_target, load_target
 
 
 def seconds_per_call(function, calls: int) -> float:
@@ -61,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     torch.manual_seed(0)
-    model = load_target(SMOLLM2, args.cache).model
+    model = load_target(configured_target("smollm2_135m"), args.cache).model
     prefix = torch.randint(0, model.config.vocab_size, (1, args.context))
     head = model.get_output_embeddings()
     best: dict[tuple[str, int], float] = {}

@@ -49,15 +49,17 @@ def _nested(rows: list[np.ndarray], dtype, width: int) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, inner)
 
 
-def write_shard(path: Path, records: list[dict], top_k: int, stats: dict) -> None:
-    """Write `records` atomically; top-k columns come as numpy arrays [n_masked, k] per record."""
+def write_shard(path: Path, records: list[dict], top_k: int, stats: dict, provenance: dict | None = None) -> None:
+    """Write `records` atomically; top-k columns come as numpy arrays [n_masked, k] per record. `provenance`
+    (resolved config, git commit, target identity) is stored in the file's metadata beside the shard's stats."""
     schema = record_schema(top_k)
     plain = [name for name in schema.names if not name.startswith("topk_")]
     columns = {name: pa.array([r[name] for r in records], type=schema.field(name).type) for name in plain}
     if top_k:
         columns["topk_ids"] = _nested([r["topk_ids"] for r in records], np.int32, top_k)
         columns["topk_logprobs"] = _nested([r["topk_logprobs"] for r in records], np.float16, top_k)
-    table = pa.table(columns, schema=schema.with_metadata({"draftsmith": json.dumps(stats)}))
+    metadata = {"draftsmith": json.dumps(stats), "draftsmith_provenance": json.dumps(provenance, default=str)}
+    table = pa.table(columns, schema=schema.with_metadata(metadata))
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -71,6 +73,13 @@ def read_shard(path: Path) -> tuple[pa.Table, dict]:
     with pa.memory_map(str(path)) as source:
         table = pa.ipc.open_file(source).read_all()
     return table, json.loads(table.schema.metadata[b"draftsmith"])
+
+
+def shard_provenance(path: Path) -> dict | None:
+    """How a shard was made: {"config", "git_commit", "target"} (None for a shard written without it)."""
+    with pa.memory_map(str(path)) as source:
+        metadata = pa.ipc.open_file(source).schema.metadata
+    return json.loads(metadata.get(b"draftsmith_provenance", b"null"))
 
 
 def complete_shards(out_dir: Path, num_shards: int) -> set[int]:

@@ -15,7 +15,7 @@ One step, for every row of the batch at once:
    sibling; if none is accepted emit a token from what is left of p. Temperature, top-k and top-p are applied to
    p and q identically (`models.sampling.warp_logits`), so the output follows the warped target distribution.
 4. The accepted tokens and the target's own token are committed. Both KV caches are pre-allocated
-   (`eval.cache.RaggedKVCache`); rejected positions are forgotten by moving per-row pointers on the host, a tree's
+   (`models.cache.RaggedKVCache`); rejected positions are forgotten by moving per-row pointers on the host, a tree's
    accepted path is copied into place. The step's results reach the host in one transfer (its one sync).
 
 Adaptive draft length (`confidence_threshold` > 0, chains only): a row stops drafting after a token whose
@@ -25,9 +25,11 @@ threshold and SpecDec++ do; deciding whether any row still drafts costs one host
 Rows have their own lengths and acceptance; a finished row leaves the batch. Each row samples from its own
 generator seeded from (seed, row key), so what a prompt gets does not depend on its batch.
 
-Feature-level drafters (EAGLE, FSPAD; `models.feature_drafter`) run through `FeatureDraft`: they read the target's
-last hidden states, which the target forwards already compute, and feed their own predicted features back while
-drafting; each step they re-read the true features of what was accepted.
+Each kind of drafter drives its own forwards through the interface the decoder calls (`start`, `catch_up`,
+`extend`, `commit`, `keep_rows`, `needs_features`): `models.drafter.TokenDraft` for standalone drafters,
+`models.feature_drafter.FeatureDraft` for feature-level ones (EAGLE, FSPAD), which read the target's last hidden
+states (the target forwards compute them already) and feed their own predicted features back while drafting;
+each step they re-read the true features of what was accepted. `models.kinds.draft_for` picks the right one.
 """
 from __future__ import annotations
 
@@ -38,9 +40,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from eval.cache import RaggedKVCache, block_mask, check_supported
 from eval.metrics import DecodeStats
-from models.compat import cache_argument
+from models.cache import RaggedKVCache, check_supported, forward_on_cache, head_logits, pad_rows
 from models.sampling import SamplingSettings, make_generator, request_seed, warp_logits
 
 
@@ -120,30 +121,6 @@ class Tree:
         return len(self.parent)
 
 
-def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    width = max(1, max(map(len, rows)))
-    return torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
-
-
-def _forward(model: PreTrainedModel, cache: RaggedKVCache, tokens: torch.Tensor, starts: list[int],
-             local: torch.Tensor, relative_positions: torch.Tensor, offset: int = 0,
-             inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Last hidden states [rows, width, d] for a block written after each row's `starts[b]` committed columns
-    (at column starts[b] + offset + i), seeing the prefix and the block columns `local` allows."""
-    device = cache.device
-    span = cache.begin([start + offset for start in starts], tokens.shape[1])
-    positions = torch.tensor(starts, device=device)[:, None] + relative_positions.to(device)[None, :]
-    mask = block_mask(starts, span, local, device)
-    arguments = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": tokens}
-    decoder = model.get_decoder()
-    return decoder(**arguments, attention_mask=mask, position_ids=positions, use_cache=True,
-                   **cache_argument(decoder, cache)).last_hidden_state
-
-
-def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    return model.get_output_embeddings()(hidden).float()
-
-
 class _Rows:
     """Per-row random streams: exponential races for sampling, uniforms for acceptance tests."""
 
@@ -172,114 +149,6 @@ def make_generator_on(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
-class TokenDraft:
-    """A standalone drafter: a causal LM over the target's vocabulary (a reduced draft vocabulary gives -inf
-    outside it, which the rules above handle as q = 0)."""
-
-    needs_features = False
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        check_supported(model)
-        self.model = model
-
-    def start(self, rows: int, capacity: int) -> None:
-        self.cache = RaggedKVCache.for_model(self.model, rows, capacity)
-        self.lengths = [0] * rows
-
-    def catch_up(self, sequences: list[list[int]], features: torch.Tensor | None) -> torch.Tensor:
-        """Feed what each row committed since the last step; logits [rows, V] for the next token."""
-        feeds = [sequence[length:] for sequence, length in zip(sequences, self.lengths)]
-        tokens = _pad(feeds, self.cache.device)
-        width = tokens.shape[1]
-        hidden = _forward(self.model, self.cache, tokens, self.lengths, torch.ones(width, width).tril().bool(),
-                          torch.arange(width))
-        last = torch.tensor([len(feed) - 1 for feed in feeds], device=hidden.device)
-        self.lengths = [len(sequence) for sequence in sequences]
-        return _logits(self.model, hidden[torch.arange(len(feeds), device=hidden.device), last])
-
-    def extend(self, tokens: torch.Tensor, parents: list[int], local: torch.Tensor, relative: torch.Tensor,
-               offset: int) -> torch.Tensor:
-        """Draft tokens [rows, w] after the committed prefix (block columns offset..offset+w-1); logits [rows, w, V]."""
-        return _logits(self.model, _forward(self.model, self.cache, tokens, self.lengths, local, relative, offset))
-
-    def commit(self, accepted: list[int], fed_drafts: int) -> None:
-        """Keep the committed prefix plus the drafts that were fed and accepted (their columns are in place)."""
-        self.lengths = [length + min(n, fed_drafts) for length, n in zip(self.lengths, accepted)]
-
-    def keep_rows(self, rows: list[int]) -> None:
-        self.cache.keep_rows(rows)
-        self.lengths = [self.lengths[row] for row in rows]
-
-
-class FeatureDraft:
-    """A feature-level drafter (`models.feature_drafter.FeatureDrafter`) with the target's embedding and head.
-
-    Its input at position t pairs the target feature f_t with the embedding of x_{t+1}; it predicts f_{t+1},
-    which the target's head turns into the distribution of x_{t+2}. While drafting, predicted features stand in
-    for the target's; the next step re-reads the true ones.
-    """
-
-    needs_features = True
-
-    def __init__(self, drafter: torch.nn.Module, target: PreTrainedModel) -> None:
-        self.drafter, self.target = drafter, target
-        self.embed, self.head = target.get_input_embeddings(), target.get_output_embeddings()
-
-    def start(self, rows: int, capacity: int) -> None:
-        config = self.drafter.layer_config
-        parameter = next(self.drafter.parameters())
-        self.cache = RaggedKVCache(1, rows, config.num_key_value_heads, config.hidden_size //
-                                   config.num_attention_heads, capacity, parameter.dtype, parameter.device)
-        self.lengths = [0] * rows  # pairs (f_t, x_{t+1}) held, t = 0 .. length-1
-        self.predicted: torch.Tensor | None = None
-
-    def _run(self, features: torch.Tensor, tokens: torch.Tensor, local: torch.Tensor, relative: torch.Tensor,
-             offset: int) -> torch.Tensor:
-        embeddings = self.embed(tokens)
-        if self.drafter.spec.feature_sampling:
-            features = features * embeddings
-        hidden = self.drafter.fuse(torch.cat([features.to(embeddings.dtype), embeddings], dim=-1))
-        span = self.cache.begin([length + offset for length in self.lengths], tokens.shape[1])
-        positions = torch.tensor(self.lengths, device=hidden.device)[:, None] + relative.to(hidden.device)[None, :]
-        mask = block_mask(self.lengths, span, local, hidden.device)
-        output = self.drafter.layer(hidden, attention_mask=mask, position_ids=positions,
-                                    position_embeddings=self.drafter.rotary(hidden, positions),
-                                    **cache_argument(self.drafter.layer, self.cache))
-        self.predicted = output[0] if isinstance(output, tuple) else output
-        return _logits(self.target, self.predicted)
-
-    def catch_up(self, sequences: list[list[int]], features: torch.Tensor) -> torch.Tensor:
-        ends = [len(sequence) - 1 for sequence in sequences]  # pairs up to t = len - 2
-        if min(ends) < 1:
-            raise ValueError("a feature-level drafter needs prompts of at least 2 tokens (it pairs each target "
-                             "feature with the next token)")
-        rows = range(len(sequences))
-        width = max(1, max(end - length for end, length in zip(ends, self.lengths)))
-        index = torch.tensor([[min(length + i, max(end - 1, 0)) for i in range(width)]
-                              for length, end in zip(self.lengths, ends)], device=features.device)
-        feats = features[torch.arange(len(ends), device=features.device)[:, None], index]
-        tokens = _pad([sequences[b][self.lengths[b] + 1: ends[b] + 1] for b in rows], features.device)
-        logits = self._run(feats, tokens, torch.ones(width, width).tril().bool(), torch.arange(width), 0)
-        last = torch.tensor([max(end - length, 1) - 1 for end, length in zip(ends, self.lengths)],
-                            device=logits.device)
-        every = torch.arange(len(ends), device=logits.device)
-        self.predicted = self.predicted[every, last][:, None]
-        self.lengths = ends
-        return logits[every, last]
-
-    def extend(self, tokens: torch.Tensor, parents: list[int], local: torch.Tensor, relative: torch.Tensor,
-               offset: int) -> torch.Tensor:
-        features = self.predicted[:, torch.tensor(parents, device=tokens.device)]
-        return self._run(features, tokens, local, relative, offset)
-
-    def commit(self, accepted: list[int], fed_drafts: int) -> None:
-        pass  # drafted pairs used predicted features: the next catch-up re-feeds them with the target's
-
-    def keep_rows(self, rows: list[int]) -> None:
-        self.cache.keep_rows(rows)
-        self.lengths = [self.lengths[row] for row in rows]
-
-
 class _Target:
     """The target's pre-allocated cache (holding every committed token but the last) and, for feature drafters,
     its last hidden states per committed position."""
@@ -290,7 +159,7 @@ class _Target:
         self.cache = RaggedKVCache.for_model(model, len(prompts), capacity)
         self.features = None
         self.lengths = [0] * len(prompts)
-        tokens = _pad([prompt[:-1] for prompt in prompts], self.cache.device)
+        tokens = pad_rows([prompt[:-1] for prompt in prompts], self.cache.device)
         hidden = self.forward(tokens, torch.ones(tokens.shape[1], tokens.shape[1]).tril().bool(),
                               torch.arange(tokens.shape[1]))
         if keep_features:
@@ -299,7 +168,7 @@ class _Target:
         self.lengths = [len(prompt) - 1 for prompt in prompts]
 
     def forward(self, tokens: torch.Tensor, local: torch.Tensor, relative: torch.Tensor) -> torch.Tensor:
-        return _forward(self.model, self.cache, tokens, self.lengths, local, relative)
+        return forward_on_cache(self.model, self.cache, tokens, self.lengths, local, relative)
 
     def store_features(self, hidden: torch.Tensor, nodes: torch.Tensor) -> None:
         """Keep the hidden states of `nodes` [rows, n] (block indices) at columns lengths[b] + 0..n-1."""
@@ -361,7 +230,7 @@ def _chain_step(target: _Target, draft, sequences: list[list[int]], budgets: lis
     last = torch.tensor([sequence[-1] for sequence in sequences], device=device)[:, None]
     block = torch.cat([last] + [token[:, None] for token in drafts], 1)
     hidden = target.forward(block, torch.ones(count + 1, count + 1).tril().bool(), torch.arange(count + 1))
-    logits = _logits(target.model, hidden)
+    logits = head_logits(target.model, hidden)
     valid = torch.arange(count, device=device)[None, :] < proposed[:, None]
     if sampling:
         p = torch.softmax(warp_logits(logits, settings.sampling), -1)
@@ -408,7 +277,7 @@ def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], s
     last = torch.tensor([sequence[-1] for sequence in sequences], device=device)[:, None]
     block = torch.cat([last] + levels, 1)  # [rows, tree.size]
     hidden = target.forward(block, tree.ancestors, torch.tensor(tree.depth))
-    logits = _logits(target.model, hidden)
+    logits = head_logits(target.model, hidden)
     every = torch.arange(rows, device=device)
     current = torch.zeros(rows, dtype=torch.long, device=device)
     searching = torch.ones(rows, dtype=torch.bool, device=device)
@@ -562,7 +431,7 @@ def plain_generate(target_model: PreTrainedModel, prompts: list[list[int]], sett
         one = torch.ones(1, 1, dtype=torch.bool)
         while live:
             block = torch.tensor(last, device=target.cache.device)[:, None]
-            logits = _logits(target_model, target.forward(block, one, torch.zeros(1, dtype=torch.long)))[:, 0]
+            logits = head_logits(target_model, target.forward(block, one, torch.zeros(1, dtype=torch.long)))[:, 0]
             if settings.sampling.greedy:
                 chosen = logits.argmax(-1)
             else:
@@ -593,7 +462,7 @@ def verification_seconds(target_model: PreTrainedModel, prompt_ids: list[int], w
         for w in times:  # lengths are not advanced: every call writes the same cache columns
             tokens = torch.full((1, w), prompt_ids[-1], device=target.cache.device)
             started = time.perf_counter()
-            _logits(target_model, target.forward(tokens, torch.ones(w, w).tril().bool(), torch.arange(w))
+            head_logits(target_model, target.forward(tokens, torch.ones(w, w).tril().bool(), torch.arange(w))
                     ).argmax(-1).tolist()
             times[w].append(time.perf_counter() - started)
     return {w: statistics.median(t[1:]) for w, t in times.items()}

@@ -4,9 +4,9 @@ Two things live here:
 
 - **How we hand our KV cache to a transformers model.** The eval decoder and data_gen pass a cache object into HF
   model forwards; the argument's name and the way attention calls `cache.update` have changed between releases:
-  transformers 5.0 calls `update(key, value, layer_idx, cache_kwargs)`, 5.23 `update(key, value, layer_idx)`, 5.24
-  renames the forward argument `past_key_values` to `cache` (the old name warns on every call) and calls
-  `update(key, value, layer_idx, kwargs=...)`. `cache_argument(module, cache)` names the argument the way the
+  transformers 5.0 calls `update(key, value, layer_idx, cache_kwargs)` and asks `get_seq_length()` for a
+  `cache_position`, 5.23 `update(key, value, layer_idx)`, 5.24 renames the forward argument `past_key_values` to
+  `cache` (the old name warns on every call) and calls `update(key, value, layer_idx, kwargs=...)`. `cache_argument(module, cache)` names the argument the way the
   installed version wants it; our cache's `update` accepts every calling convention.
 - **Which library versions the suite has passed on.** The ranges are draftsmith's own package metadata
   (`pyproject.toml`'s dependencies, read back from the installed distribution, so there is one source); the exact

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from models.cache import RaggedKVCache, check_supported, forward_on_cache, head_logits, pad_rows
 from models.loading import load_causal_lm, load_tokenizer
 
 INIT_CHOICES = ("random", "target_embeddings", "target_layers")
@@ -280,3 +281,42 @@ def load_drafter(path: Path, target: PreTrainedModel, target_tokenizer: PreTrain
     drafter_tokenizer = load_tokenizer(Path(path)) if (Path(path) / "tokenizer_config.json").exists() else None
     check_same_vocabulary(drafter, target, drafter_tokenizer, target_tokenizer)
     return drafter
+
+
+class TokenDraft:
+    """A standalone drafter: a causal LM over the target's vocabulary (a reduced draft vocabulary gives -inf
+    outside it, which the rules above handle as q = 0)."""
+
+    needs_features = False
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        check_supported(model)
+        self.model = model
+
+    def start(self, rows: int, capacity: int) -> None:
+        self.cache = RaggedKVCache.for_model(self.model, rows, capacity)
+        self.lengths = [0] * rows
+
+    def catch_up(self, sequences: list[list[int]], features: torch.Tensor | None) -> torch.Tensor:
+        """Feed what each row committed since the last step; logits [rows, V] for the next token."""
+        feeds = [sequence[length:] for sequence, length in zip(sequences, self.lengths)]
+        tokens = pad_rows(feeds, self.cache.device)
+        width = tokens.shape[1]
+        hidden = forward_on_cache(self.model, self.cache, tokens, self.lengths, torch.ones(width, width).tril().bool(),
+                          torch.arange(width))
+        last = torch.tensor([len(feed) - 1 for feed in feeds], device=hidden.device)
+        self.lengths = [len(sequence) for sequence in sequences]
+        return head_logits(self.model, hidden[torch.arange(len(feeds), device=hidden.device), last])
+
+    def extend(self, tokens: torch.Tensor, parents: list[int], local: torch.Tensor, relative: torch.Tensor,
+               offset: int) -> torch.Tensor:
+        """Draft tokens [rows, w] after the committed prefix (block columns offset..offset+w-1); logits [rows, w, V]."""
+        return head_logits(self.model, forward_on_cache(self.model, self.cache, tokens, self.lengths, local, relative, offset))
+
+    def commit(self, accepted: list[int], fed_drafts: int) -> None:
+        """Keep the committed prefix plus the drafts that were fed and accepted (their columns are in place)."""
+        self.lengths = [length + min(n, fed_drafts) for length, n in zip(self.lengths, accepted)]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.keep_rows(rows)
+        self.lengths = [self.lengths[row] for row in rows]

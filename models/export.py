@@ -8,11 +8,15 @@ The directory loads with `AutoModelForCausalLM.from_pretrained` and works unchan
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.loading import load_causal_lm
+from safetensors import safe_open
+
+from infra.stage import StageRun
+from models.loading import TargetSpec, load_causal_lm, resolve_model_dir
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
@@ -57,7 +61,9 @@ def model_card(name: str, target: dict, parameters: int, target_parameters: int,
             f"held-out prompts, {eval_report.get('dtype', 'float32')}. "
             "Block efficiency τ counts the target's own token per step (vLLM's mean acceptance length); "
             "wall speedup is the median over prompts against plain decoding on the same cache and machine. "
-            "Greedy outputs were checked token for token against plain greedy decoding.", "",
+            "Losslessness, as that eval checked it: " + next(
+                (m["lossless_check"] for m in eval_report["drafters"].values() if "lossless_check" in m),
+                "greedy outputs were compared token for token with plain greedy decoding") + ".", "",
             eval_report.get("table_markdown", ""), "",
         ]
     lines += ["## Reproduce", "", "```", reproduce, "```", ""]
@@ -81,3 +87,34 @@ def export_drafter(drafter_dir: Path, out_dir: Path, card: str) -> Path:
     load_causal_lm(out_dir)  # the export is only done when it loads
     return out_dir
 
+
+def parameters_in(model_dir: Path) -> int:
+    """Parameter count from the safetensors header alone (tied weights are stored once)."""
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+
+
+def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> dict:
+    """Stage `export`: the chosen drafter (eval's best by default) as a plain HF folder with a model card."""
+    evaluated = run.output("eval")
+    report = json.loads((evaluated / "report.json").read_text()) if evaluated else None
+    choice = settings.drafter
+    if choice == "best":
+        if report is None:
+            raise FileNotFoundError("export.drafter=best needs the eval output; add eval to stages or name a drafter")
+        choice = report["best"]
+    if report is not None and choice in report["drafter_paths"]:
+        drafter_dir = Path(report["drafter_paths"][choice])
+    else:
+        drafter_dir = Path(choice)
+    if not (drafter_dir / "config.json").exists():
+        raise FileNotFoundError(f"export.drafter={settings.drafter!r} resolved to {drafter_dir}, which is not a "
+                                f"drafter checkpoint")
+    target_dir, identity = resolve_model_dir(target, run.cache_dir)
+    card_report = report if report is not None and choice in report["drafters"] else None
+    reproduce = f"python train/run.py +experiment={run.config['experiment']} run_name={run.config['run_name']}"
+    card = model_card(settings.name, identity.as_dict(), parameters_in(drafter_dir), parameters_in(target_dir),
+                      card_report, f"{choice} ({drafter_dir})", reproduce)
+    exported = export_drafter(drafter_dir, run.out_dir / settings.name, card)
+    return {"exported": str(run.run_dir / "export" / settings.name), "drafter": choice,
+            "files": sorted(p.name for p in exported.iterdir())}

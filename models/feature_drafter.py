@@ -25,6 +25,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from models.cache import RaggedKVCache, block_mask, head_logits, pad_rows
+from models.compat import cache_argument
+
 CONFIG_FILE = "feature_drafter.json"
 
 
@@ -56,12 +59,18 @@ class FeatureDrafter(torch.nn.Module):
         torch.random.set_rng_state(generator_state)
         self.rotary = LlamaRotaryEmbedding(self.layer_config)
 
+    def fused_inputs(self, features: torch.Tensor, next_embeddings: torch.Tensor) -> torch.Tensor:
+        """The decoder layer's input [B, T, d] from f_t and e(x_{t+1}); with FSPAD's feature sampling the feature is
+        first sampled in embedding space, f_t ⊙ e(x_{t+1}). Training and decoding both go through here."""
+        features = features.to(next_embeddings.dtype)
+        if self.spec.feature_sampling:
+            features = features * next_embeddings
+        return self.fuse(torch.cat([features, next_embeddings], dim=-1))
+
     def forward(self, features: torch.Tensor, next_embeddings: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """Predicted next features [B, T, d] from target features f_t [B, T, d], embeddings of x_{t+1}
         [B, T, d] and a [B, T] padding mask (1 = real token)."""
-        if self.spec.feature_sampling:
-            features = features * next_embeddings
-        hidden = self.fuse(torch.cat([features, next_embeddings], dim=-1))
+        hidden = self.fused_inputs(features, next_embeddings)
         batch, width = attention.shape
         position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
         causal = torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()
@@ -92,3 +101,69 @@ def load_feature_drafter(folder: Path, target: PreTrainedModel) -> FeatureDrafte
     if unexpected or [m for m in missing if not m.startswith("rotary.")]:
         raise ValueError(f"{folder}: weights do not fit (missing {missing}, unexpected {unexpected})")
     return drafter.to(target.device).eval()
+
+
+class FeatureDraft:
+    """A feature-level drafter (`models.feature_drafter.FeatureDrafter`) with the target's embedding and head.
+
+    Its input at position t pairs the target feature f_t with the embedding of x_{t+1}; it predicts f_{t+1},
+    which the target's head turns into the distribution of x_{t+2}. While drafting, predicted features stand in
+    for the target's; the next step re-reads the true ones.
+    """
+
+    needs_features = True
+
+    def __init__(self, drafter: torch.nn.Module, target: PreTrainedModel) -> None:
+        self.drafter, self.target = drafter, target
+        self.embed, self.head = target.get_input_embeddings(), target.get_output_embeddings()
+
+    def start(self, rows: int, capacity: int) -> None:
+        config = self.drafter.layer_config
+        parameter = next(self.drafter.parameters())
+        self.cache = RaggedKVCache(1, rows, config.num_key_value_heads, config.hidden_size //
+                                   config.num_attention_heads, capacity, parameter.dtype, parameter.device)
+        self.lengths = [0] * rows  # pairs (f_t, x_{t+1}) held, t = 0 .. length-1
+        self.predicted: torch.Tensor | None = None
+
+    def _run(self, features: torch.Tensor, tokens: torch.Tensor, local: torch.Tensor, relative: torch.Tensor,
+             offset: int) -> torch.Tensor:
+        hidden = self.drafter.fused_inputs(features, self.embed(tokens))
+        span = self.cache.begin([length + offset for length in self.lengths], tokens.shape[1])
+        positions = torch.tensor(self.lengths, device=hidden.device)[:, None] + relative.to(hidden.device)[None, :]
+        mask = block_mask(self.lengths, span, local, hidden.device)
+        output = self.drafter.layer(hidden, attention_mask=mask, position_ids=positions,
+                                    position_embeddings=self.drafter.rotary(hidden, positions),
+                                    **cache_argument(self.drafter.layer, self.cache))
+        self.predicted = output[0] if isinstance(output, tuple) else output
+        return head_logits(self.target, self.predicted)
+
+    def catch_up(self, sequences: list[list[int]], features: torch.Tensor) -> torch.Tensor:
+        ends = [len(sequence) - 1 for sequence in sequences]  # pairs up to t = len - 2
+        if min(ends) < 1:
+            raise ValueError("a feature-level drafter needs prompts of at least 2 tokens (it pairs each target "
+                             "feature with the next token)")
+        rows = range(len(sequences))
+        width = max(1, max(end - length for end, length in zip(ends, self.lengths)))
+        index = torch.tensor([[min(length + i, max(end - 1, 0)) for i in range(width)]
+                              for length, end in zip(self.lengths, ends)], device=features.device)
+        feats = features[torch.arange(len(ends), device=features.device)[:, None], index]
+        tokens = pad_rows([sequences[b][self.lengths[b] + 1: ends[b] + 1] for b in rows], features.device)
+        logits = self._run(feats, tokens, torch.ones(width, width).tril().bool(), torch.arange(width), 0)
+        last = torch.tensor([max(end - length, 1) - 1 for end, length in zip(ends, self.lengths)],
+                            device=logits.device)
+        every = torch.arange(len(ends), device=logits.device)
+        self.predicted = self.predicted[every, last][:, None]
+        self.lengths = ends
+        return logits[every, last]
+
+    def extend(self, tokens: torch.Tensor, parents: list[int], local: torch.Tensor, relative: torch.Tensor,
+               offset: int) -> torch.Tensor:
+        features = self.predicted[:, torch.tensor(parents, device=tokens.device)]
+        return self._run(features, tokens, local, relative, offset)
+
+    def commit(self, accepted: list[int], fed_drafts: int) -> None:
+        pass  # drafted pairs used predicted features: the next catch-up re-feeds them with the target's
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.keep_rows(rows)
+        self.lengths = [self.lengths[row] for row in rows]

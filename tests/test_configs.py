@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -70,3 +69,16 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (REPO_ROOT / ".ci" / "run").read_text()
     command = readme.split("<!-- test-command -->")[1].split("```")[1].strip().splitlines()[-1]
     assert command in ci, f"README's test command {command!r} is not in .ci/run"
+
+
+def test_pretrain_and_distill_take_their_optimizer_from_the_optim_group():
+    shared = OmegaConf.load(CONF / "optim" / "adamw.yaml")
+    for experiment in EXPERIMENTS:
+        config = compose_config([f"+experiment={experiment}"])
+        for stage in ("pretrain", "distill"):
+            optim = config[stage].optim
+            assert set(optim) == set(shared), (experiment, stage)
+            bind(optim)
+    default = compose_config([])
+    assert default.distill.optim.lr == shared.lr and default.pretrain.optim.lr == 3.0e-3  # pretrain's own rate
+    assert compose_config(["distill.optim.lr=0.5"]).distill.optim.lr == 0.5

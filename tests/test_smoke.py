@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_gen.shards import load_records
+from data_gen.shards import load_records, shard_provenance
+from infra.rundir import StageMismatchError
 from tests.conftest import REPO_ROOT
-from train.rundir import StageMismatchError
 
 STAGES = ["data_gen", "pretrain", "distill", "eval", "export"]
 SECRET = "wandb-key-that-must-never-be-written-0123456789"
@@ -37,15 +37,21 @@ def smoke_run(tmp_path_factory):
 def test_every_stage_writes_a_self_explaining_output(smoke_run):
     tmp_path, _ = smoke_run
     run_dir = tmp_path / "runs" / "smoke" / "default"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
     for stage in STAGES:
         meta = json.loads((run_dir / stage / "meta.json").read_text())
         assert meta["config"]["experiment"] == "smoke"
         assert meta["target"]["name"] == "tiny-random-llama" and len(meta["target"]["sha256"]) == 64
-        assert meta["git_commit"]
+        assert meta["git_commit"].removesuffix("-dirty") == head, meta["git_commit"]
     assert not list(run_dir.glob("*.partial"))
+    shard = sorted((run_dir / "data_gen" / "shards").glob("shard-*.arrow"))[0]
+    made = shard_provenance(shard)  # every shard says how it was made, as meta.json does for the stage
+    assert made["config"]["experiment"] == "smoke" and made["target"] == meta["target"]
+    assert made["git_commit"].removesuffix("-dirty") == head
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert set(report["drafters"]) == {"untrained", "pretrained", "distilled"}
-    assert all(m["lossless"] for m in report["drafters"].values())
+    assert all(m["lossless"] is True for m in report["drafters"].values())
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))  # the real wandb wrote its offline run files
 
 
@@ -129,7 +135,7 @@ def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_ru
             "eval.tree=[2,2]")
     report = json.loads((eagle / "eval" / "report.json").read_text())
     assert set(report["drafters"]) == {"untrained", "distilled"}
-    assert all(m["lossless"] for m in report["drafters"].values())
+    assert all(m["lossless"] is True for m in report["drafters"].values())
     assert report["drafter_paths"]["distilled"].endswith("distill/model")
 
 

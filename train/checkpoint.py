@@ -1,8 +1,8 @@
 """Resumable training state in `checkpoints/step-NNNNNNN/`, written atomically.
 
 A checkpoint holds the engine's state (weights, optimizer, scheduler: `PlainEngine.save` or DeepSpeed's own
-format), every rank's RNG states, and `state.json` (step, data position, best-so-far selection, the stage's
-settings and git commit). It is written to `step-N.tmp/` and renamed only when every rank has finished, so a
+format), every rank's RNG states, and `state.json` (step, data position, best-so-far selection, the git commit,
+and, given the run's provenance, the resolved config and the target's identity). It is written to `step-N.tmp/` and renamed only when every rank has finished, so a
 folder named `step-N` is always complete; `latest()` ignores anything else. `resume=auto` continues from it.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import distributed
-from train.rundir import git_commit
+from infra import distributed
+from infra.rundir import git_commit
 
 RESUME_CHOICES = ("auto", "never")
 
@@ -63,8 +63,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, root: Path, step: int, state: dict, keep: int) -> Path:
-    """Write the checkpoint for `step` (every rank calls this); keep the newest `keep` of them."""
+def save(engine, root: Path, step: int, state: dict, keep: int, provenance: dict | None = None) -> Path:
+    """Write the checkpoint for `step` (every rank calls this); keep the newest `keep` of them. `provenance`
+    ({"config", "target", ...}, infra.stage.StageRun.provenance) goes into state.json."""
     final = root / f"step-{step:07d}"
     temporary = final.with_name(final.name + ".tmp")
     if distributed.is_main():
@@ -75,7 +76,9 @@ def save(engine, root: Path, step: int, state: dict, keep: int) -> Path:
     torch.save(_picklable(rng_state()), temporary / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main():
-        payload = state | {"step": step, "world_size": distributed.world_size(), "git_commit": git_commit()}
+        made_by = provenance or {}
+        payload = state | {"step": step, "world_size": distributed.world_size(), "git_commit": git_commit(),
+                           "config": made_by.get("config"), "target": made_by.get("target")}
         (temporary / "state.json").write_text(json.dumps(payload, indent=2, default=str))
         shutil.rmtree(final, ignore_errors=True)
         temporary.replace(final)

@@ -30,15 +30,21 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data_gen.backends import HFBackend, Request
+from data_gen.chat import end_of_turn_ids
 from data_gen.shards import load_records
+from infra import distributed
+from infra.stage import StageRun
+from infra.tracking import Tracker
+from losses.feature import FeatureLoss
 from losses.mix import LossMix
 from losses.tvd import expected_acceptance
-from models.drafter import LoraSettings, apply_lora, check_same_vocabulary
+from models.drafter import DrafterSpec, LoraSettings, TokenDraft, apply_lora, check_same_vocabulary
+from models.feature_drafter import FeatureDrafterSpec
+from models.kinds import kind_of_spec
 from models.sampling import SamplingSettings, request_seed
-from train import checkpoint, distributed
+from train import checkpoint
 from train.engine import DeepSpeedSettings, build_engine, logits_at, micro_batches, save_weights
 from train.optim import OptimSettings
-from train.tracking import Tracker
 
 TEACHERS = ("online", "offline")
 SELECTIONS = ("proxy", "decoder", "last")
@@ -218,7 +224,7 @@ def acceptance_proxy(drafter: PreTrainedModel, target: PreTrainedModel, rows: li
 def decoder_block_efficiency(drafter: PreTrainedModel, target: PreTrainedModel, rows: list[Row],
                              settings: DistillSettings, stop_ids: list[int]) -> float:
     """τ (tokens per target forward) of greedy speculative decoding with `drafter` on the rows' prompts."""
-    from eval.decoder import DecodeSettings, TokenDraft, speculative_generate
+    from eval.decoder import DecodeSettings, speculative_generate
 
     was_training = drafter.training
     drafter.eval()
@@ -257,8 +263,9 @@ def peak_memory_mib() -> float:
 def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
             loss: LossMix, settings: DistillSettings, out_dir: Path, tracker: Tracker,
             deepspeed: DeepSpeedSettings = DeepSpeedSettings(), resume: str = "auto",
-            stop_ids: list[int] | None = None) -> dict:
-    """Train `drafter` against `target`; write `model/` (selected), `last/`, `curve.jsonl` and checkpoints."""
+            stop_ids: list[int] | None = None, provenance: dict | None = None) -> dict:
+    """Train `drafter` against `target`; write `model/` (selected), `last/`, `curve.jsonl` and checkpoints
+    (each with `provenance`)."""
     check_same_vocabulary(drafter, target)
     world = distributed.world_size()
     if settings.batch_size % (world * settings.accumulation):
@@ -372,7 +379,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
         if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < total_steps:
             checkpoint.save(engine, checkpoints, done, {"best": best, "proxy_history": history,
                                                         "data_position": {"epoch": epoch, "batch": index + 1}},
-                            settings.keep_checkpoints)
+                            settings.keep_checkpoints, provenance)
     progress.close()
     model.eval()
     save_weights(engine, tokenizer, out_dir / "last")
@@ -390,3 +397,29 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
             "acceptance_proxy": history, "loss_tokens_this_run": loss_tokens, "seconds": round(elapsed, 1),
             "loss_tokens_per_s": round(loss_tokens / max(elapsed, 1e-9)), "processes": world,
             "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}
+
+
+def run_stage(run: StageRun, settings: DistillSettings, drafter: DrafterSpec | FeatureDrafterSpec,
+              loss: LossMix | FeatureLoss, deepspeed: DeepSpeedSettings) -> dict:
+    """Stage `distill`: the drafter (this run's pretrain output, `init_from`, or a fresh one) trained towards the
+    target on this run's data_gen records, into `run.out_dir`."""
+    target, kind = run.target(), kind_of_spec(drafter)
+    data = run.require("data_gen")
+    if kind.trains_on_features:  # EAGLE / FSPAD: trained on the target's features
+        from train.feature_distill import distill_features
+
+        if not isinstance(loss, FeatureLoss):
+            raise ValueError(f"drafter={drafter.name} is feature-level: choose loss=eagle or loss=fspad")
+        return distill_features(kind.build(drafter, target), target.model, target.tokenizer, data, loss, settings,
+                                run.out_dir, run.tracker)
+    pretrained = run.output("pretrain") if kind.pretrainable else None
+    if settings.init_from or pretrained:
+        start = Path(settings.init_from) if settings.init_from else pretrained / "model"
+        model = kind.load(start, target)
+    else:
+        answers = load_records(data).select_columns(["response_ids"])["response_ids"]
+        start, model = "fresh", kind.build(drafter, target, token_lists=answers)
+    stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
+    summary = distill(model, target.model, target.tokenizer, data, loss, settings, run.out_dir, run.tracker,
+                      deepspeed=deepspeed, resume=run.resume, stop_ids=stop_ids, provenance=run.provenance)
+    return summary | {"init_from": str(start)}

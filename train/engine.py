@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from train import distributed
+from infra import distributed
 from train.optim import OptimSettings, build_optimizer
 
 STAGES = (0, 1, 2, 3)

@@ -21,12 +21,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from infra.tracking import Tracker
 from losses.feature import FeatureLoss
 from losses.tvd import expected_acceptance
 from models.feature_drafter import FeatureDrafter
 from train.distill import DistillSettings, Row, collate, count_steps, epoch_batches, read_rows, split_heldout
 from train.optim import build_optimizer
-from train.tracking import Tracker
 
 
 def feature_batch(drafter: FeatureDrafter, target: PreTrainedModel, rows: list[Row], pad_id: int, max_seq_len: int,

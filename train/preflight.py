@@ -14,7 +14,7 @@ that uses no cache at all, so a silent change is caught as well as a crash:
   cache-free reference, token for token.
 - export: a drafter saved, exported and loaded back with transformers.
 
-`train/run.py` calls `check_stages` (turn off with `preflight=false`); a failure raises `PreflightError`, naming
+`train/run.py` calls `check_run` (turn off with `preflight=false`); a failure raises `PreflightError`, naming
 each stage that cannot run, why, the installed library versions and what to do.
 """
 from __future__ import annotations
@@ -26,9 +26,12 @@ import traceback
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from models.compat import version_checks
+from models.feature_drafter import FeatureDrafter, FeatureDrafterSpec
+from models.kinds import kind_of_spec
+from models.loading import TargetSpec, resolve_model_dir
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -89,7 +92,7 @@ def check_data_gen_hf(target, cache: str) -> None:
 
 
 def check_vllm_import() -> None:
-    import vllm  # noqa: F401  (the engine itself starts in the stage; an import that fails fails here)
+    import vllm  # noqa: F401  # pyflakes: the engine itself starts in the stage; a failing import fails here
 
 
 def _one_step(model: torch.nn.Module, loss_fn) -> None:
@@ -124,8 +127,6 @@ def check_training(target, feature_level: bool) -> None:
         return torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
     _one_step(drafter, token_loss)
     if feature_level:
-        from models.feature_drafter import FeatureDrafter, FeatureDrafterSpec
-
         features_drafter = FeatureDrafter(FeatureDrafterSpec(feature_sampling=True), target.config)
         with torch.no_grad():
             features = target.get_decoder()(input_ids=tokens).last_hidden_state
@@ -138,8 +139,9 @@ def check_training(target, feature_level: bool) -> None:
 
 
 def check_eval(target, feature_level: bool) -> None:
-    from eval.decoder import DecodeSettings, FeatureDraft, TokenDraft, plain_generate, speculative_generate
-    from models.feature_drafter import FeatureDrafter, FeatureDrafterSpec
+    from eval.decoder import DecodeSettings, plain_generate, speculative_generate
+    from models.drafter import TokenDraft
+    from models.feature_drafter import FeatureDraft
 
     drafts = {"token-level": TokenDraft(tiny_like(target.config))}
     if feature_level:
@@ -212,3 +214,11 @@ def check_stages(stages: list[str], target_config: PretrainedConfig, *, data_gen
             + f"\n  installed: {versions}\n  Run .ci/setup to install the versions the suite passed with "
               f"(.ci/lock.txt); `python -m models.compat` compares them with the tested ranges.")
     return time.perf_counter() - started
+
+
+def check_run(stages: list[str], target: TargetSpec, cache_dir: Path, *, data_gen, drafter, deepspeed) -> float:
+    """`check_stages` for a configured run (the typed data_gen, drafter and deepspeed sections)."""
+    model_dir, _ = resolve_model_dir(target, cache_dir)
+    return check_stages(stages, AutoConfig.from_pretrained(model_dir, trust_remote_code=target.trust_remote_code),
+                        data_gen_backend=data_gen.backend, data_gen_cache=data_gen.cache,
+                        feature_level=kind_of_spec(drafter).trains_on_features, deepspeed=deepspeed.enabled)

@@ -22,11 +22,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from data_gen.chat import chat_token_ids
+from data_gen.sources import PromptSourceSpec, load_conversations
+from infra import distributed
+from infra.stage import StageRun
+from infra.tracking import Tracker
 from losses.ce import cross_entropy
-from train import checkpoint, distributed
+from models.drafter import DrafterSpec
+from models.feature_drafter import FeatureDrafterSpec
+from models.kinds import kind_of_spec
+from train import checkpoint
 from train.engine import DeepSpeedSettings, build_engine, micro_batches, save_weights
 from train.optim import OptimSettings
-from train.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -96,8 +103,10 @@ def target_positions(documents: torch.Tensor, document_mask: bool) -> torch.Tens
 
 def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, documents: list[list[int]],
              settings: PretrainSettings, out_dir: Path, tracker: Tracker,
-             deepspeed: DeepSpeedSettings = DeepSpeedSettings(), resume: str = "auto") -> dict:
-    """Train `drafter` for `settings.steps` steps; save it as safetensors to `out_dir/model`."""
+             deepspeed: DeepSpeedSettings = DeepSpeedSettings(), resume: str = "auto",
+             provenance: dict | None = None) -> dict:
+    """Train `drafter` for `settings.steps` steps; save it as safetensors to `out_dir/model`. `provenance` goes
+    into every checkpoint."""
     world = distributed.world_size()
     if settings.batch_size % (world * settings.accumulation):
         raise ValueError(f"pretrain.batch_size={settings.batch_size} must divide by processes ({world}) × "
@@ -150,7 +159,7 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
         done = step + 1
         if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
             checkpoint.save(engine, checkpoints, done, {"data_position": {"block_offset": done * settings.batch_size}},
-                            settings.keep_checkpoints)
+                            settings.keep_checkpoints, provenance)
     progress.close()
     model.eval()
     save_weights(engine, tokenizer, out_dir / "model")
@@ -158,3 +167,36 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
     return {"steps": settings.steps, "resumed_at": start_step, "final_loss": round(loss_value, 4),
             "blocks": len(blocks), "tokens_seen_this_run": tokens_seen * world, "seconds": round(elapsed, 1),
             "tokens_per_s": round(tokens_seen * world / max(elapsed, 1e-9)), "document_mask": settings.document_mask}
+
+
+def corpus_documents(tokenizer: PreTrainedTokenizerBase, conversations, settings: PretrainSettings) -> list[list[int]]:
+    """Token ids of the corpus' documents, each capped at 4 blocks (many short documents beat a few very long
+    ones), tokenizing only what the step budget will read."""
+    needed, documents, tokens = settings.steps * settings.batch_size * settings.seq_len, [], 0
+    for conversation in conversations[: settings.max_documents]:
+        if conversation.messages[0]["role"] == "text":  # corpus.format=text: raw text, then end-of-sequence
+            ids = tokenizer(conversation.messages[0]["content"], add_special_tokens=False)["input_ids"]
+            ids = (ids + [tokenizer.eos_token_id])[: 4 * settings.seq_len]
+        else:
+            ids = chat_token_ids(tokenizer, conversation.messages)[: 4 * settings.seq_len]
+        documents.append(ids)
+        tokens += len(ids)
+        if tokens >= needed:
+            break
+    return documents
+
+
+def run_stage(run: StageRun, settings: PretrainSettings, drafter: DrafterSpec | FeatureDrafterSpec,
+              corpus: PromptSourceSpec, deepspeed: DeepSpeedSettings) -> dict:
+    """Stage `pretrain`: a fresh drafter for the target, trained on `corpus`, into `run.out_dir`."""
+    kind = kind_of_spec(drafter)
+    if not kind.pretrainable:
+        raise ValueError(f"drafter={drafter.name} is a {kind.name}-level drafter, which has no pretraining stage: "
+                         f"run stages=[data_gen,distill]")
+    target = run.target()
+    conversations, corpus_report = load_conversations(corpus, run.cache_dir)
+    documents = corpus_documents(target.tokenizer, conversations, settings)
+    model = kind.build(drafter, target, token_lists=documents)
+    summary = pretrain(model, target.tokenizer, documents, settings, run.out_dir, run.tracker, deepspeed=deepspeed,
+                       resume=run.resume, provenance=run.provenance)
+    return summary | {"documents": len(documents), "corpus": corpus_report.as_dict()}

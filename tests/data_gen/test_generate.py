@@ -13,9 +13,9 @@ from data_gen.chat import end_of_turn_ids, prompt_token_ids
 from data_gen.generate import GenerationSettings, ShardsPending, WorkerSettings, generate
 from data_gen.shards import load_records, read_shard, shard_path
 from data_gen.sources import Conversation
+from infra.tracking import LoggerSettings, Tracker
 from models.drafter import DrafterSpec, build_drafter, save_drafter
 from models.sampling import request_seed
-from train.tracking import LoggerSettings, Tracker
 
 QUESTIONS = ["hello there", "a much longer question " * 3, "what is 2+2?", "name three colours", "why?",
              "tell me a story about a cat", "count to five", "what is the capital of France?"]

@@ -19,8 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import eval.decoder as decoder
 from data_gen.chat import end_of_turn_ids, prompt_token_ids
-from eval.decoder import DecodeSettings, TokenDraft, plain_generate, speculative_generate
-from models.drafter import DrafterSpec, build_drafter
+from eval.decoder import DecodeSettings, plain_generate, speculative_generate
+from models.drafter import DrafterSpec, TokenDraft, build_drafter
 from models.sampling import warp_logits
 
 VOCAB, LENGTH, PROMPT, SAMPLES = 5, 3, [1, 2], 6000

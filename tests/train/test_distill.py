@@ -16,33 +16,15 @@ from losses.ce import cross_entropy
 from losses.kl import forward_kl
 from losses.mix import LossMix
 from models.drafter import DrafterSpec, LoraSettings, build_drafter, load_drafter
+from tests.conftest import TINY_PROMPTS, quiet_tracker
 from train.distill import DistillSettings, OnPolicySettings, Row, collate, distill, offline_teacher_logits, \
     on_policy_rows, read_rows
 from train.optim import OptimSettings
-from train.tracking import LoggerSettings, Tracker
 
 SPEC = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
 LOSS_CONFIGS = [path for path in sorted((Path(__file__).resolve().parents[2] / "conf" / "loss").glob("*.yaml"))
                 if OmegaConf.load(path)._target_ == "losses.mix.LossMix"]  # eagle/fspad: tests/train/test_feature_distill.py
 FKL = LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})
-PROMPTS = ["hi", "tell me a story", "what is up", "count to ten", "name a colour", "say something kind",
-           "why is the sky blue", "write a haiku", "add two and two", "spell cat"]
-
-
-def quiet_tracker(tmp_path, stage="distill"):
-    return Tracker(LoggerSettings(backend="none", mode="disabled"), tmp_path, stage, {})
-
-
-@pytest.fixture(scope="module")
-def records_dir(tiny_target, tmp_path_factory):
-    """A real data_gen output of the tiny target, with its full-vocabulary top-k (k = V: nothing is cut off)."""
-    conversations = [Conversation(id=str(i), source="test", messages=[{"role": "user", "content": text}])
-                     for i, text in enumerate(PROMPTS)]
-    out = tmp_path_factory.mktemp("data_gen")
-    generate(tiny_target.model, tiny_target.tokenizer, conversations,
-             GenerationSettings(max_new_tokens=24, top_k_logprobs=tiny_target.model.config.vocab_size), out,
-             quiet_tracker(out, "data_gen"))
-    return out
 
 
 def run(tiny_target, records_dir, out, loss=FKL, **overrides):
@@ -86,7 +68,8 @@ def test_distill_lowers_the_loss_raises_the_proxy_and_selects_the_best(tiny_targ
 def test_select_decoder_keeps_the_weights_with_the_best_measured_tau(tiny_target, records_dir, tmp_path):
     """select=decoder runs the lossless speculative decoder on the held-out prompts at every evaluation and keeps
     the weights whose τ is highest; τ is recomputed here from the saved model/ to check it is the one chosen."""
-    from eval.decoder import DecodeSettings, TokenDraft, speculative_generate
+    from eval.decoder import DecodeSettings, speculative_generate
+    from models.drafter import TokenDraft
     from train.distill import read_rows, split_heldout
 
     summary, _ = run(tiny_target, records_dir, tmp_path, epochs=6, eval_every=6, select="decoder",
@@ -139,7 +122,7 @@ def test_offline_teacher_without_top_k_is_a_clear_error(tiny_target, tmp_path):
     out = tmp_path / "data_gen"
     out.mkdir()
     conversations = [Conversation(id=str(i), source="t", messages=[{"role": "user", "content": p}])
-                     for i, p in enumerate(PROMPTS)]
+                     for i, p in enumerate(TINY_PROMPTS)]
     generate(tiny_target.model, tiny_target.tokenizer, conversations, GenerationSettings(max_new_tokens=8), out,
              quiet_tracker(out, "data_gen"))
     with pytest.raises(ValueError, match="data_gen.top_k_logprobs"):
@@ -188,13 +171,6 @@ def test_bad_batch_split_names_the_keys(tiny_target, records_dir, tmp_path):
         DistillSettings(teacher="teacher")
 
 
-def test_frequent_tokens_keep_specials_and_the_most_common():
-    from models.drafter import frequent_tokens
-
-    d2t, coverage = frequent_tokens([[5, 5, 5, 7, 7, 9], [5, 7, 11]], size=3, always=[0])
-    assert d2t.tolist() == [0, 5, 7] and coverage == pytest.approx(7 / 9)
-
-
 def test_reduced_vocabulary_drafter_trains_saves_and_decodes_inside_its_vocabulary(tiny_target, records_dir,
                                                                                    tmp_path):
     from dataclasses import replace
@@ -219,19 +195,6 @@ def test_reduced_vocabulary_drafter_trains_saves_and_decodes_inside_its_vocabula
     assert torch.equal(reloaded(probe).logits, drafter.eval()(probe).logits)
     generated = reloaded.generate(probe, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert set(generated[0, 12:].tolist()) <= set(head.d2t.tolist())
-
-
-def test_export_refuses_a_reduced_vocabulary_drafter(tiny_target, tmp_path):
-    from dataclasses import replace
-
-    from models.drafter import save_drafter
-    from models.export import export_drafter
-
-    drafter = build_drafter(replace(SPEC, draft_vocab_size=40), tiny_target.model, tiny_target.tokenizer,
-                            token_lists=[[1, 2, 3]])
-    save_drafter(drafter, tiny_target.tokenizer, tmp_path / "d")
-    with pytest.raises(ValueError, match="reduced draft vocabulary"):
-        export_drafter(tmp_path / "d", tmp_path / "out", "card")
 
 
 def test_tracker_gets_every_loss_term_rate_norm_throughput_memory_and_proxy(tiny_target, records_dir, tmp_path):

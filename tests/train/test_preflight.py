@@ -10,7 +10,7 @@ import transformers
 from hydra import compose, initialize_config_dir
 from packaging.version import Version
 
-from eval.cache import RaggedKVCache
+from models.cache import RaggedKVCache
 from tests.conftest import REPO_ROOT
 from train.preflight import PreflightError, check_stages, tiny_like
 from train.run import run

@@ -68,3 +68,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
     assert actual == expected  # every step: same loss, same gradient norm, same on-policy draws, bit for bit
     assert summary["acceptance_proxy"] == json.loads((reference_dir / "distill" / "meta.json").read_text()
                                                      )["summary"]["acceptance_proxy"]
+    saved = json.loads(sorted((killed_dir / "distill" / "checkpoints").glob("step-*"))[-1].joinpath("state.json")
+                       .read_text())
+    assert saved["config"]["distill"]["checkpoint_every"] == 5 and saved["target"]["name"] == "tiny-random-llama"
+    assert len(saved["target"]["sha256"]) == 64 and saved["git_commit"]  # a checkpoint says how it was made

@@ -8,6 +8,9 @@ block the caller allows (causal for a chain, ancestors for a tree). Anything a r
 length (rejected drafts, padding) is therefore invisible, and the next write simply overwrites it: rolling back
 is forgetting, done on the host, with no tensor work.
 
+`forward_on_cache` runs a model's decoder over such a block (the target's verification forward, a token drafter's
+drafting forward) and `head_logits` applies its LM head; drafters and the decoder share them.
+
 Models see this object as their cache argument (`models.compat.cache_argument` names it for the installed
 transformers): Llama-style attention calls `update(key, value, layer_idx, ...)` and, given a 4D mask,
 transformers uses it as is. Targets whose attention needs something else (sliding windows,
@@ -16,6 +19,9 @@ linear attention layers) are refused by `check_supported`.
 from __future__ import annotations
 
 import torch
+from transformers import PreTrainedModel
+
+from models.compat import cache_argument
 
 
 def check_supported(model) -> None:
@@ -38,7 +44,7 @@ class RaggedKVCache:
         self._row_index = torch.arange(rows, device=device)[:, None]
         self._columns: torch.Tensor | None = None
         self._slice: slice | None = None
-        self._span = 0
+        self._span = self._start = 0
 
     @classmethod
     def for_model(cls, model, rows: int, capacity: int, num_layers: int | None = None) -> "RaggedKVCache":
@@ -64,7 +70,13 @@ class RaggedKVCache:
             self._slice = None
             self._columns = torch.tensor(starts, device=self.device)[:, None] + torch.arange(width, device=self.device)
         self._span = span
+        self._start = max(starts)
         return span
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Columns before the block being written, for the row furthest along. transformers 5.0-5.23 ask for it
+        to build `cache_position` when none is given; we pass positions and a 4D mask, so it only has to exist."""
+        return self._start
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key/value [rows, kv_heads, width, head_dim] -> this layer's keys/values for columns 0..span-1.
@@ -103,3 +115,27 @@ def block_mask(starts: list[int], span: int, local: torch.Tensor, device: torch.
     inside = (relative >= 0) & (relative < block)
     allowed = local.to(device)[:, relative.clamp(0, block - 1)].permute(1, 0, 2)  # [rows, width, span]
     return (prefix[:, None, :] | (inside[:, None, :] & allowed)).unsqueeze(1)
+
+
+def pad_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(1, max(map(len, rows)))
+    return torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
+
+
+def forward_on_cache(model: PreTrainedModel, cache: RaggedKVCache, tokens: torch.Tensor, starts: list[int],
+             local: torch.Tensor, relative_positions: torch.Tensor, offset: int = 0,
+             inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states [rows, width, d] for a block written after each row's `starts[b]` committed columns
+    (at column starts[b] + offset + i), seeing the prefix and the block columns `local` allows."""
+    device = cache.device
+    span = cache.begin([start + offset for start in starts], tokens.shape[1])
+    positions = torch.tensor(starts, device=device)[:, None] + relative_positions.to(device)[None, :]
+    mask = block_mask(starts, span, local, device)
+    arguments = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": tokens}
+    decoder = model.get_decoder()
+    return decoder(**arguments, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **cache_argument(decoder, cache)).last_hidden_state
+
+
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    return model.get_output_embeddings()(hidden).float()

@@ -1,0 +1,131 @@
+"""One interface for every kind of drafter; the stages and the decoder see drafters only through it.
+
+A kind says how to build a drafter from its spec (the dataclass its `conf/drafter/*.yaml` names), save and load
+it, how it drafts for the speculative decoder given the target, how many parameters one drafted token reads
+(MBSU's c), whether it has a pretraining stage and whether it trains on the target's features. Kinds today:
+token-level (`models/drafter.py`, a small causal LM over the target's vocabulary) and feature-level
+(`models/feature_drafter.py`, EAGLE/FSPAD). Adding one: a module with its spec, its drafting class and a
+`DrafterKind` subclass, an entry in `KINDS`, a conf file and tests.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from models.drafter import (DrafterSpec, TokenDraft, build_drafter, count_parameters, load_drafter, save_drafter)
+from models.feature_drafter import (CONFIG_FILE, FeatureDraft, FeatureDrafter, FeatureDrafterSpec,
+                                    build_feature_drafter, load_feature_drafter)
+
+
+class DrafterKind(ABC):
+    name: str
+    spec_type: type
+    model_type: type          # the class of a built or loaded drafter
+    pretrainable: bool        # has a pretrain stage (FastDraft) of its own
+    trains_on_features: bool  # distill feeds it the target's hidden states
+
+    @abstractmethod
+    def build(self, spec, target, token_lists=None) -> torch.nn.Module:
+        """A fresh drafter for `target` (models.loading.LoadedModel); `token_lists`: training data, for kinds
+        whose construction looks at it (a reduced draft vocabulary)."""
+
+    @abstractmethod
+    def saved_in(self, folder: Path) -> bool:
+        """Whether `folder` holds a drafter of this kind."""
+
+    @abstractmethod
+    def load(self, folder: Path, target) -> torch.nn.Module:
+        ...
+
+    @abstractmethod
+    def save(self, drafter: torch.nn.Module, target, folder: Path) -> Path:
+        ...
+
+    @abstractmethod
+    def draft(self, drafter: torch.nn.Module, target_model):
+        """What the decoder drives (`start`, `catch_up`, `extend`, `commit`, `keep_rows`, `needs_features`)."""
+
+    def parameters_per_token(self, drafter: torch.nn.Module, target_model) -> int:
+        """Parameters read per drafted token: the drafter's own."""
+        return count_parameters(drafter)
+
+
+class TokenKind(DrafterKind):
+    name, spec_type, model_type = "token", DrafterSpec, PreTrainedModel
+    pretrainable, trains_on_features = True, False
+
+    def build(self, spec, target, token_lists=None):
+        return build_drafter(spec, target.model, target.tokenizer, token_lists=token_lists)
+
+    def saved_in(self, folder: Path) -> bool:
+        return (Path(folder) / "config.json").exists() and not (Path(folder) / CONFIG_FILE).exists()
+
+    def load(self, folder: Path, target):
+        return load_drafter(folder, target.model, target.tokenizer)
+
+    def save(self, drafter, target, folder: Path) -> Path:
+        return save_drafter(drafter, target.tokenizer, folder)
+
+    def draft(self, drafter, target_model):
+        return TokenDraft(drafter)
+
+
+class FeatureKind(DrafterKind):
+    name, spec_type, model_type = "feature", FeatureDrafterSpec, FeatureDrafter
+    pretrainable, trains_on_features = False, True
+
+    def build(self, spec, target, token_lists=None):
+        return build_feature_drafter(spec, target.model)
+
+    def saved_in(self, folder: Path) -> bool:
+        return (Path(folder) / CONFIG_FILE).exists()
+
+    def load(self, folder: Path, target):
+        return load_feature_drafter(folder, target.model)
+
+    def save(self, drafter, target, folder: Path) -> Path:
+        return drafter.save(folder)
+
+    def draft(self, drafter, target_model):
+        return FeatureDraft(drafter, target_model)
+
+    def parameters_per_token(self, drafter, target_model) -> int:
+        """Its own layer plus the target's LM head, which turns each predicted feature into a token."""
+        return count_parameters(drafter) + target_model.get_output_embeddings().weight.numel()
+
+
+KINDS: tuple[DrafterKind, ...] = (TokenKind(), FeatureKind())
+
+
+def kind_of_spec(spec) -> DrafterKind:
+    for kind in KINDS:
+        if isinstance(spec, kind.spec_type):
+            return kind
+    raise TypeError(f"{type(spec).__name__} is not the spec of a drafter kind ({[k.name for k in KINDS]})")
+
+
+def kind_of_folder(folder: Path) -> DrafterKind:
+    for kind in KINDS:
+        if kind.saved_in(folder):
+            return kind
+    raise FileNotFoundError(f"{folder} holds no saved drafter (no config.json or {CONFIG_FILE})")
+
+
+def kind_of(drafter: torch.nn.Module) -> DrafterKind:
+    for kind in KINDS:
+        if isinstance(drafter, kind.model_type):
+            return kind
+    raise TypeError(f"{type(drafter).__name__} is not a drafter of a known kind ({[k.name for k in KINDS]})")
+
+
+def load_any(folder: Path, target) -> torch.nn.Module:
+    """A saved drafter of any kind."""
+    return kind_of_folder(Path(folder)).load(Path(folder), target)
+
+
+def draft_for(drafter: torch.nn.Module, target_model):
+    """The decoder's view of a built or loaded drafter of any kind."""
+    return kind_of(drafter).draft(drafter, target_model)

@@ -1,0 +1,28 @@
+"""Run directories say which code made them: the real commit in a git checkout, `-dirty` when tracked files were
+changed, an explicit "unknown" elsewhere."""
+from __future__ import annotations
+
+import subprocess
+
+from infra.rundir import git_commit
+
+
+def git(folder, *arguments) -> str:
+    return subprocess.run(["git", *arguments], cwd=folder, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_commit_of_a_checkout_clean_and_dirty(tmp_path):
+    git(tmp_path, "init", "-q")
+    (tmp_path / "a.txt").write_text("one\n")
+    git(tmp_path, "add", "a.txt")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "untracked.txt").write_text("not part of the commit\n")
+    assert git_commit(tmp_path) == head  # untracked files do not change what ran
+    (tmp_path / "a.txt").write_text("two\n")
+    assert git_commit(tmp_path) == head + "-dirty"
+
+
+def test_outside_a_checkout_the_commit_is_explicitly_unknown(tmp_path):
+    assert git_commit(tmp_path) == "unknown (not a git checkout)"

@@ -1,0 +1,49 @@
+"""Every drafter kind answers the same interface: built from its spec, saved, found and loaded again from its
+folder, drafting for the decoder, its per-token cost; the stages dispatch on nothing else."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.drafter import DrafterSpec, TokenDraft
+from models.feature_drafter import FeatureDraft, FeatureDrafterSpec
+from models.kinds import KINDS, draft_for, kind_of, kind_of_folder, kind_of_spec, load_any
+
+SPECS = {"token": DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                              intermediate_size=64),
+         "feature": FeatureDrafterSpec(feature_sampling=True)}
+DRAFTS = {"token": TokenDraft, "feature": FeatureDraft}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_a_kind_builds_saves_finds_loads_and_drafts(tiny_target, tmp_path, name):
+    spec = SPECS[name]
+    kind = kind_of_spec(spec)
+    assert kind.name == name and kind.pretrainable == (name == "token") and kind.trains_on_features == (name != "token")
+    drafter = kind.build(spec, tiny_target).eval()
+    assert kind_of(drafter) is kind
+    folder = kind.save(drafter, tiny_target, tmp_path / name)
+    assert kind_of_folder(folder) is kind and [k.name for k in KINDS if k.saved_in(folder)] == [name]
+    loaded = load_any(folder, tiny_target)
+    probe = torch.randint(0, tiny_target.model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        if name == "token":
+            assert torch.equal(loaded(probe).logits, drafter(probe).logits)
+        else:
+            features = tiny_target.model.get_decoder()(input_ids=probe).last_hidden_state
+            embeddings = tiny_target.model.get_input_embeddings()(probe)
+            attention = torch.ones(1, 6)
+            assert torch.equal(loaded(features, embeddings, attention), drafter(features, embeddings, attention))
+    assert isinstance(draft_for(loaded, tiny_target.model), DRAFTS[name])
+    own = sum(p.numel() for p in drafter.parameters())
+    head = tiny_target.model.get_output_embeddings().weight.numel()
+    assert kind.parameters_per_token(drafter, tiny_target.model) == own + (head if name == "feature" else 0)
+
+
+def test_what_is_no_drafter_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="not the spec of a drafter kind"):
+        kind_of_spec(object())
+    with pytest.raises(FileNotFoundError, match="holds no saved drafter"):
+        kind_of_folder(tmp_path)
+    with pytest.raises(TypeError, match="not a drafter of a known kind"):
+        kind_of(torch.nn.Linear(2, 2))
