@@ -466,12 +466,12 @@ def generation_config_of(model_dir: Path) -> GenerationConfig | None:
         return None
 
 
-def run_stage(run: StageRun, target: TargetSpec, data: PromptSourceSpec, data_gen: GenerationSettings) -> dict:
+def run_stage(run: StageRun, settings: GenerationSettings, target: TargetSpec, data: PromptSourceSpec) -> dict:
     """Stage `data_gen`: the target answers the prompts of `data` into `run.out_dir`."""
     model_dir, _ = resolve_model_dir(target, run.cache_dir)
     conversations, source_report = load_conversations(data, run.cache_dir)
     print(source_report.summary())
-    if data_gen.backend == "vllm" and not data_gen.top_k_logprobs and not data_gen.on_policy_ratio:
+    if settings.backend == "vllm" and not settings.top_k_logprobs and not settings.on_policy_ratio:
         # vLLM holds the target; loading it into transformers as well would only take memory
         model, tokenizer = None, load_tokenizer(model_dir, target.trust_remote_code)
         stop_ids = end_of_turn_ids(tokenizer, generation_config_of(model_dir))
@@ -480,8 +480,8 @@ def run_stage(run: StageRun, target: TargetSpec, data: PromptSourceSpec, data_ge
         model, tokenizer = loaded.model, loaded.tokenizer
         stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     drafter = None
-    if data_gen.on_policy_ratio > 0:  # DistillSpec on-policy data: a drafter checkpoint answers a share of prompts
-        drafter = load_drafter(Path(data_gen.on_policy_drafter), model, tokenizer)
-    return generate(model, tokenizer, conversations, data_gen, run.out_dir, run.tracker, stop_ids,
+    if settings.on_policy_ratio > 0:  # DistillSpec on-policy data: a drafter checkpoint answers a share of prompts
+        drafter = load_drafter(Path(settings.on_policy_drafter), model, tokenizer)
+    return generate(model, tokenizer, conversations, settings, run.out_dir, run.tracker, stop_ids,
                     worker=run.worker, model_dir=model_dir, drafter=drafter, source=source_report.as_dict(),
                     provenance=run.provenance)
