@@ -411,7 +411,7 @@ def run_stage(run: StageRun, settings: DistillSettings, drafter: DrafterSpec | F
         if not isinstance(loss, FeatureLoss):
             raise ValueError(f"drafter={drafter.name} is feature-level: choose loss=eagle or loss=fspad")
         return distill_features(kind.build(drafter, target), target.model, target.tokenizer, data, loss, settings,
-                                run.out_dir, run.tracker)
+                                run.out_dir, run.tracker, deepspeed)
     pretrained = run.output("pretrain") if kind.pretrainable else None
     if settings.init_from or pretrained:
         start = Path(settings.init_from) if settings.init_from else pretrained / "model"

@@ -7,8 +7,8 @@ target forward gives the features f (last hidden states) and, through its LM hea
 the drafter reads (f_t, e(x_{t+1})) and predicts f̂_{t+1}; the target's head turns that into the drafter's
 distribution over x_{t+2}. The loss (`losses.feature.FeatureLoss`) is taken where x_{t+2} is an answer token.
 The acceptance proxy is Σ min(p, q) for the first drafted token on held-out answers. Save: `model/` (the best
-proxy, or the last), `curve.jsonl`. Plain PyTorch on one process; checkpoints, DeepSpeed and LoRA are token-
-drafter features for now.
+proxy, or the last), `curve.jsonl`. Plain PyTorch on one process; checkpoints, DeepSpeed, LoRA, select=decoder
+and several processes are token-drafter features for now, and asking for them here is an error naming the key.
 """
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from infra import distributed
 from infra.tracking import Tracker
 from losses.feature import FeatureLoss
 from losses.tvd import expected_acceptance
 from models.feature_drafter import FeatureDrafter
 from train.distill import DistillSettings, Row, collate, count_steps, epoch_batches, read_rows, split_heldout
+from train.engine import DeepSpeedSettings
 from train.optim import build_optimizer
 
 
@@ -64,12 +66,30 @@ def feature_proxy(drafter: FeatureDrafter, target: PreTrainedModel, rows: list[R
     return total / max(count, 1)
 
 
+def unsupported_settings(settings: DistillSettings, deepspeed: DeepSpeedSettings) -> list[str]:
+    """Every setting this loop would not honour, as `key=value (what to use)`: refused, never silently ignored."""
+    problems = [f"distill.{key}={value!r} ({allowed})" for key, value, allowed, ok in (
+        ("teacher", settings.teacher, "online: the loop needs the target's features", settings.teacher == "online"),
+        ("on_policy.ratio", settings.on_policy.ratio, "0", not settings.on_policy.ratio),
+        ("lora", settings.lora, "null", settings.lora is None),
+        ("accumulation", settings.accumulation, "1", settings.accumulation == 1),
+        ("select", settings.select, "proxy or last", settings.select in ("proxy", "last")),
+        ("checkpoint_every", settings.checkpoint_every, "0: no resumable checkpoints yet",
+         not settings.checkpoint_every)) if not ok]
+    if deepspeed.enabled:
+        problems.append(f"deepspeed=zero{deepspeed.stage} (deepspeed=none)")
+    if distributed.world_size() > 1:
+        problems.append(f"{distributed.world_size()} processes (run it without torchrun)")
+    return problems
+
+
 def distill_features(drafter: FeatureDrafter, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      data_dir: Path, loss: FeatureLoss, settings: DistillSettings, out_dir: Path,
-                     tracker: Tracker) -> dict:
-    if settings.teacher != "online" or settings.on_policy.ratio or settings.lora or settings.accumulation != 1:
-        raise ValueError("feature-level drafters train with distill.teacher=online, no on_policy, no lora and "
-                         "accumulation=1 (they need the target's features at every position)")
+                     tracker: Tracker, deepspeed: DeepSpeedSettings = DeepSpeedSettings()) -> dict:
+    unsupported = unsupported_settings(settings, deepspeed)
+    if unsupported:
+        raise ValueError("feature-level drafters do not support yet: " + "; ".join(unsupported)
+                         + ". Change these keys, or train a token-level drafter")
     torch.manual_seed(settings.seed)
     target.eval()
     target.requires_grad_(False)

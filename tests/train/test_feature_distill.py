@@ -51,3 +51,20 @@ def test_feature_drafter_learns_and_round_trips(tiny_target, records_dir, tmp_pa
     with torch.no_grad():
         assert torch.equal(reloaded(features, embeddings, attention), drafter.eval()(features, embeddings, attention))
     assert reloaded.spec.feature_sampling is sampling
+
+
+def test_settings_the_feature_loop_does_not_honour_are_refused_by_name(tiny_target, records_dir, tmp_path):
+    from models.drafter import LoraSettings
+    from train.distill import OnPolicySettings
+    from train.engine import DeepSpeedSettings
+
+    drafter = build_feature_drafter(FeatureDrafterSpec(), tiny_target.model)
+    settings = DistillSettings(select="decoder", checkpoint_every=5, lora=LoraSettings(), accumulation=2,
+                               batch_size=4, on_policy=OnPolicySettings(ratio=0.5), teacher="offline")
+    with pytest.raises(ValueError) as refused:
+        distill_features(drafter, tiny_target.model, tiny_target.tokenizer, records_dir, FeatureLoss(), settings,
+                         tmp_path, None, DeepSpeedSettings(enabled=True, stage=2))
+    for key in ("distill.select='decoder'", "distill.checkpoint_every=5", "distill.lora=", "distill.accumulation=2",
+                "distill.on_policy.ratio=0.5", "distill.teacher='offline'", "deepspeed=zero2"):
+        assert key in str(refused.value)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
