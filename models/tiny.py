@@ -33,6 +33,16 @@ def byte_chatml_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def spread_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Default init (std 0.02) gives near-uniform logits; a wider spread makes greedy decoding of a random model
+    decisive, so tests see long, repeatable, non-trivial continuations instead of near-ties."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.25)
+    return model
+
+
 def build_tiny_random(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int,
                       intermediate_size: int, seed: int) -> Path:
     """Write a random Llama (safetensors) and its tokenizer to `out_dir`; same seed, same bytes."""
@@ -45,13 +55,7 @@ def build_tiny_random(out_dir: Path, hidden_size: int, num_layers: int, num_head
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    # Default init (std 0.02) gives near-uniform logits; a wider spread makes greedy decoding decisive so
-    # the tests see long, repeatable, non-trivial continuations.
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 0.25)
+    model = spread_weights(LlamaForCausalLM(config))
     torch.random.set_rng_state(generator_state)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -32,6 +32,7 @@ from models.compat import version_checks
 from models.feature_drafter import FeatureDrafter, FeatureDrafterSpec
 from models.kinds import kind_of_spec
 from models.loading import TargetSpec, resolve_model_dir
+from models.tiny import spread_weights
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -52,12 +53,7 @@ def tiny_like(config: PretrainedConfig) -> torch.nn.Module:
         tiny.head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
     if getattr(config, "layer_types", None):
         tiny.layer_types = list(config.layer_types)[: TINY["num_hidden_layers"]]
-    model = AutoModelForCausalLM.from_config(tiny, dtype=torch.float32)
-    with torch.no_grad():  # decisive logits, so greedy decoding is not a string of near-ties
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 0.25)
-    return model.eval()
+    return spread_weights(AutoModelForCausalLM.from_config(tiny, dtype=torch.float32)).eval()
 
 
 def reference_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
