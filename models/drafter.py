@@ -246,18 +246,24 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def apply_lora(drafter: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
+def apply_lora(drafter: torch.nn.Module, settings: LoraSettings, task_type: str | None = "CAUSAL_LM"):
+    """`drafter` with LoRA adapters on the projections named in `settings`, everything else frozen; `task_type`
+    None wraps a plain module (a feature drafter), whose forward keeps its own signature."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+                        target_modules=list(settings.target_modules), task_type=task_type)
     return get_peft_model(drafter, config)
+
+
+def merged(drafter: torch.nn.Module) -> torch.nn.Module:
+    """`drafter` itself, or a copy with its LoRA adapters merged into plain weights."""
+    return copy.deepcopy(drafter).merge_and_unload() if hasattr(drafter, "merge_and_unload") else drafter
 
 
 def save_drafter(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
     """A plain HF folder (safetensors); LoRA adapters are merged into a copy first, so any engine loads it."""
-    if hasattr(drafter, "merge_and_unload"):
-        drafter = copy.deepcopy(drafter).merge_and_unload()
+    drafter = merged(drafter)
     out_dir.mkdir(parents=True, exist_ok=True)
     drafter.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

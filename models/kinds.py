@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from models.drafter import (DrafterSpec, TokenDraft, build_drafter, count_parameters, load_drafter, save_drafter)
+from models.drafter import (DrafterSpec, TokenDraft, build_drafter, count_parameters, load_drafter, merged,
+                            save_drafter)
 from models.feature_drafter import (CONFIG_FILE, FeatureDraft, FeatureDrafter, FeatureDrafterSpec,
                                     build_feature_drafter, load_feature_drafter)
 
@@ -26,6 +27,7 @@ class DrafterKind(ABC):
     model_type: type          # the class of a built or loaded drafter
     pretrainable: bool        # has a pretrain stage (FastDraft) of its own
     trains_on_features: bool  # distill feeds it the target's hidden states
+    lora_task: str | None     # peft task type for distill.lora (None: a plain module keeping its forward)
 
     @abstractmethod
     def build(self, spec, target, token_lists=None) -> torch.nn.Module:
@@ -55,7 +57,7 @@ class DrafterKind(ABC):
 
 class TokenKind(DrafterKind):
     name, spec_type, model_type = "token", DrafterSpec, PreTrainedModel
-    pretrainable, trains_on_features = True, False
+    pretrainable, trains_on_features, lora_task = True, False, "CAUSAL_LM"
 
     def build(self, spec, target, token_lists=None):
         return build_drafter(spec, target.model, target.tokenizer, token_lists=token_lists)
@@ -75,7 +77,7 @@ class TokenKind(DrafterKind):
 
 class FeatureKind(DrafterKind):
     name, spec_type, model_type = "feature", FeatureDrafterSpec, FeatureDrafter
-    pretrainable, trains_on_features = False, True
+    pretrainable, trains_on_features, lora_task = False, True, None
 
     def build(self, spec, target, token_lists=None):
         return build_feature_drafter(spec, target.model)
@@ -87,7 +89,7 @@ class FeatureKind(DrafterKind):
         return load_feature_drafter(folder, target.model)
 
     def save(self, drafter, target, folder: Path) -> Path:
-        return drafter.save(folder)
+        return merged(drafter).save(folder)
 
     def draft(self, drafter, target_model):
         return FeatureDraft(drafter, target_model)

@@ -2,6 +2,11 @@
 
     python train/run.py +experiment=quickstart stages=[distill] loss=tvdpp
     torchrun --nproc_per_node 2 train/run.py +experiment=quickstart stages=[distill] deepspeed=zero2
+    python train/run.py +experiment=smoke stages=[data_gen,distill] drafter=fspad loss=fspad
+
+One loop for every drafter kind; what differs is the objective: `TokenObjective` below (a causal LM's logits) or
+`train.feature_distill.FeatureObjective` (EAGLE/FSPAD, the target's features), each with its forward, loss,
+acceptance proxy and saved format.
 
 Setup: the data_gen records are split into training rows and a few held-out ones; the drafter (optionally with
 LoRA adapters) goes into an engine (plain PyTorch, or DeepSpeed ZeRO 0-3); training resumes from the newest
@@ -16,7 +21,6 @@ drafter (best by proxy, or the last), `last/` the final weights, `curve.jsonl` t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import resource
@@ -38,13 +42,15 @@ from infra.tracking import Tracker
 from losses.feature import FeatureLoss
 from losses.mix import LossMix
 from losses.tvd import expected_acceptance
-from models.drafter import DrafterSpec, LoraSettings, TokenDraft, apply_lora, check_same_vocabulary
+from models.drafter import DrafterSpec, LoraSettings, TokenDraft, apply_lora, check_same_vocabulary, save_drafter
 from models.feature_drafter import FeatureDrafterSpec
-from models.kinds import kind_of_spec
+from models.kinds import kind_of, kind_of_spec
 from models.sampling import SamplingSettings, request_seed
 from train import checkpoint
-from train.engine import DeepSpeedSettings, build_engine, logits_at, micro_batches, save_weights
+from train.feature_distill import FeatureObjective
+from train.engine import DeepSpeedSettings, LogitsAt, build_engine, logits_at, micro_batches, save_weights
 from train.optim import OptimSettings
+from train.rows import Row, collate, count_steps, epoch_batches, read_rows, split_heldout
 
 TEACHERS = ("online", "offline")
 SELECTIONS = ("proxy", "decoder", "last")
@@ -93,78 +99,6 @@ class DistillSettings:
             raise ValueError(f"distill.select={self.select!r} is not one of {SELECTIONS}")
         if self.batch_size < 1 or self.accumulation < 1:
             raise ValueError(f"distill.batch_size={self.batch_size} and accumulation={self.accumulation} must be ≥ 1")
-
-
-@dataclass
-class Row:
-    """One training sequence: tokens, which next-tokens are answer tokens, and the stored top-k if any."""
-    id: str
-    input_ids: list[int]
-    loss_mask: list[int]
-    prompt_ids: list[int]
-    topk_ids: list | None = None
-    topk_logprobs: list | None = None
-
-    def loss_positions(self, max_seq_len: int) -> int:
-        return sum(self.loss_mask[1:max_seq_len])
-
-
-def read_rows(data_dir: Path, teacher: str) -> list[Row]:
-    dataset = load_records(data_dir)
-    columns = ["id", "input_ids", "loss_mask", "prompt_ids"]
-    if teacher == "offline":
-        if "topk_ids" not in dataset.column_names:
-            raise ValueError(f"distill.teacher=offline needs top-k log-probabilities in {data_dir}, which has none: "
-                             f"regenerate with data_gen.top_k_logprobs=K (e.g. 20), or use distill.teacher=online")
-        columns += ["topk_ids", "topk_logprobs"]
-    return [Row(**row) for row in dataset.select_columns(columns)]
-
-
-def split_heldout(rows: list[Row], count: int) -> tuple[list[Row], list[Row]]:
-    """A fixed held-out set: the `count` rows whose id hashes lowest (stable across runs and data order)."""
-    if count >= len(rows):
-        raise ValueError(f"distill.heldout_records={count} leaves nothing to train on ({len(rows)} records)")
-    ranked = sorted(rows, key=lambda row: hashlib.sha256(row.id.encode()).hexdigest())
-    heldout_ids = {row.id for row in ranked[:count]}
-    return [r for r in rows if r.id not in heldout_ids], [r for r in rows if r.id in heldout_ids]
-
-
-def count_steps(train_rows: list[Row], settings: DistillSettings) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps) for `settings.epochs`, capped by `settings.max_steps`."""
-    steps_per_epoch = len(train_rows) // settings.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_rows)} training records are fewer than distill.batch_size={settings.batch_size}")
-    total_steps = settings.epochs * steps_per_epoch
-    return steps_per_epoch, total_steps if settings.max_steps is None else min(total_steps, settings.max_steps)
-
-
-def epoch_batches(rows: list[Row], batch_size: int, seed: int, epoch: int, max_seq_len: int) -> list[list[int]]:
-    """Full batches of similar length in random order; the `len % batch_size` left-over rows (a different random
-    few each epoch) wait for the next epoch, so every rank and micro-batch always gets work."""
-    shuffler = random.Random(f"{seed}:epoch:{epoch}")
-    order = list(range(len(rows)))
-    shuffler.shuffle(order)
-    order = order[: len(order) - len(order) % batch_size]
-    order.sort(key=lambda i: min(len(rows[i].input_ids), max_seq_len))
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    shuffler.shuffle(batches)
-    return batches
-
-
-def collate(rows: list[Row], pad_id: int, max_seq_len: int, device: torch.device):
-    """Right-padded (input_ids, attention_mask, loss_positions, labels): loss_positions[b, t] marks the positions
-    whose *next* token is an answer token; labels[b, t] is that next token."""
-    width = max(min(len(r.input_ids), max_seq_len) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_positions = torch.zeros((len(rows), width), dtype=torch.bool)
-    for b, row in enumerate(rows):
-        ids, mask = row.input_ids[:max_seq_len], row.loss_mask[:max_seq_len]
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        attention[b, : len(ids)] = 1
-        loss_positions[b, : len(ids) - 1] = torch.tensor(mask[1:], dtype=torch.bool)
-    labels = torch.roll(input_ids, -1, dims=1)
-    return input_ids.to(device), attention.to(device), loss_positions.to(device), labels.to(device)
 
 
 def offline_teacher_logits(rows: list[Row], max_seq_len: int, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -221,17 +155,15 @@ def acceptance_proxy(drafter: PreTrainedModel, target: PreTrainedModel, rows: li
     return total / max(count, 1)
 
 
-def decoder_block_efficiency(drafter: PreTrainedModel, target: PreTrainedModel, rows: list[Row],
-                             settings: DistillSettings, stop_ids: list[int]) -> float:
-    """τ (tokens per target forward) of greedy speculative decoding with `drafter` on the rows' prompts."""
+def decoder_block_efficiency(draft, target: PreTrainedModel, rows: list[Row], settings: DistillSettings,
+                             stop_ids: list[int]) -> float:
+    """τ (tokens per target forward) of greedy speculative decoding with `draft` (the decoder's view of the drafter,
+    `models.kinds.DrafterKind.draft`) on the rows' prompts."""
     from eval.decoder import DecodeSettings, speculative_generate
 
-    was_training = drafter.training
-    drafter.eval()
-    generations = speculative_generate(target, TokenDraft(drafter), [row.prompt_ids for row in rows],
+    generations = speculative_generate(target, draft, [row.prompt_ids for row in rows],
                                        DecodeSettings(gamma=settings.select_gamma,
                                                       max_new_tokens=settings.select_max_new_tokens), stop_ids)
-    drafter.train(was_training)
     return sum(g.stats.emitted for g in generations) / max(1, sum(g.stats.steps for g in generations))
 
 
@@ -260,13 +192,86 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
-            loss: LossMix, settings: DistillSettings, out_dir: Path, tracker: Tracker,
+class TokenObjective:
+    """What a token-level drafter learns from: its logits at answer positions against the frozen target's
+    (`online`), data_gen's stored top-k (`offline`) or the labels alone, through a `LossMix`."""
+    ahead = 1  # a position's loss is on its next token
+
+    def __init__(self, kind, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, loss: LossMix,
+                 settings: DistillSettings, data_dir: Path) -> None:
+        if not isinstance(loss, LossMix):
+            raise ValueError(f"a {kind.name}-level drafter trains with a token loss (loss=fkl, tvdpp, ...), not "
+                             f"{type(loss).__name__}")
+        self.kind, self.target, self.tokenizer, self.loss = kind, target, tokenizer, loss
+        self.settings, self.data_dir, self.d2t = settings, data_dir, None
+
+    def refused(self) -> list[str]:
+        return []
+
+    def prepare(self, drafter: PreTrainedModel) -> None:
+        check_same_vocabulary(drafter, self.target)
+        self.d2t = draft_vocabulary(drafter)
+
+    def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return LogitsAt(model)
+
+    def micro_loss(self, engine, micro: list[Row], on_policy: bool):
+        """(loss, its terms, positions it averages over, tokens read) for one micro-batch."""
+        settings, device = self.settings, self.target.device
+        input_ids, attention, positions, labels = collate(micro, self.tokenizer.pad_token_id, settings.max_seq_len,
+                                                          device)
+        n = int(positions.sum())
+        if self.loss.needs_teacher and settings.teacher == "offline" and not on_policy:
+            teacher_logits = offline_teacher_logits(micro, settings.max_seq_len, self.target.config.vocab_size,
+                                                    device)
+        elif self.loss.needs_teacher:
+            with torch.inference_mode():
+                teacher_logits = logits_at(self.target, input_ids, attention, positions)
+            teacher_logits = teacher_logits.clone()  # inference tensors cannot enter autograd
+        else:
+            teacher_logits = None
+        student_logits = engine.forward(input_ids, attention, positions)
+        targets, keep = labels[positions].unsqueeze(0), torch.ones(1, n, dtype=torch.bool, device=device)
+        if self.d2t is not None:
+            teacher_logits, targets, keep = to_draft_vocabulary(teacher_logits, targets, self.d2t,
+                                                                self.target.config.vocab_size)
+        total, parts = self.loss(student_logits, teacher_logits, keep, targets)
+        return total, parts, int(keep.sum()), int(attention.sum())  # outside-vocabulary positions count as zero
+
+    def proxy(self, model: torch.nn.Module, rows: list[Row], batch_size: int) -> float:
+        return acceptance_proxy(model, self.target, rows, self.tokenizer.pad_token_id, self.settings.max_seq_len,
+                                batch_size)
+
+    def draft(self, model: torch.nn.Module):
+        return TokenDraft(model)
+
+    def save(self, model: torch.nn.Module, folder: Path) -> None:
+        save_drafter(model, self.tokenizer, folder)
+
+    def summary(self, model: torch.nn.Module) -> dict:
+        return {"drafter_kind": self.kind.name, "loss_terms": sorted(self.loss.terms),
+                "teacher": self.settings.teacher}
+
+
+def objective_for(kind, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, loss, settings: DistillSettings,
+                  data_dir: Path):
+    """How a drafter of `kind` learns (one objective per kind that trains; the loop below is shared)."""
+    objective = FeatureObjective if kind.trains_on_features else TokenObjective
+    return objective(kind, target, tokenizer, loss, settings, data_dir)
+
+
+def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
+            loss: LossMix | FeatureLoss, settings: DistillSettings, out_dir: Path, tracker: Tracker,
             deepspeed: DeepSpeedSettings = DeepSpeedSettings(), resume: str = "auto",
             stop_ids: list[int] | None = None, provenance: dict | None = None) -> dict:
-    """Train `drafter` against `target`; write `model/` (selected), `last/`, `curve.jsonl` and checkpoints
-    (each with `provenance`)."""
-    check_same_vocabulary(drafter, target)
+    """Train `drafter` (any kind) against `target`; write `model/` (selected), `last/`, `curve.jsonl` and
+    checkpoints (each with `provenance`)."""
+    kind = kind_of(drafter)
+    objective = objective_for(kind, target, tokenizer, loss, settings, data_dir)
+    refused = objective.refused()
+    if refused:
+        raise ValueError(f"a {kind.name}-level drafter cannot train with " + "; ".join(refused))
+    objective.prepare(drafter)
     world = distributed.world_size()
     if settings.batch_size % (world * settings.accumulation):
         raise ValueError(f"distill.batch_size={settings.batch_size} must divide by processes ({world}) × "
@@ -276,16 +281,17 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
     if settings.select == "decoder" and deepspeed.enabled and deepspeed.stage == 3:
         raise ValueError("distill.select=decoder decodes with whole weights on each rank; ZeRO-3 partitions them: "
                          "use select=proxy, or ZeRO 0-2")
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed + 7919 * distributed.rank())  # ranks draw independent noise, rank 0 as alone
     train_rows, heldout = split_heldout(read_rows(data_dir, settings.teacher), settings.heldout_records)
-    steps_per_epoch, total_steps = count_steps(train_rows, settings)
+    steps_per_epoch, total_steps = count_steps(train_rows, settings.batch_size, settings.epochs, settings.max_steps)
     if settings.lora is not None:
-        drafter = apply_lora(drafter, settings.lora)
+        drafter = apply_lora(drafter, settings.lora, kind.lora_task)
     micro_batch = settings.batch_size // (world * settings.accumulation)
-    engine = build_engine(drafter, settings.optim, total_steps, deepspeed, micro_batch, settings.accumulation)
-    model, device, pad_id = engine.module, target.device, tokenizer.pad_token_id
-    d2t = draft_vocabulary(model)
+    engine = build_engine(drafter, settings.optim, total_steps, deepspeed, micro_batch, settings.accumulation,
+                          forward=objective.forward_module(drafter))
+    model, pad_id = engine.module, tokenizer.pad_token_id
     target.eval()
+    target.requires_grad_(False)
     model.train()
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,24 +304,26 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
         shutil.rmtree(out_dir / "best", ignore_errors=True)
 
     def evaluate_proxy(step: int) -> None:
-        proxy = acceptance_proxy(model, target, heldout, pad_id, settings.max_seq_len, micro_batch or 1)
+        model.eval()
+        proxy = objective.proxy(model, heldout, micro_batch or 1)
         entry, score = {"step": step, "proxy": round(proxy, 6)}, proxy
         if settings.select == "decoder":  # what serving will see: τ of the lossless decoder on held-out prompts
-            score = decoder_block_efficiency(model, target, heldout, settings, stop_ids)
+            score = decoder_block_efficiency(objective.draft(model), target, heldout, settings, stop_ids)
             entry["block_efficiency"] = round(score, 6)
             tracker.log({"distill/block_efficiency": score}, step=step)
+        model.train()
         history.append(entry)
         tracker.log({"distill/acceptance_proxy": proxy}, step=step)
         if score > best.get("score", best["proxy"]):
             best.update(proxy=proxy, score=score, step=step)
             if settings.select != "last":
-                save_weights(engine, tokenizer, out_dir / "best")
+                save_weights(engine, out_dir / "best", objective.save)
 
     if start_step == 0:
         evaluate_proxy(0)  # the starting drafter is a candidate too: training may not improve acceptance
     batches: dict[int, list[list[int]]] = {}
     started, tokens, loss_tokens, losses = time.perf_counter(), 0, 0, {}
-    progress = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
+    progress = tqdm(total=total_steps, initial=start_step, desc=f"distill ({kind.name})", unit="step",
                     disable=not distributed.is_main())
     for step in range(start_step, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
@@ -326,27 +334,11 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
         on_policy = random.Random(f"{settings.seed}:on_policy:{step}").random() < settings.on_policy.ratio
         if on_policy:
             batch = on_policy_rows(model, batch, settings, step, pad_id, stop_ids)
-        step_positions = sum(row.loss_positions(settings.max_seq_len) for row in batch)
+        step_positions = sum(row.loss_positions(settings.max_seq_len, objective.ahead) for row in batch)
         sums = {"loss": 0.0}
         for micro in micro_batches(batch, settings.accumulation):
-            input_ids, attention, positions, labels = collate(micro, pad_id, settings.max_seq_len, device)
-            n = int(positions.sum())
-            if loss.needs_teacher and settings.teacher == "offline" and not on_policy:
-                teacher_logits = offline_teacher_logits(micro, settings.max_seq_len, target.config.vocab_size,
-                                                        device)
-            elif loss.needs_teacher:
-                with torch.inference_mode():
-                    teacher_logits = logits_at(target, input_ids, attention, positions)
-                teacher_logits = teacher_logits.clone()  # inference tensors cannot enter autograd
-            else:
-                teacher_logits = None
-            student_logits = engine.logits(input_ids, attention, positions)
-            targets, keep = labels[positions].unsqueeze(0), torch.ones(1, n, dtype=torch.bool, device=device)
-            if d2t is not None:
-                teacher_logits, targets, keep = to_draft_vocabulary(teacher_logits, targets, d2t,
-                                                                    target.config.vocab_size)
-            total, parts = loss(student_logits, teacher_logits, keep, targets)
-            share = int(keep.sum()) / max(step_positions, 1)  # outside-vocabulary positions count as zero
+            total, parts, kept, read = objective.micro_loss(engine, micro, on_policy)
+            share = kept / max(step_positions, 1)
             if not torch.isfinite(total):
                 raise FloatingPointError(f"distill step {step} (epoch {epoch}, records "
                                          f"{[row.id for row in micro][:4]}...): loss is {total.item()}; lower "
@@ -355,7 +347,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
             sums["loss"] += total.item() * share
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value.item() * share
-            tokens += int(attention.sum())
+            tokens += read
         grad_norm = engine.step()
         names = sorted(sums)
         *summed, tokens_all = distributed.all_sum([sums[name] for name in names] + [tokens])  # one collective
@@ -382,7 +374,7 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
                             settings.keep_checkpoints, provenance)
     progress.close()
     model.eval()
-    save_weights(engine, tokenizer, out_dir / "last")
+    save_weights(engine, out_dir / "last", objective.save)
     if distributed.is_main():
         shutil.rmtree(out_dir / "model", ignore_errors=True)
         chosen = out_dir / ("last" if settings.select == "last" else "best")
@@ -391,27 +383,20 @@ def distill(drafter: PreTrainedModel, target: PreTrainedModel, tokenizer: PreTra
     elapsed = time.perf_counter() - started
     return {"steps": total_steps, "resumed_at": start_step, "epochs": settings.epochs, "records": len(train_rows),
             "heldout_records": len(heldout), "final_loss": round(losses.get("loss", float("nan")), 4),
-            "loss_terms": sorted(loss.terms), "teacher": settings.teacher, "selected": settings.select,
+            **objective.summary(model), "selected": settings.select,
             "best_step": best["step"], "best_acceptance_proxy": round(best["proxy"], 4),
             **({"best_block_efficiency": round(best["score"], 4)} if settings.select == "decoder" else {}),
             "acceptance_proxy": history, "loss_tokens_this_run": loss_tokens, "seconds": round(elapsed, 1),
             "loss_tokens_per_s": round(loss_tokens / max(elapsed, 1e-9)), "processes": world,
-            "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}
+            "lora": settings.lora is not None, "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}
 
 
 def run_stage(run: StageRun, settings: DistillSettings, drafter: DrafterSpec | FeatureDrafterSpec,
               loss: LossMix | FeatureLoss, deepspeed: DeepSpeedSettings) -> dict:
-    """Stage `distill`: the drafter (this run's pretrain output, `init_from`, or a fresh one) trained towards the
+    """Stage `distill`: the drafter (`init_from`, this run's pretrain output, or a fresh one) trained towards the
     target on this run's data_gen records, into `run.out_dir`."""
     target, kind = run.target(), kind_of_spec(drafter)
     data = run.require("data_gen")
-    if kind.trains_on_features:  # EAGLE / FSPAD: trained on the target's features
-        from train.feature_distill import distill_features
-
-        if not isinstance(loss, FeatureLoss):
-            raise ValueError(f"drafter={drafter.name} is feature-level: choose loss=eagle or loss=fspad")
-        return distill_features(kind.build(drafter, target), target.model, target.tokenizer, data, loss, settings,
-                                run.out_dir, run.tracker, deepspeed)
     pretrained = run.output("pretrain") if kind.pretrainable else None
     if settings.init_from or pretrained:
         start = Path(settings.init_from) if settings.init_from else pretrained / "model"

@@ -2,7 +2,7 @@
 
 Both engines take the same calls from a training loop, so pretrain and distill have one loop each:
 
-    logits = engine.logits(input_ids, attention, positions)  # the trained model's forward, at loss positions
+    outputs = engine.forward(*inputs)  # the training forward (default: the model's logits at loss positions)
     engine.backward(loss_share)   # once per micro-batch; loss_share = this micro-batch's part of the global mean
     grad_norm = engine.step()     # once per optimizer step: clip, update, schedule, zero the gradients
     engine.save(folder) / engine.load(folder)
@@ -10,6 +10,8 @@ Both engines take the same calls from a training loop, so pretrain and distill h
 A loss share is the micro-batch's loss times its fraction of the optimizer step's loss positions (over all
 micro-batches and ranks), so the summed gradient is exactly that of the mean over the whole step, whatever the
 split. DeepSpeed divides by the number of ranks and of accumulation steps itself, which `backward` undoes.
+The training forward is a module (`LogitsAt(model)` for a causal LM, the drafter itself for a feature drafter)
+so that DeepSpeed sees every forward pass; its parameters are the model's.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import copy
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -87,14 +90,14 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 class PlainEngine:
-    def __init__(self, model: torch.nn.Module, optim: OptimSettings, total_steps: int) -> None:
-        self.module = model
+    def __init__(self, model: torch.nn.Module, optim: OptimSettings, total_steps: int,
+                 forward: torch.nn.Module) -> None:
+        self.module, self.forward_module = model, forward
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
         self.grad_clip = optim.grad_clip
 
-    def logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return logits_at(self.module, input_ids, attention, positions, position_ids)
+    def forward(self, *inputs):
+        return self.forward_module(*inputs)
 
     def backward(self, loss_share: torch.Tensor) -> None:
         loss_share.backward()
@@ -134,20 +137,19 @@ class DeepSpeedEngine:
     """DeepSpeed's engine around the same AdamW + warmup-cosine schedule as `PlainEngine`."""
 
     def __init__(self, model: torch.nn.Module, optim: OptimSettings, total_steps: int, settings: DeepSpeedSettings,
-                 micro_batch: int, accumulation: int) -> None:
+                 micro_batch: int, accumulation: int, forward: torch.nn.Module) -> None:
         import deepspeed
 
         distributed.init()
         optimizer, scheduler = build_optimizer(model, optim, total_steps)
         self.config = settings.ds_config(micro_batch, accumulation, optim.grad_clip)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=LogitsAt(model), optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
+            model=forward, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
         self.module, self.stage = model, settings.stage
         self.scale = distributed.world_size() * accumulation
 
-    def logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.engine(input_ids, attention, positions, position_ids)
+    def forward(self, *inputs):
+        return self.engine(*inputs)
 
     def backward(self, loss_share: torch.Tensor) -> None:
         self.engine.backward(loss_share * self.scale)
@@ -178,16 +180,15 @@ class DeepSpeedEngine:
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
 
-def save_weights(engine: PlainEngine | DeepSpeedEngine, tokenizer, folder: Path) -> None:
-    """The trained model as a plain HF folder (LoRA merged), written atomically by rank 0 with ZeRO-3 parameters
-    gathered; every rank calls it."""
-    from models.drafter import save_drafter
-
+def save_weights(engine: PlainEngine | DeepSpeedEngine, folder: Path,
+                 save: Callable[[torch.nn.Module, Path], object]) -> None:
+    """The trained model saved by `save(model, folder)` (its kind's format, LoRA merged), written atomically by
+    rank 0 with ZeRO-3 parameters gathered; every rank calls it."""
     with engine.full_parameters():
         if distributed.is_main():
             temporary = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(temporary, ignore_errors=True)
-            save_drafter(engine.module, tokenizer, temporary)
+            save(engine.module, temporary)
             shutil.rmtree(folder, ignore_errors=True)
             temporary.replace(folder)
     distributed.barrier()
@@ -202,10 +203,13 @@ def micro_batches(batch: list, accumulation: int) -> list[list]:
 
 
 def build_engine(model: torch.nn.Module, optim: OptimSettings, total_steps: int, deepspeed: DeepSpeedSettings,
-                 micro_batch: int, accumulation: int) -> PlainEngine | DeepSpeedEngine:
+                 micro_batch: int, accumulation: int,
+                 forward: torch.nn.Module | None = None) -> PlainEngine | DeepSpeedEngine:
+    """The engine that trains `model`; `forward` is the training forward (default `LogitsAt(model)`)."""
+    forward = LogitsAt(model) if forward is None else forward
     if deepspeed.enabled:
-        return DeepSpeedEngine(model, optim, total_steps, deepspeed, micro_batch, accumulation)
+        return DeepSpeedEngine(model, optim, total_steps, deepspeed, micro_batch, accumulation, forward)
     if distributed.world_size() > 1:
         raise ValueError(f"{distributed.world_size()} processes were launched but deepspeed is off: pass "
                          f"deepspeed=zero1 (or zero0/zero2/zero3) to train data-parallel")
-    return PlainEngine(model, optim, total_steps)
+    return PlainEngine(model, optim, total_steps, forward)

@@ -28,7 +28,7 @@ from infra import distributed
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from losses.ce import cross_entropy
-from models.drafter import DrafterSpec
+from models.drafter import DrafterSpec, save_drafter
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import kind_of_spec
 from train import checkpoint
@@ -136,7 +136,7 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
             tokens = blocks.tokens[micro].to(device)
             attention, position_ids, positions, labels = block_inputs(tokens, blocks.documents[micro].to(device),
                                                                       settings.document_mask)
-            logits = engine.logits(tokens, attention, positions, position_ids)
+            logits = engine.forward(tokens, attention, positions, position_ids)
             n = int(positions.sum())
             loss = cross_entropy(logits, None, torch.ones(1, n, dtype=torch.bool), labels[positions].unsqueeze(0))
             if not torch.isfinite(loss):
@@ -162,7 +162,7 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
                             settings.keep_checkpoints, provenance)
     progress.close()
     model.eval()
-    save_weights(engine, tokenizer, out_dir / "model")
+    save_weights(engine, out_dir / "model", lambda model, folder: save_drafter(model, tokenizer, folder))
     elapsed = time.perf_counter() - started
     return {"steps": settings.steps, "resumed_at": start_step, "final_loss": round(loss_value, 4),
             "blocks": len(blocks), "tokens_seen_this_run": tokens_seen * world, "seconds": round(elapsed, 1),

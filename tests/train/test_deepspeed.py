@@ -74,6 +74,28 @@ def test_two_process_zero_matches_one_process(reference, stage):
     assert (reference / "smoke" / name / "distill" / "model" / "model.safetensors").exists()
 
 
+FEATURE = ["drafter=eagle", "drafter.intermediate_size=256", "loss=eagle", "loss.feature_noise=0"]  # no noise: the
+# single process draws it for the whole batch, each rank for its half
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_zero_trains_a_feature_drafter_as_one_process_does(reference, stage):
+    single, name = "feature_single", f"feature_zero{stage}"
+    for run in (single, name):
+        if not (reference / "smoke" / run / "data_gen").exists():
+            shutil.copytree(reference / "smoke" / "single" / "data_gen", reference / "smoke" / run / "data_gen")
+    if not (reference / "smoke" / single / "distill").exists():
+        launch(reference, single, "stages=[distill]", *FEATURE)
+    launch(reference, name, "stages=[distill]", *FEATURE, f"deepspeed=zero{stage}", processes=2)
+    expected, actual = curve(reference, single), curve(reference, name)
+    assert len(actual) == len(expected) >= 6
+    assert [e["loss"] for e in actual] == pytest.approx([e["loss"] for e in expected], rel=1e-4)
+    assert [e["grad_norm"] for e in actual] == pytest.approx([e["grad_norm"] for e in expected], rel=1e-3)
+    summary = json.loads((reference / "smoke" / name / "distill" / "meta.json").read_text())["summary"]
+    assert summary["drafter_kind"] == "feature" and summary["processes"] == 2
+    assert (reference / "smoke" / name / "distill" / "model" / "feature_drafter.json").exists()
+
+
 def test_other_stages_refuse_a_multi_process_launch(reference):
     env = dict(os.environ, DRAFTSMITH_CACHE=str(reference / "cache"), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -17,8 +17,8 @@ from losses.kl import forward_kl
 from losses.mix import LossMix
 from models.drafter import DrafterSpec, LoraSettings, build_drafter, load_drafter
 from tests.conftest import TINY_PROMPTS, quiet_tracker
-from train.distill import DistillSettings, OnPolicySettings, Row, collate, distill, offline_teacher_logits, \
-    on_policy_rows, read_rows
+from train.distill import DistillSettings, OnPolicySettings, distill, offline_teacher_logits, on_policy_rows
+from train.rows import Row, collate, read_rows
 from train.optim import OptimSettings
 
 SPEC = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
@@ -70,7 +70,7 @@ def test_select_decoder_keeps_the_weights_with_the_best_measured_tau(tiny_target
     the weights whose τ is highest; τ is recomputed here from the saved model/ to check it is the one chosen."""
     from eval.decoder import DecodeSettings, speculative_generate
     from models.drafter import TokenDraft
-    from train.distill import read_rows, split_heldout
+    from train.rows import read_rows, split_heldout
 
     summary, _ = run(tiny_target, records_dir, tmp_path, epochs=6, eval_every=6, select="decoder",
                      select_gamma=3, select_max_new_tokens=12)

@@ -1,5 +1,7 @@
-"""Feature-level drafters (EAGLE, FSPAD): causal, learn the target's features and first-token distribution on the
-tiny target, save and load; the partial-alignment loss regresses only its share of the feature dimensions."""
+"""Feature-level drafters (EAGLE, FSPAD) in distill's one training loop, on the tiny target: they learn the
+target's features and first-token distribution, save and load, and honour what token drafters get (accumulation,
+LoRA, select=decoder); the partial-alignment loss regresses only its share of the feature dimensions. Exact resume
+after SIGKILL: tests/train/test_resume.py; DeepSpeed data parallel: tests/train/test_deepspeed.py."""
 from __future__ import annotations
 
 import json
@@ -7,13 +9,26 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from infra.tracking import LoggerSettings, Tracker
 from losses.feature import FeatureLoss, feature_regression
-from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter, load_feature_drafter
-from train.distill import DistillSettings
-from train.feature_distill import distill_features
+from models.drafter import LoraSettings
+from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter, load_feature_drafter
+from tests.conftest import quiet_tracker
+from train.distill import DistillSettings, OnPolicySettings, distill
 from train.optim import OptimSettings
+from train.rows import read_rows, split_heldout
+
+
+def run(tiny_target, records_dir, out, loss=FeatureLoss(feature_noise=0.1), sampling=False, **overrides):
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    drafter = build_feature_drafter(FeatureDrafterSpec(feature_sampling=sampling), model)
+    settings = DistillSettings(**{"epochs": 8, "batch_size": 2, "heldout_records": 2, "log_every": 1,
+                                  "optim": OptimSettings(lr=3e-3, warmup_steps=2)} | overrides)
+    summary = distill(drafter, model, tokenizer, records_dir, loss, settings, out, quiet_tracker(out),
+                      stop_ids=[tokenizer.eos_token_id])
+    curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    return drafter, summary, curve
 
 
 def test_feature_regression_full_partial_and_masked():
@@ -36,35 +51,62 @@ def test_feature_regression_full_partial_and_masked():
                                             (True, FeatureLoss(aligned_fraction=0.5, feature_noise=0.1))],
                          ids=["eagle", "fspad"])
 def test_feature_drafter_learns_and_round_trips(tiny_target, records_dir, tmp_path, sampling, loss):
-    model, tokenizer = tiny_target.model, tiny_target.tokenizer
-    drafter = build_feature_drafter(FeatureDrafterSpec(feature_sampling=sampling), model)
-    settings = DistillSettings(epochs=8, batch_size=2, heldout_records=2, log_every=1,
-                               optim=OptimSettings(lr=3e-3, warmup_steps=2))
-    summary = distill_features(drafter, model, tokenizer, records_dir, loss, settings, tmp_path,
-                               Tracker(LoggerSettings(backend="none", mode="disabled"), tmp_path, "distill", {}))
-    curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    drafter, summary, curve = run(tiny_target, records_dir, tmp_path, loss=loss, sampling=sampling)
     assert sum(e["feature"] for e in curve[-4:]) < sum(e["feature"] for e in curve[:4])
     proxies = [entry["proxy"] for entry in summary["acceptance_proxy"]]
     assert proxies[-1] > proxies[0]
-    reloaded = load_feature_drafter(tmp_path / "last", model)
+    assert summary["drafter_kind"] == "feature" and summary["feature_sampling"] is sampling
+    reloaded = load_feature_drafter(tmp_path / "last", tiny_target.model)
     features, embeddings, attention = torch.randn(1, 5, 64), torch.randn(1, 5, 64), torch.ones(1, 5)
     with torch.no_grad():
         assert torch.equal(reloaded(features, embeddings, attention), drafter.eval()(features, embeddings, attention))
     assert reloaded.spec.feature_sampling is sampling
 
 
-def test_settings_the_feature_loop_does_not_honour_are_refused_by_name(tiny_target, records_dir, tmp_path):
-    from models.drafter import LoraSettings
-    from train.distill import OnPolicySettings
-    from train.engine import DeepSpeedSettings
+def test_accumulation_splits_a_feature_step_without_changing_it(tiny_target, records_dir, tmp_path):
+    loss = FeatureLoss()  # no input noise: the two runs must see the same numbers
+    _, _, whole = run(tiny_target, records_dir, tmp_path / "whole", loss=loss, batch_size=4, epochs=2)
+    _, _, split = run(tiny_target, records_dir, tmp_path / "split", loss=loss, batch_size=4, accumulation=2,
+                      epochs=2)
+    assert len(whole) == 4
+    assert [e["loss"] for e in split] == pytest.approx([e["loss"] for e in whole], rel=1e-5)
+    assert [e["grad_norm"] for e in split] == pytest.approx([e["grad_norm"] for e in whole], rel=1e-4)
 
-    drafter = build_feature_drafter(FeatureDrafterSpec(), tiny_target.model)
-    settings = DistillSettings(select="decoder", checkpoint_every=5, lora=LoraSettings(), accumulation=2,
-                               batch_size=4, on_policy=OnPolicySettings(ratio=0.5), teacher="offline")
+
+def test_lora_and_select_decoder_on_a_feature_drafter(tiny_target, records_dir, tmp_path):
+    """LoRA adapters train only the named projections and are merged into plain weights when saved;
+    select=decoder keeps the weights whose measured τ is best, which decoding with the saved model/ reproduces."""
+    from eval.decoder import DecodeSettings, speculative_generate
+
+    before = build_feature_drafter(FeatureDrafterSpec(), tiny_target.model).state_dict()
+    _, summary, _ = run(tiny_target, records_dir, tmp_path, epochs=6, eval_every=6, select="decoder",
+                        select_gamma=3, select_max_new_tokens=12, optim=OptimSettings(lr=2e-2, warmup_steps=2),
+                        lora=LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    assert summary["lora"] and summary["selected"] == "decoder"
+    saved = load_file(str(tmp_path / "last" / "model.safetensors"))
+    assert not any("lora" in name for name in saved | load_file(str(tmp_path / "model" / "model.safetensors")))
+    changed = {name for name in saved if not torch.equal(before[name], saved[name])}
+    assert changed and all("q_proj" in name or "v_proj" in name for name in changed)
+    taus = [entry["block_efficiency"] for entry in summary["acceptance_proxy"]]
+    assert len(taus) == 5 and all(tau >= 1.0 for tau in taus)
+    _, heldout = split_heldout(read_rows(records_dir, "online"), 2)
+    selected = load_feature_drafter(tmp_path / "model", tiny_target.model)
+    generations = speculative_generate(tiny_target.model, FeatureDraft(selected, tiny_target.model),
+                                       [row.prompt_ids for row in heldout], DecodeSettings(gamma=3, max_new_tokens=12),
+                                       [tiny_target.tokenizer.eos_token_id])
+    tau = sum(g.stats.emitted for g in generations) / sum(g.stats.steps for g in generations)
+    assert tau == pytest.approx(summary["best_block_efficiency"], abs=1e-4) == pytest.approx(max(taus), abs=1e-4)
+
+
+def test_settings_a_feature_drafter_cannot_honour_are_refused_by_name(tiny_target, records_dir, tmp_path):
+    from losses.kl import forward_kl
+    from losses.mix import LossMix
+
+    settings = DistillSettings(batch_size=4, on_policy=OnPolicySettings(ratio=0.5), teacher="offline")
     with pytest.raises(ValueError) as refused:
-        distill_features(drafter, tiny_target.model, tiny_target.tokenizer, records_dir, FeatureLoss(), settings,
-                         tmp_path, None, DeepSpeedSettings(enabled=True, stage=2))
-    for key in ("distill.select='decoder'", "distill.checkpoint_every=5", "distill.lora=", "distill.accumulation=2",
-                "distill.on_policy.ratio=0.5", "distill.teacher='offline'", "deepspeed=zero2"):
+        run(tiny_target, records_dir, tmp_path / "out", **{k: getattr(settings, k) for k in ("on_policy", "teacher")})
+    for key in ("distill.on_policy.ratio=0.5", "distill.teacher='offline'"):
         assert key in str(refused.value)
-    assert not list(tmp_path.iterdir())  # refused before anything was written
+    with pytest.raises(ValueError, match="loss=eagle or loss=fspad"):
+        run(tiny_target, records_dir, tmp_path / "out", loss=LossMix({"fkl": {"fn": forward_kl}}))
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -1,8 +1,10 @@
-"""Kill -9 a real distill run mid-way, rerun it, and get exactly the uninterrupted run's loss curve.
+"""Kill -9 a real distill run mid-way, rerun it, and get exactly the uninterrupted run's loss curve, for a
+token-level and a feature-level drafter.
 
-The run uses the loss whose gradient draws random numbers (TVD++, sampled estimator) and on-policy steps whose
-answers the drafter samples, so the resumed curve only matches if the checkpoint restored the weights, the
-optimizer, the schedule, the data position and every RNG state.
+The token run uses the loss whose gradient draws random numbers (TVD++, sampled estimator) and on-policy steps
+whose answers the drafter samples; the feature run (EAGLE) draws its input-feature noise every step. So a resumed
+curve only matches if the checkpoint restored the weights, the optimizer, the schedule, the data position and
+every RNG state.
 """
 from __future__ import annotations
 
@@ -20,23 +22,26 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # a real training subprocess, killed and resumed: not in .ci/check-latest's fast part
 
-ARGS = ["+experiment=smoke", "logger=none", "data.limit=24", "drafter.hidden_size=128", "drafter.num_layers=4",
-        "drafter.intermediate_size=384", "distill.epochs=40", "distill.batch_size=4", "distill.checkpoint_every=5",
-        "distill.eval_every=10", "loss=tvdpp", "loss.terms.tvdpp.fn.estimator=sampled",
-        "distill.on_policy.ratio=0.25", "distill.on_policy.max_new_tokens=12"]
+ARGS = ["+experiment=smoke", "logger=none", "data.limit=24", "distill.epochs=40", "distill.batch_size=4",
+        "distill.checkpoint_every=5", "distill.eval_every=10"]
+KINDS = {"token": ["drafter.hidden_size=128", "drafter.num_layers=4", "drafter.intermediate_size=384", "loss=tvdpp",
+                   "loss.terms.tvdpp.fn.estimator=sampled", "distill.on_policy.ratio=0.25",
+                   "distill.on_policy.max_new_tokens=12"],
+         "feature": ["drafter=eagle", "drafter.intermediate_size=1024", "loss=eagle", "loss.feature_noise=0.2"]}
 
 
-def command(runs_root, *extra):
-    return [sys.executable, "train/run.py", *ARGS, f"runs_root={runs_root}", *extra]
+def command(runs_root, kind, *extra):
+    return [sys.executable, "train/run.py", *ARGS, *KINDS[kind], f"runs_root={runs_root}", *extra]
 
 
 def curve(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "distill" / "curve.jsonl").read_text().splitlines()]
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tmp_path, kind):
     env = dict(os.environ, DRAFTSMITH_CACHE=str(tmp_path / "cache"))
-    reference = subprocess.run(command(tmp_path / "reference", "stages=[data_gen,distill]"), cwd=REPO_ROOT, env=env,
+    reference = subprocess.run(command(tmp_path / "reference", kind, "stages=[data_gen,distill]"), cwd=REPO_ROOT, env=env,
                                capture_output=True, text=True, timeout=900)
     assert reference.returncode == 0, reference.stderr[-3000:]
     reference_dir = tmp_path / "reference" / "smoke" / "default"
@@ -45,7 +50,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
     killed_dir = tmp_path / "killed" / "smoke" / "default"
     shutil.copytree(reference_dir / "data_gen", killed_dir / "data_gen")
     checkpoints = killed_dir / "distill.partial" / "checkpoints"
-    process = subprocess.Popen(command(tmp_path / "killed", "stages=[distill]"), cwd=REPO_ROOT, env=env,
+    process = subprocess.Popen(command(tmp_path / "killed", kind, "stages=[distill]"), cwd=REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and not any((p / "state.json").exists() for p in checkpoints.glob("step-*")
@@ -57,14 +62,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
     interrupted = (killed_dir / "distill.partial" / "curve.jsonl").read_text().splitlines()
     assert 10 <= len(interrupted) < total_steps
 
-    resumed = subprocess.run(command(tmp_path / "killed", "stages=[distill]"), cwd=REPO_ROOT, env=env,
+    resumed = subprocess.run(command(tmp_path / "killed", kind, "stages=[distill]"), cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[distill] resuming from" in resumed.stdout
     summary = json.loads((killed_dir / "distill" / "meta.json").read_text())["summary"]
     assert 10 <= summary["resumed_at"] < total_steps
     expected, actual = curve(reference_dir), curve(killed_dir)
-    assert any(entry["on_policy"] for entry in expected[summary["resumed_at"]:])
+    if kind == "token":
+        assert any(entry["on_policy"] for entry in expected[summary["resumed_at"]:])
+    assert summary["drafter_kind"] == kind
     assert actual == expected  # every step: same loss, same gradient norm, same on-policy draws, bit for bit
     assert summary["acceptance_proxy"] == json.loads((reference_dir / "distill" / "meta.json").read_text()
                                                      )["summary"]["acceptance_proxy"]

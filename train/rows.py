@@ -1,0 +1,88 @@
+"""The distill stage's training rows: data_gen records read back, a stable held-out split, length-grouped batches
+and their padded tensors. Token-level and feature-level objectives (`train/distill.py`, `train/feature_distill.py`)
+read the same rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_gen.shards import load_records
+
+
+@dataclass
+class Row:
+    """One training sequence: tokens, which next-tokens are answer tokens, and the stored top-k if any."""
+    id: str
+    input_ids: list[int]
+    loss_mask: list[int]
+    prompt_ids: list[int]
+    topk_ids: list | None = None
+    topk_logprobs: list | None = None
+
+    def loss_positions(self, max_seq_len: int, ahead: int = 1) -> int:
+        """Positions t < max_seq_len whose token `ahead` places on is an answer token (1: the next token, what a
+        token drafter predicts; 2: x_{t+2}, what a feature drafter's prediction of f_{t+1} is scored on)."""
+        return sum(self.loss_mask[ahead:max_seq_len])
+
+
+def read_rows(data_dir: Path, teacher: str) -> list[Row]:
+    dataset = load_records(data_dir)
+    columns = ["id", "input_ids", "loss_mask", "prompt_ids"]
+    if teacher == "offline":
+        if "topk_ids" not in dataset.column_names:
+            raise ValueError(f"distill.teacher=offline needs top-k log-probabilities in {data_dir}, which has none: "
+                             f"regenerate with data_gen.top_k_logprobs=K (e.g. 20), or use distill.teacher=online")
+        columns += ["topk_ids", "topk_logprobs"]
+    return [Row(**row) for row in dataset.select_columns(columns)]
+
+
+def split_heldout(rows: list[Row], count: int) -> tuple[list[Row], list[Row]]:
+    """A fixed held-out set: the `count` rows whose id hashes lowest (stable across runs and data order)."""
+    if count >= len(rows):
+        raise ValueError(f"distill.heldout_records={count} leaves nothing to train on ({len(rows)} records)")
+    ranked = sorted(rows, key=lambda row: hashlib.sha256(row.id.encode()).hexdigest())
+    heldout_ids = {row.id for row in ranked[:count]}
+    return [r for r in rows if r.id not in heldout_ids], [r for r in rows if r.id in heldout_ids]
+
+
+def count_steps(train_rows: list[Row], batch_size: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) for `epochs`, capped by `max_steps`."""
+    steps_per_epoch = len(train_rows) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_rows)} training records are fewer than distill.batch_size={batch_size}")
+    total_steps = epochs * steps_per_epoch
+    return steps_per_epoch, total_steps if max_steps is None else min(total_steps, max_steps)
+
+
+def epoch_batches(rows: list[Row], batch_size: int, seed: int, epoch: int, max_seq_len: int) -> list[list[int]]:
+    """Full batches of similar length in random order; the `len % batch_size` left-over rows (a different random
+    few each epoch) wait for the next epoch, so every rank and micro-batch always gets work."""
+    shuffler = random.Random(f"{seed}:epoch:{epoch}")
+    order = list(range(len(rows)))
+    shuffler.shuffle(order)
+    order = order[: len(order) - len(order) % batch_size]
+    order.sort(key=lambda i: min(len(rows[i].input_ids), max_seq_len))
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    shuffler.shuffle(batches)
+    return batches
+
+
+def collate(rows: list[Row], pad_id: int, max_seq_len: int, device: torch.device):
+    """Right-padded (input_ids, attention_mask, loss_positions, labels): loss_positions[b, t] marks the positions
+    whose *next* token is an answer token; labels[b, t] is that next token."""
+    width = max(min(len(r.input_ids), max_seq_len) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_positions = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids, mask = row.input_ids[:max_seq_len], row.loss_mask[:max_seq_len]
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention[b, : len(ids)] = 1
+        loss_positions[b, : len(ids) - 1] = torch.tensor(mask[1:], dtype=torch.bool)
+    labels = torch.roll(input_ids, -1, dims=1)
+    return input_ids.to(device), attention.to(device), loss_positions.to(device), labels.to(device)
