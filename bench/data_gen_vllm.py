@@ -49,9 +49,9 @@ def main() -> None:
                if len(ids) <= args.max_prompt_tokens][: args.prompts]
     requests = [Request(str(i), ids, i) for i, ids in enumerate(prompts)]
     stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
-    sampling = SamplingSettings(max_new_tokens=args.max_new_tokens)
+    sampling = SamplingSettings()  # greedy
 
-    hf = HFBackend(model, tokenizer.pad_token_id, stop_ids, sampling, args.batch_size)
+    hf = HFBackend(model, tokenizer.pad_token_id, stop_ids, sampling, args.max_new_tokens, args.batch_size)
     started = time.perf_counter()
     hf_out = hf.generate(requests)
     hf_seconds = time.perf_counter() - started
@@ -61,8 +61,8 @@ def main() -> None:
 
     started = time.perf_counter()
     engine = {"enforce_eager": True, "max_num_seqs": args.batch_size} if args.device == "cpu" else {}
-    vllm = VLLMBackend(model_dir, stop_ids, sampling, dtype=args.dtype, max_model_len=args.max_prompt_tokens +
-                       args.max_new_tokens + 8, engine_args=engine)
+    vllm = VLLMBackend(model_dir, stop_ids, sampling, args.max_new_tokens, dtype=args.dtype,
+                       max_model_len=args.max_prompt_tokens + args.max_new_tokens + 8, engine_args=engine)
     startup = time.perf_counter() - started
     started = time.perf_counter()
     vllm_out = vllm.generate(requests)

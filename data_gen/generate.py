@@ -38,7 +38,7 @@ from infra.tracking import Tracker
 from models.assets import sha256_file
 from models.drafter import load_drafter
 from models.loading import TargetSpec, load_tokenizer, resolve_model_dir
-from models.sampling import SamplingSettings, request_seed
+from models.sampling import SamplingSettings, as_sampling, request_seed
 
 TURN_MODES = ("first", "last", "all")
 OVERLONG = ("drop", "truncate")
@@ -58,9 +58,7 @@ class GenerationSettings:
     drop_empty: bool = True
     batch_size: int = 8
     cache: str = "dynamic"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # greedy by default
     samples_per_prompt: int = 1
     seed: int = 0
     top_k_logprobs: int = 0
@@ -72,24 +70,22 @@ class GenerationSettings:
     disk_headroom: float = 0.05
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sampling", as_sampling(self.sampling))
         for name, value, allowed in (("backend", self.backend, BACKENDS), ("turns", self.turns, TURN_MODES),
                                      ("overlong_prompt", self.overlong_prompt, OVERLONG)):
             if value not in allowed:
                 raise ValueError(f"data_gen.{name}={value!r} is not one of {allowed}")
-        if self.samples_per_prompt > 1 and self.temperature == 0:
+        if self.samples_per_prompt > 1 and self.sampling.greedy:
             raise ValueError(f"data_gen.samples_per_prompt={self.samples_per_prompt} with temperature=0 gives "
-                             f"identical copies; set data_gen.temperature > 0")
+                             f"identical copies; set data_gen.sampling.temperature > 0")
         if not 0 <= self.on_policy_ratio <= 1:
             raise ValueError(f"data_gen.on_policy_ratio={self.on_policy_ratio} must be in [0, 1]")
         if self.on_policy_ratio > 0 and not self.on_policy_drafter:
             raise ValueError("data_gen.on_policy_ratio > 0 needs data_gen.on_policy_drafter=/path/to/drafter")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError("data_gen.shard_size and data_gen.batch_size must be >= 1")
-        self.sampling()  # validates temperature, top_p, top_k, max_new_tokens
-
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                max_new_tokens=self.max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"data_gen.max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -307,8 +303,8 @@ def run_shard(jobs: list[Job], tokenizer: PreTrainedTokenizerBase, backends: dic
             "generator": job.generator, "turns": len(turns[job.key]), "prompt_ids": prompt_ids,
             "response_ids": last.token_ids, "input_ids": prompt_ids + last.token_ids,
             "loss_mask": prompt_mask + [1] * len(last.token_ids), "finish_reason": last.finish_reason,
-            "flags": flags, "sampling": settings.sampling().as_dict() | {
-                "seed": request_seed(settings.seed, f"{job.key}/turn{len(turns[job.key]) - 1}")},
+            "flags": flags, "sampling": settings.sampling.as_dict() | {
+                "max_new_tokens": settings.max_new_tokens, "seed": request_seed(settings.seed, f"{job.key}/turn{len(turns[job.key]) - 1}")},
         })
     stats = {"jobs": len(jobs), "records": len(records), "skipped": dict(skipped), "flagged": dict(flagged),
              "generated_tokens": generated, "seconds": round(time.perf_counter() - started, 3),
@@ -318,20 +314,22 @@ def run_shard(jobs: list[Job], tokenizer: PreTrainedTokenizerBase, backends: dic
 
 def make_backends(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: GenerationSettings,
                   stop_ids: list[int], model_dir: Path | None, drafter: PreTrainedModel | None) -> dict:
-    sampling = settings.sampling()
+    sampling, new_tokens = settings.sampling, settings.max_new_tokens
     if settings.backend == "vllm":
         if model_dir is None:
             raise ValueError("data_gen.backend=vllm needs the target as a local HF directory")
         options = dict(settings.vllm)
-        target = VLLMBackend(model_dir, stop_ids, sampling, tensor_parallel_size=options.pop("tensor_parallel_size", 1),
+        target = VLLMBackend(model_dir, stop_ids, sampling, new_tokens,
+                             tensor_parallel_size=options.pop("tensor_parallel_size", 1),
                              dtype=options.pop("dtype", "auto"), max_model_len=options.pop("max_model_len", None),
                              engine_args=options)
     else:
-        target = HFBackend(model, tokenizer.pad_token_id, stop_ids, sampling, settings.batch_size, settings.cache)
+        target = HFBackend(model, tokenizer.pad_token_id, stop_ids, sampling, new_tokens, settings.batch_size,
+                           settings.cache)
     backends = {"target": target}
     if drafter is not None:
-        backends["drafter"] = HFBackend(drafter, tokenizer.pad_token_id, stop_ids, sampling, settings.batch_size,
-                                        settings.cache)
+        backends["drafter"] = HFBackend(drafter, tokenizer.pad_token_id, stop_ids, sampling, new_tokens,
+                                        settings.batch_size, settings.cache)
     return backends
 
 

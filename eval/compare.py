@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from eval.speculative import markdown_report
+from models.sampling import sampling_in
 
 
 def combine(paths: list[Path]) -> dict:
@@ -30,9 +31,10 @@ def combine(paths: list[Path]) -> dict:
         run = path.resolve().parent.parent.name
         for name, metrics in report["drafters"].items():
             combined["drafters"][f"{run}/{name}"] = metrics
-    keys = ("gamma", "tree", "temperature", "top_p", "top_k", "max_new_tokens", "turns", "confidence_threshold")
-    differing = {key: [r["settings"].get(key) for _, r in reports] for key in keys
-                 if len({json.dumps(r["settings"].get(key)) for _, r in reports}) > 1}
+    keys = ("gamma", "tree", "sampling", "max_new_tokens", "turns", "confidence_threshold")
+    values = [dict(r["settings"], sampling=sampling_in(r["settings"])) for _, r in reports]
+    differing = {key: [v.get(key) for v in values] for key in keys
+                 if len({json.dumps(v.get(key), sort_keys=True) for v in values}) > 1}
     if len({(r["num_prompts"], r["num_turns"]) for _, r in reports}) > 1:
         differing["prompts (conversations, turns)"] = [(r["num_prompts"], r["num_turns"]) for _, r in reports]
     combined["differing_settings"] = differing

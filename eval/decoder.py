@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
 from eval.metrics import DecodeStats
 from models.cache import RaggedKVCache, check_supported, forward_on_cache, head_logits, pad_rows
-from models.sampling import SamplingSettings, make_generator, request_seed, warp_logits
+from models.sampling import SamplingSettings, as_sampling, draw, make_generator, request_seed, warp_logits
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,14 @@ class DecodeSettings:
     gamma: int = 4  # chain draft length (the most a row drafts per step)
     tree: tuple[int, ...] = ()  # top-k branching per depth, e.g. (3, 2, 1); empty: a chain of gamma
     confidence_threshold: float = 0.0  # > 0: adaptive draft length (chains)
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # greedy by default
     max_new_tokens: int = 128
     batch_size: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", tuple(int(k) for k in self.tree))
+        object.__setattr__(self, "sampling", as_sampling(self.sampling))
         if self.gamma < 1:
             raise ValueError(f"gamma={self.gamma} must be >= 1")
         if any(k < 1 for k in self.tree):
@@ -69,11 +68,8 @@ class DecodeSettings:
             raise ValueError("confidence_threshold (adaptive draft length) applies to chains; use tree=[] with it")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
-        self.sampling  # validates temperature, top_p, top_k, max_new_tokens
-
-    @property
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(self.temperature, self.top_p, self.top_k, self.max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
     @property
     def depth(self) -> int:
@@ -122,10 +118,10 @@ class Tree:
 
 
 class _Rows:
-    """Per-row random streams: exponential races for sampling, uniforms for acceptance tests."""
+    """Per-row random streams: draws for sampling (`models.sampling.draw`), uniforms for acceptance tests."""
 
     def __init__(self, seeds: list[int], device: torch.device) -> None:
-        self.generators = [make_generator_on(seed, device) for seed in seeds]
+        self.generators = [make_generator(seed, device) for seed in seeds]
         self.device = device
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -133,20 +129,10 @@ class _Rows:
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
         """One token per row of [rows, V] non-negative weights (normalisation not needed)."""
-        noise = torch.stack([torch.empty(probs.shape[-1], device=self.device).exponential_(generator=g)
-                             for g in self.generators])
-        return (probs / noise).argmax(-1)
+        return draw(probs, self.generators)
 
     def uniform(self, count: int) -> torch.Tensor:
         return torch.stack([torch.rand(count, device=self.device, generator=g) for g in self.generators])
-
-
-def make_generator_on(seed: int, device: torch.device) -> torch.Generator:
-    if device.type == "cpu":
-        return make_generator(seed)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
 
 
 class _Target:

@@ -1,7 +1,7 @@
 """Stage `eval`: the acceptance benchmark, built on the lossless decoder in `eval/decoder.py`.
 
     python train/run.py +experiment=quickstart stages=[eval]
-    python train/run.py +experiment=quickstart stages=[eval] eval.tree=[3,2,1] eval.temperature=1.0
+    python train/run.py +experiment=quickstart stages=[eval] eval.tree=[3,2,1] eval.sampling.temperature=1.0
     python train/run.py +experiment=quickstart stages=[eval] eval_data=sharegpt_heldout +eval.drafters.mine=DIR
 
 For each conversation, each user turn up to `turns` (MT-Bench has two) is answered by plain target decoding on
@@ -37,6 +37,7 @@ from infra.tracking import Tracker
 from models.drafter import DrafterSpec
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import draft_for, kind_of, kind_of_spec, load_any
+from models.sampling import SamplingSettings, as_sampling, sampling_in
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,7 @@ class EvalSettings:
     gamma: int = 4
     tree: tuple[int, ...] = ()
     confidence_threshold: float = 0.0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # greedy by default; target and drafter alike
     max_new_tokens: int = 128
     batch_size: int = 1  # > 1: speedups are per batch, not per prompt
     seed: int = 0
@@ -60,14 +59,15 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", tuple(self.tree))
+        object.__setattr__(self, "sampling", as_sampling(self.sampling))
         self.decode  # validates
         if self.turns < 1:
             raise ValueError(f"eval.turns={self.turns} must be >= 1")
 
     @property
     def decode(self) -> DecodeSettings:
-        return DecodeSettings(self.gamma, self.tree, self.confidence_threshold, self.temperature, self.top_p,
-                              self.top_k, self.max_new_tokens, self.batch_size, self.seed)
+        return DecodeSettings(self.gamma, self.tree, self.confidence_threshold, self.sampling, self.max_new_tokens,
+                              self.batch_size, self.seed)
 
 
 @dataclass
@@ -300,7 +300,8 @@ def markdown_report(report: dict, label: str = "") -> str:
         for name, m in report["drafters"].items():
             lines.append(f"| {name} | " + " | ".join(f"{m['per_category'][c]['block_efficiency']:.3f}"
                                                      if c in m["per_category"] else "" for c in categories) + " |")
-    mode = "greedy" if settings["temperature"] == 0 else f"T={settings['temperature']}"
+    temperature = sampling_in(settings)["temperature"]
+    mode = "greedy" if temperature == 0 else f"T={temperature}"
     shape = f"tree {settings['tree']}" if settings["tree"] else f"γ={settings['gamma']}"
     lines += ["", f"{report['num_turns']} prompts ({report['num_prompts']} conversations), {mode}, {shape}, "
                   f"up to {settings['max_new_tokens']} new tokens, {report['dtype']}."]

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from infra.stage import StageRun
 from models.loading import TargetSpec, load_causal_lm, resolve_model_dir
+from models.sampling import sampling_in
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
@@ -52,9 +53,10 @@ def model_card(name: str, target: dict, parameters: int, target_parameters: int,
     ]
     if eval_report is not None:
         settings = eval_report["settings"]
+        temperature = sampling_in(settings)["temperature"]
         lines += [
             "## Measured acceptance", "",
-            f"{'Greedy' if not settings.get('temperature') else 'Sampled (T=' + str(settings['temperature']) + ')'} "
+            f"{'Greedy' if not temperature else 'Sampled (T=' + str(temperature) + ')'} "
             f"speculative decoding with draftsmith's embedded lossless decoder, "
             f"{'tree ' + str(settings['tree']) if settings.get('tree') else 'γ=' + str(settings['gamma'])}, up to "
             f"{settings['max_new_tokens']} new tokens, on {eval_report.get('num_turns', eval_report['num_prompts'])} "

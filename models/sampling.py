@@ -1,8 +1,12 @@
-"""Sampling semantics shared by every generator in draftsmith (data_gen backends now, the decoder later).
+"""Sampling, one definition for every generator in draftsmith: data_gen's backends, distill's on-policy answers,
+the speculative decoder and its plain baseline.
 
-Temperature 0 means greedy. Otherwise logits are divided by the temperature, then top-k, then top-p (nucleus)
-filtering are applied, in that order, as vLLM and transformers do. Each request carries its own seed, so what a
-prompt gets does not depend on which other prompts share its batch, on the shard it lands in, or on a restart.
+`SamplingSettings` is nested wherever sampling is configured (`data_gen.sampling`, `eval.sampling`,
+`distill.on_policy.sampling`; `conf/sampling/*.yaml`). Temperature 0 means greedy. Otherwise logits are divided
+by the temperature, then top-k, then top-p (nucleus) filtering are applied, in that order, as vLLM and
+transformers do (`warp_logits`). One sampler draws the token (`draw`: an exponential race, exact for
+unnormalised weights such as the decoder's residual distributions). Each request carries its own seed, so what
+a prompt gets does not depend on which other prompts share its batch, on the shard it lands in, or on a restart.
 """
 from __future__ import annotations
 
@@ -17,17 +21,14 @@ class SamplingSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filter
-    max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+            raise ValueError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+            raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+            raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 = off)")
 
     @property
     def greedy(self) -> bool:
@@ -35,6 +36,14 @@ class SamplingSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def sampling_in(settings: dict) -> dict:
+    """The sampling block of a report's or a stage's recorded settings: nested under `sampling`, or, in reports
+    written before it was nested, flat (`temperature`, `top_p`, `top_k`)."""
+    if isinstance(settings.get("sampling"), dict):
+        return settings["sampling"]
+    return {key: settings.get(key, default) for key, default in asdict(SamplingSettings()).items()}
 
 
 def request_seed(base_seed: int, key: str) -> int:
@@ -57,17 +66,36 @@ def warp_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tenso
     return logits
 
 
+def draw(weights: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of [rows, V] non-negative weights (no need to normalise), row i from generators[i]:
+    argmax of w / E with E ~ Exp(1) i.i.d. picks token v with probability w_v / Σ w (an exponential race)."""
+    noise = torch.stack([torch.empty(weights.shape[-1], device=g.device).exponential_(generator=g)
+                         for g in generators]).to(weights.device)
+    return (weights / noise).argmax(-1)
+
+
 def choose_tokens(logits: torch.Tensor, settings: SamplingSettings,
                   generators: list[torch.Generator] | None) -> torch.Tensor:
-    """Next token per row of [rows, vocab] logits; row i draws from generators[i] when sampling."""
+    """Next token per row of [rows, vocab] logits: argmax when greedy, else a draw from the warped
+    distribution, row i from generators[i]."""
     if settings.greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(warp_logits(logits, settings), dim=-1).cpu()
-    return torch.stack([torch.multinomial(row, 1, generator=generator)[0]
-                        for row, generator in zip(probs, generators)]).to(logits.device)
+    return draw(torch.softmax(warp_logits(logits, settings), dim=-1), generators)
 
 
-def make_generator(seed: int) -> torch.Generator:
-    generator = torch.Generator()
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def as_sampling(value: SamplingSettings | dict | None) -> SamplingSettings:
+    """A nested `sampling` setting given as the dataclass, a plain mapping of its fields, or None (greedy)."""
+    if value is None:
+        return SamplingSettings()
+    if isinstance(value, SamplingSettings):
+        return value
+    unknown = set(value) - set(SamplingSettings.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"sampling has no keys {sorted(unknown)}; it takes {sorted(SamplingSettings.__dataclass_fields__)}")
+    return SamplingSettings(**value)

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_gen.generate import GenerationSettings, generate
 from data_gen.sources import Conversation
@@ -56,3 +57,15 @@ def records_dir(tiny_target, tmp_path_factory):
              GenerationSettings(max_new_tokens=24, top_k_logprobs=tiny_target.model.config.vocab_size), out,
              quiet_tracker(out, "data_gen"))
     return out
+
+
+def chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
+    """Pearson's test; cells expecting fewer than 5 are pooled. P(chi2_dof >= stat) = Q(dof/2, stat/2)."""
+    expected = probabilities * counts.sum()
+    keep = expected >= 5
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    expected = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    return float(torch.special.gammaincc(torch.tensor((len(observed) - 1) / 2), statistic / 2))

@@ -45,7 +45,7 @@ from losses.tvd import expected_acceptance
 from models.drafter import DrafterSpec, LoraSettings, TokenDraft, apply_lora, check_same_vocabulary, save_drafter
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import kind_of, kind_of_spec
-from models.sampling import SamplingSettings, request_seed
+from models.sampling import SamplingSettings, as_sampling, request_seed
 from train import checkpoint
 from train.feature_distill import FeatureObjective
 from train.engine import DeepSpeedSettings, LogitsAt, build_engine, logits_at, micro_batches, save_weights
@@ -60,12 +60,11 @@ SELECTIONS = ("proxy", "decoder", "last")
 class OnPolicySettings:
     """λ = `ratio` of optimizer steps train on the drafter's own answers to the records' prompts (0 = never)."""
     ratio: float = 0.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=1.0))
     max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sampling", as_sampling(self.sampling))
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"distill.on_policy.ratio={self.ratio} must lie in [0, 1]")
 
@@ -122,9 +121,8 @@ def on_policy_rows(drafter: PreTrainedModel, rows: list[Row], settings: DistillS
                    stop_ids: list[int]) -> list[Row]:
     """The same prompts, answered by the drafter (seeded per record and step, so identical on every rank and
     after a resume); the target scores these answers in the loss."""
-    sampling = SamplingSettings(temperature=settings.on_policy.temperature, top_p=settings.on_policy.top_p,
-                                top_k=settings.on_policy.top_k, max_new_tokens=settings.on_policy.max_new_tokens)
-    backend = HFBackend(drafter, pad_id, stop_ids, sampling, batch_size=len(rows), progress=False)
+    backend = HFBackend(drafter, pad_id, stop_ids, settings.on_policy.sampling, settings.on_policy.max_new_tokens,
+                        batch_size=len(rows), progress=False)
     requests = [Request(key=row.id, prompt_ids=row.prompt_ids,
                         seed=request_seed(settings.seed, f"{row.id}:on_policy:{step}")) for row in rows]
     was_training = drafter.training

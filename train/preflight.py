@@ -79,7 +79,7 @@ def check_data_gen_hf(target, cache: str) -> None:
     from data_gen.backends import HFBackend, Request
     from models.sampling import SamplingSettings
 
-    backend = HFBackend(target, pad_id=0, stop_ids=[], sampling=SamplingSettings(max_new_tokens=NEW_TOKENS),
+    backend = HFBackend(target, pad_id=0, stop_ids=[], sampling=SamplingSettings(), max_new_tokens=NEW_TOKENS,
                         batch_size=len(PROMPTS), cache=cache, progress=False)
     completions = backend.generate([Request(str(i), p, i) for i, p in enumerate(PROMPTS)])
     for prompt, completion in zip(PROMPTS, completions):

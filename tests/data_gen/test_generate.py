@@ -15,7 +15,7 @@ from data_gen.shards import load_records, read_shard, shard_path
 from data_gen.sources import Conversation
 from infra.tracking import LoggerSettings, Tracker
 from models.drafter import DrafterSpec, build_drafter, save_drafter
-from models.sampling import request_seed
+from models.sampling import SamplingSettings, request_seed
 
 QUESTIONS = ["hello there", "a much longer question " * 3, "what is 2+2?", "name three colours", "why?",
              "tell me a story about a cat", "count to five", "what is the capital of France?"]
@@ -99,7 +99,7 @@ def test_all_turns_regenerated_on_the_targets_own_answers(tiny_target, tmp_path)
 
 def test_sampled_records_do_not_depend_on_batching_or_sharding(tiny_target, tmp_path):
     conversations = [conversation(i, q) for i, q in enumerate(QUESTIONS)]
-    sampling = dict(temperature=1.0, top_p=0.9, top_k=50, samples_per_prompt=2)
+    sampling = dict(sampling=SamplingSettings(temperature=1.0, top_p=0.9, top_k=50), samples_per_prompt=2)
     _, a = run(tiny_target, conversations, tmp_path / "a", batch_size=1, shard_size=3, **sampling)
     _, b = run(tiny_target, conversations, tmp_path / "b", batch_size=5, shard_size=100, **sampling)
     assert len(a) == 16 and [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
@@ -183,7 +183,7 @@ def test_bad_settings_name_the_key():
 
 def test_static_cache_gives_the_same_records_as_the_dynamic_one(tiny_target, tmp_path):
     conversations = [conversation(i, q) for i, q in enumerate(QUESTIONS)]
-    sampling = dict(max_new_tokens=20, temperature=1.0, batch_size=4)  # ragged prompts, per-row generators
+    sampling = dict(max_new_tokens=20, sampling=SamplingSettings(temperature=1.0), batch_size=4)  # ragged prompts, per-row generators
     _, dynamic = run(tiny_target, conversations, tmp_path / "dynamic", **sampling)
     _, static = run(tiny_target, conversations, tmp_path / "static", cache="static", **sampling)
     assert len({len(r["prompt_ids"]) for r in dynamic}) > 4
@@ -197,16 +197,15 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_t
     from collections import Counter as Tally
 
     from data_gen.backends import HFBackend, Request
-    from models.sampling import SamplingSettings
 
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
     requests = [Request(str(i), prompt_token_ids(tokenizer, [{"role": "user", "content": q}]), i)
                 for i, q in enumerate(QUESTIONS)]
-    sampling = SamplingSettings(max_new_tokens=24)
-    free_running = HFBackend(model, tokenizer.pad_token_id, [-1], sampling, 8, cache, progress=False)
+    sampling = SamplingSettings()
+    free_running = HFBackend(model, tokenizer.pad_token_id, [-1], sampling, 24, 8, cache, progress=False)
     common = Tally(t for c in free_running.generate(requests) for t in c.token_ids).most_common(1)[0][0]
-    batched = HFBackend(model, tokenizer.pad_token_id, [common], sampling, 8, cache, progress=False)
-    alone = HFBackend(model, tokenizer.pad_token_id, [common], sampling, 1, cache, progress=False)
+    batched = HFBackend(model, tokenizer.pad_token_id, [common], sampling, 24, 8, cache, progress=False)
+    alone = HFBackend(model, tokenizer.pad_token_id, [common], sampling, 24, 1, cache, progress=False)
     together, single = batched.generate(requests), alone.generate(requests)
     assert len({len(c.token_ids) for c in together if c.finish_reason == "stop"}) > 1  # ragged stops
     assert any(c.finish_reason == "length" for c in together)

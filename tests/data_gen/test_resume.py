@@ -16,7 +16,7 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.slow  # a real data_gen subprocess, killed and rerun: not in .ci/check-latest's fast part
 
 ARGS = ["+experiment=smoke", "stages=[data_gen]", "logger=none", "data.limit=48", "data_gen.shard_size=4",
-        "data_gen.batch_size=1", "data_gen.max_new_tokens=48", "data_gen.temperature=0.8", "data_gen.top_p=0.95"]
+        "data_gen.batch_size=1", "data_gen.max_new_tokens=48", "data_gen.sampling.temperature=0.8", "data_gen.sampling.top_p=0.95"]
 
 
 def command(runs_root):

@@ -21,7 +21,8 @@ import eval.decoder as decoder
 from data_gen.chat import end_of_turn_ids, prompt_token_ids
 from eval.decoder import DecodeSettings, plain_generate, speculative_generate
 from models.drafter import DrafterSpec, TokenDraft, build_drafter
-from models.sampling import warp_logits
+from models.sampling import SamplingSettings, warp_logits
+from tests.conftest import chi_square_p_value
 
 VOCAB, LENGTH, PROMPT, SAMPLES = 5, 3, [1, 2], 6000
 
@@ -58,18 +59,6 @@ def exact_distribution(target, settings: DecodeSettings) -> tuple[list[list[int]
     return sequences, log_probs.gather(2, torch.tensor(sequences)[..., None])[..., 0].sum(1).exp()
 
 
-def chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
-    """Pearson's test; cells expecting fewer than 5 are pooled. P(chi2_dof >= stat) = Q(dof/2, stat/2)."""
-    expected = probabilities * counts.sum()
-    keep = expected >= 5
-    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    expected = torch.cat([expected[keep], expected[~keep].sum()[None]])
-    if expected[-1] == 0:
-        observed, expected = observed[:-1], expected[:-1]
-    statistic = ((observed - expected) ** 2 / expected).sum()
-    return float(torch.special.gammaincc(torch.tensor((len(observed) - 1) / 2), statistic / 2))
-
-
 def sampled_p_values(target, drafter, settings: DecodeSettings) -> dict[str, float]:
     sequences, exact = exact_distribution(target, settings)
     generations = speculative_generate(target, TokenDraft(drafter), [PROMPT] * SAMPLES, settings, stop_ids=[],
@@ -88,16 +77,19 @@ def sampled_p_values(target, drafter, settings: DecodeSettings) -> dict[str, flo
     return values
 
 
+T = SamplingSettings
+
+
+def sampled(**settings) -> DecodeSettings:
+    return DecodeSettings(max_new_tokens=LENGTH, batch_size=1000, **settings)
+
+
 SAMPLED = {
-    "chain γ=2, T=0.9, top-k 4": DecodeSettings(gamma=2, temperature=0.9, top_k=4, max_new_tokens=LENGTH,
-                                                 batch_size=1000),
-    "chain γ=3, T=1.3, top-p 0.9": DecodeSettings(gamma=3, temperature=1.3, top_p=0.9, max_new_tokens=LENGTH,
-                                                  batch_size=1000),
-    "adaptive chain, threshold 0.4": DecodeSettings(gamma=3, temperature=1.0, confidence_threshold=0.4,
-                                                    max_new_tokens=LENGTH, batch_size=1000),
-    "tree (2, 2)": DecodeSettings(tree=(2, 2), temperature=1.0, max_new_tokens=LENGTH, batch_size=1000),
-    "tree (3, 1, 2), top-k 3": DecodeSettings(tree=(3, 1, 2), temperature=0.8, top_k=3, max_new_tokens=LENGTH,
-                                              batch_size=1000),
+    "chain γ=2, T=0.9, top-k 4": sampled(gamma=2, sampling=T(temperature=0.9, top_k=4)),
+    "chain γ=3, T=1.3, top-p 0.9": sampled(gamma=3, sampling=T(temperature=1.3, top_p=0.9)),
+    "adaptive chain, threshold 0.4": sampled(gamma=3, sampling=T(temperature=1.0), confidence_threshold=0.4),
+    "tree (2, 2)": sampled(tree=(2, 2), sampling=T(temperature=1.0)),
+    "tree (3, 1, 2), top-k 3": sampled(tree=(3, 1, 2), sampling=T(temperature=0.8, top_k=3)),
 }
 
 
@@ -123,11 +115,12 @@ def test_negative_control_biased_rules_are_caught(pair, monkeypatch, bias):
 
 def test_sampling_is_reproducible_and_independent_of_the_batch(pair):
     target, drafter = pair
-    settings = DecodeSettings(gamma=3, temperature=1.0, max_new_tokens=6)
+    settings = DecodeSettings(gamma=3, sampling=SamplingSettings(temperature=1.0), max_new_tokens=6)
     keys = [f"k{i}" for i in range(6)]
     one_by_one = speculative_generate(target, TokenDraft(drafter), [PROMPT] * 6, settings, [], keys)
     batched = speculative_generate(target, TokenDraft(drafter), [PROMPT] * 6,
-                                   DecodeSettings(gamma=3, temperature=1.0, max_new_tokens=6, batch_size=4), [], keys)
+                                   DecodeSettings(gamma=3, sampling=T(temperature=1.0), max_new_tokens=6,
+                                                  batch_size=4), [], keys)
     assert [g.tokens for g in one_by_one] == [g.tokens for g in batched]
     assert len({tuple(g.tokens) for g in one_by_one}) > 1  # different keys, different draws
 

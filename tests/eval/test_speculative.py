@@ -15,6 +15,7 @@ from eval.speculative import EvalPrompt, EvalSettings, LosslessnessError, classi
 from infra.tracking import LoggerSettings, Tracker
 from models.drafter import DrafterSpec, TokenDraft, build_drafter
 from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter
+from models.sampling import SamplingSettings
 
 
 def test_per_position_metrics_both_forms():
@@ -104,7 +105,7 @@ def test_eval_replays_both_turns_on_the_targets_own_answers_and_writes_its_repor
 def test_eval_with_sampling_and_trees_runs_and_reports(tiny_target, tmp_path):
     model = tiny_target.model
     report = run_eval(tiny_target, tmp_path, {"self": TokenDraft(model)},
-                      tiny_settings(temperature=1.0, tree=(2, 2), plots=False))
+                      tiny_settings(sampling=SamplingSettings(temperature=1.0), tree=(2, 2), plots=False))
     self_report = report["drafters"]["self"]
     assert self_report["lossless"] is None and self_report["lossless_check"].startswith("not checked here")
     assert "| not checked (sampled) |" in report["table_markdown"]  # sampled: test_decoder checks it statistically

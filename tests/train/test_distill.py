@@ -133,7 +133,7 @@ def test_on_policy_rows_are_the_drafters_own_answers(tiny_target, records_dir, t
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
     drafter = build_drafter(SPEC, model, tokenizer).eval()
     rows = read_rows(records_dir, "online")[:3]
-    settings = DistillSettings(on_policy=OnPolicySettings(ratio=1.0, temperature=0.0, max_new_tokens=6))
+    settings = DistillSettings(on_policy=OnPolicySettings(ratio=1.0, sampling={"temperature": 0.0}, max_new_tokens=6))
     answered = on_policy_rows(drafter, rows, settings, step=0, pad_id=tokenizer.pad_token_id, stop_ids=[-1])
     for row, new in zip(rows, answered):
         greedy = drafter.generate(torch.tensor([row.prompt_ids]), max_new_tokens=6, do_sample=False,
