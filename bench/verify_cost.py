@@ -1,14 +1,16 @@
-"""What a verification forward costs: one target forward over w new tokens, ours vs HF, against w = 1.
+"""What a verification forward costs: one target forward over w new tokens against w = 1, before and after the
+few-row kernel (models/kernels.py), ours and HF's.
 
-    .venv/bin/python bench/verify_cost.py --context 300 --widths 1,2,4,8,16
+    .venv/bin/python bench/verify_cost.py --context 300 --widths 1,2,4,5,8,16
 
 The speed models (MBSU = τ / (1 + γc)) price a target forward over γ + 1 tokens like a one-token step. This
 measures that assumption on this machine with the real SmolLM2-135M target (fp32) after a `--context`-token
-prefix: our pre-allocated ragged cache and block mask (`eval.decoder.verification_seconds`, what the eval stage
-measures v with), and transformers' own `DynamicCache` forward (cropped back after each call, as HF assisted
-generation does); median of `--calls` calls, the sides alternately, best of `--repeats`. It prints milliseconds
-per forward (LM head included) and each width's cost relative to w = 1, and the same for the LM head alone: the
-matrix products of a few rows are where a CPU pays.
+prefix, in one process, the sides alternating: our pre-allocated ragged cache and block mask
+(`eval.decoder.verification_seconds`, what the eval stage measures v with) with `F.linear` ("before") and with
+the few-row kernel ("after", what the decoder uses for plain and speculative decoding alike); transformers' own
+`DynamicCache` forward (cropped back after each call, as HF assisted generation does), also both ways, since a
+baseline gets every trick our side gets; and the LM head alone. Median of `--calls` calls, best of `--repeats`.
+It prints milliseconds per forward and v = (cost at w) / (cost at w = 1) for each.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from transformers import DynamicCache
 
 from eval.decoder import verification_seconds
 from models.compat import cache_argument
+from models.kernels import few_row_linears
 from models.loading import configured_target, load_target
 
 
@@ -68,21 +71,29 @@ def main() -> None:
         for _ in range(args.repeats):
             for width in widths:
                 hidden = torch.randn(1, width, model.config.hidden_size)
-                ours = verification_seconds(model, prefix[0].tolist(), [width], args.calls)[width]
-                for name, seconds in (("ours", ours),
-                                      ("HF", huggingface(model, prefix, width, args.calls)),
-                                      ("LM head", seconds_per_call(lambda: head(hidden), args.calls))):
-                    best[(name, width)] = min(best.get((name, width), float("inf")), seconds)
+                for kernel in (False, True):
+                    label = "after" if kernel else "before"
+                    with few_row_linears(model, active=kernel):  # verification_seconds' own block nests inside
+                        sides = {f"ours {label}": lambda: verification_seconds(model, prefix[0].tolist(), [width],
+                                                                               args.calls)[width],
+                                 f"HF {label}": lambda: huggingface(model, prefix, width, args.calls),
+                                 f"LM head {label}": lambda: seconds_per_call(lambda: head(hidden), args.calls)}
+                        for name, measure in sides.items():
+                            best[(name, width)] = min(best.get((name, width), float("inf")), measure())
+    names = [f"{side} {label}" for side in ("ours", "HF", "LM head") for label in ("before", "after")]
     print(f"SmolLM2-135M fp32, {args.context}-token context, {torch.get_num_threads()} threads, best of "
-          f"{args.repeats} × {args.calls} calls")
-    print("| new tokens w | ours ms | × w=1 | HF ms | × w=1 | LM head ms | × w=1 |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.repeats} × {args.calls} calls; before = F.linear, after = the few-row kernel")
+    print("| new tokens w | " + " | ".join(f"{name} ms | v" for name in names) + " |")
+    print("|---|" + "---|---|" * len(names))
     for width in widths:
         cells = []
-        for name in ("ours", "HF", "LM head"):
+        for name in names:
             cells += [f"{best[(name, width)] * 1e3:.1f}", f"{best[(name, width)] / best[(name, widths[0])]:.2f}"]
         print(f"| {width} | " + " | ".join(cells) + " |")
-
+    for width in widths[1:]:
+        before, after = (best[(f"ours {label}", width)] / best[(f"ours {label}", widths[0])]
+                         for label in ("before", "after"))
+        print(f"v at w={width}: {before:.2f} before, {after:.2f} after (one-token steps, each with its own kernel)")
 
 if __name__ == "__main__":
     main()

@@ -42,6 +42,7 @@ from transformers import PreTrainedModel
 
 from eval.metrics import DecodeStats
 from models.cache import RaggedKVCache, check_supported, forward_on_cache, head_logits, pad_rows
+from models.kernels import few_row_linears
 from models.sampling import SamplingSettings, as_sampling, draw, make_generator, request_seed, warp_logits
 
 
@@ -195,7 +196,13 @@ def _chain_step(target: _Target, draft, sequences: list[list[int]], budgets: lis
         logits = draft.catch_up(sequences, target.features)
         alive = torch.ones(rows, dtype=torch.bool, device=device)
         budget = torch.tensor(budgets, device=device)
+        abstains = getattr(draft, "abstains", False)
         for i in range(most):
+            if abstains:  # a drafter without a guess (all -inf) stops drafting that row: nothing to verify
+                alive &= torch.isfinite(logits.max(-1).values)
+                if not bool(alive.any()):
+                    break
+                logits = torch.where(alive[:, None], logits, 0.0)  # finite for rows that stopped (never used)
             if sampling:
                 q = torch.softmax(warp_logits(logits, settings.sampling), -1)
                 token = rng.sample(q)
@@ -217,6 +224,8 @@ def _chain_step(target: _Target, draft, sequences: list[list[int]], budgets: lis
     block = torch.cat([last] + [token[:, None] for token in drafts], 1)
     hidden = target.forward(block, torch.ones(count + 1, count + 1).tril().bool(), torch.arange(count + 1))
     logits = head_logits(target.model, hidden)
+    if hasattr(draft, "observe"):  # a drafter that learns from the target's scores (Token Recycling)
+        draft.observe(block, logits)
     valid = torch.arange(count, device=device)[None, :] < proposed[:, None]
     if sampling:
         p = torch.softmax(warp_logits(logits, settings.sampling), -1)
@@ -264,6 +273,8 @@ def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], s
     block = torch.cat([last] + levels, 1)  # [rows, tree.size]
     hidden = target.forward(block, tree.ancestors, torch.tensor(tree.depth))
     logits = head_logits(target.model, hidden)
+    if hasattr(draft, "observe"):
+        draft.observe(block, logits)
     every = torch.arange(rows, device=device)
     current = torch.zeros(rows, dtype=torch.long, device=device)
     searching = torch.ones(rows, dtype=torch.bool, device=device)
@@ -329,7 +340,7 @@ class _TimedDraft:
         return getattr(self.draft, name)
 
     def extend(self, *arguments):
-        device = self.draft.cache.device
+        device = self.draft.cache.device if hasattr(self.draft, "cache") else self.draft.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
@@ -352,9 +363,10 @@ def speculative_generate(target: PreTrainedModel, draft, prompts: list[list[int]
     if timings is not None:
         draft = _TimedDraft(draft, timings)
     generations = []
-    for first in range(0, len(prompts), settings.batch_size):
-        chunk = slice(first, first + settings.batch_size)
-        generations += _generate_batch(target, draft, prompts[chunk], settings, stop_ids, keys[chunk])
+    with few_row_linears(target, *getattr(draft, "networks", ())):
+        for first in range(0, len(prompts), settings.batch_size):
+            chunk = slice(first, first + settings.batch_size)
+            generations += _generate_batch(target, draft, prompts[chunk], settings, stop_ids, keys[chunk])
     return generations
 
 
@@ -406,6 +418,11 @@ def plain_generate(target_model: PreTrainedModel, prompts: list[list[int]], sett
                    stop_ids: list[int], keys: list[str] | None = None) -> list[list[int]]:
     """Plain decoding, one token per forward, on the same cache, forward and sampling as the speculative path."""
     keys = keys or [str(i) for i in range(len(prompts))]
+    with few_row_linears(target_model):
+        return _plain_batches(target_model, prompts, settings, stop_ids, keys)
+
+
+def _plain_batches(target_model, prompts, settings, stop_ids, keys) -> list[list[int]]:
     outputs = []
     for first in range(0, len(prompts), settings.batch_size):
         chunk = prompts[first: first + settings.batch_size]
@@ -444,11 +461,12 @@ def verification_seconds(target_model: PreTrainedModel, prompt_ids: list[int], w
     included), for each w in `widths`, on this cache and forward; the widths alternate, after one warm-up round."""
     target = _Target(target_model, [prompt_ids], len(prompt_ids) + max(widths), keep_features=False)
     times: dict[int, list[float]] = {w: [] for w in widths}
-    for _ in range(calls + 1):
-        for w in times:  # lengths are not advanced: every call writes the same cache columns
-            tokens = torch.full((1, w), prompt_ids[-1], device=target.cache.device)
-            started = time.perf_counter()
-            head_logits(target_model, target.forward(tokens, torch.ones(w, w).tril().bool(), torch.arange(w))
-                    ).argmax(-1).tolist()
-            times[w].append(time.perf_counter() - started)
+    with few_row_linears(target_model):
+        for _ in range(calls + 1):
+            for w in times:  # lengths are not advanced: every call writes the same cache columns
+                tokens = torch.full((1, w), prompt_ids[-1], device=target.cache.device)
+                started = time.perf_counter()
+                head_logits(target_model, target.forward(tokens, torch.ones(w, w).tril().bool(), torch.arange(w))
+                            ).argmax(-1).tolist()
+                times[w].append(time.perf_counter() - started)
     return {w: statistics.median(t[1:]) for w, t in times.items()}

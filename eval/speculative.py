@@ -37,6 +37,7 @@ from infra.tracking import Tracker
 from models.drafter import DrafterSpec
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import draft_for, kind_of, kind_of_spec, load_any
+from models.lookup import baseline_specs
 from models.sampling import SamplingSettings, as_sampling, sampling_in
 
 
@@ -54,12 +55,15 @@ class EvalSettings:
     require_lossless: bool = True
     tie_tolerance: float = 0.5  # half precision: a divergence within this top-2 logit gap is a near-tie
     include_untrained: bool = True
+    baselines: tuple[str, ...] = ("prompt_lookup", "ngram", "prompt_lookup+ngram", "token_recycling")
     plots: bool = True
     drafters: dict = field(default_factory=dict)  # extra drafters to compare: {name: checkpoint directory}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", tuple(self.tree))
         object.__setattr__(self, "sampling", as_sampling(self.sampling))
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        baseline_specs(self.baselines)  # validates the names
         self.decode  # validates
         if self.turns < 1:
             raise ValueError(f"eval.turns={self.turns} must be >= 1")
@@ -143,6 +147,8 @@ def measure_cost_ratio(target: PreTrainedModel, draft, prompt_ids: list[int], to
     timings = {}
     speculative_generate(target, draft, [prompt_ids], settings, [], timings=timings)
     per_target_step = max(target_seconds - prefill, 1e-9) / tokens  # the prompt's forward taken out
+    if not timings["draft_forwards"]:  # a training-free drafter that abstained all along drafted nothing
+        return 0.0
     return (timings["draft_seconds"] / timings["draft_forwards"]) / per_target_step
 
 
@@ -162,10 +168,11 @@ def _aggregate(stats: list[DecodeStats], depth: int) -> dict:
 
 def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[EvalPrompt], stop_ids: list[int],
              settings: EvalSettings, out_dir: Path, tracker: Tracker, encode, parameters: dict[str, int],
-             drafter_paths: dict[str, str] | None = None) -> dict:
+             drafter_paths: dict[str, str] | None = None, baselines: tuple[str, ...] = ()) -> dict:
     """Benchmark every drafter (name -> TokenDraft | FeatureDraft) on `prompts`; `encode(messages) -> ids` is the
     target's chat template; `parameters` holds parameter counts (target and drafters) for MBSU; `drafter_paths`
-    says where each drafter came from. Writes report.json, report.md and plots to `out_dir`; returns the report."""
+    says where each drafter came from; `baselines` names the training-free ones (never "best"). Writes
+    report.json, report.md and plots to `out_dir`; returns the report."""
     decode = settings.decode
     half = next(target.parameters()).dtype in (torch.float16, torch.bfloat16)
     for prompt in prompts[: settings.warmup_prompts]:  # one-off allocation costs
@@ -175,12 +182,16 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
         for draft in drafters.values():
             speculative_generate(target, draft, [encode([{"role": "user", "content": prompt.turns[0]}])], warm,
                                  stop_ids)
+    for draft in drafters.values():
+        if hasattr(draft, "reset"):  # what a learning baseline saw during the warm-up must not help it
+            draft.reset()
     items, references, plain_seconds, plain_total = build_turns(target, tokenizer, prompts, settings, stop_ids, encode)
     report = {"settings": asdict(settings) | {"drafters": dict(settings.drafters)}, "num_prompts": len(prompts),
               "num_turns": len(items), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
               "plain": {"tokens": sum(map(len, references)),
                         "tokens_per_second": sum(map(len, references)) / plain_total},
-              "drafters": {}, "drafter_paths": drafter_paths or {}, "parameters": parameters}
+              "drafters": {}, "drafter_paths": drafter_paths or {}, "parameters": parameters,
+              "baselines": list(baselines)}
     verify_cost = measure_verify_cost(target, items[0]["prompt_ids"], decode.block_width)
     report["verify_cost"] = {"tokens": decode.block_width, "v_measured": verify_cost}
     for name, draft in drafters.items():
@@ -230,8 +241,10 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
         tracker.log({f"eval/{name}/block_efficiency": metrics["block_efficiency"],
                      f"eval/{name}/acceptance_rate": metrics["acceptance_rate"],
                      f"eval/{name}/speedup_median": median, f"eval/{name}/mbsu": metrics["mbsu"]})
-    trained = {n: m for n, m in report["drafters"].items() if n != "untrained"}
-    report["best"] = max(trained or report["drafters"], key=lambda n: report["drafters"][n]["block_efficiency"])
+    learned = {n: m for n, m in report["drafters"].items() if n not in baselines}
+    trained = {n: m for n, m in learned.items() if n != "untrained"}
+    report["best"] = max(trained or learned or report["drafters"],
+                         key=lambda n: report["drafters"][n]["block_efficiency"])
     report["table_markdown"] = markdown_report(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(report["table_markdown"])
@@ -289,7 +302,8 @@ def markdown_report(report: dict, label: str = "") -> str:
         conditional = "/".join(f"{v:.2f}" for v in m["conditional_acceptance_per_position"])
         low, high = m["speedup_interval_95"]
         verify = m.get("v_measured", float("nan"))  # reports before v was measured lack it
-        lines.append(f"| {name} | {m['block_efficiency']:.3f} | {m['acceptance_rate']:.3f} | {unconditional} ; "
+        shown = f"{name} (training-free)" if name in report.get("baselines", ()) else name
+        lines.append(f"| {shown} | {m['block_efficiency']:.3f} | {m['acceptance_rate']:.3f} | {unconditional} ; "
                      f"{conditional} | {m['c_measured']:.3f} | {verify:.2f} | {m['mbsu']:.2f} | "
                      f"{m['predicted_speedup']:.2f}× "
                      f"| {m['speedup_median']:.2f}× [{low:.2f}, {high:.2f}] | {LOSSLESS_CELL[m['lossless']]} |")
@@ -355,6 +369,22 @@ def check_held_out(conversations, data_gen_dir: Path | None) -> None:
                          f"choose another eval_data slice (eval_data.offset) so results stay held out")
 
 
+def training_free(target, specs: dict, data_gen_dir: Path | None) -> tuple[dict, dict[str, str]]:
+    """The baselines that can be built here ({name: drafter}), and the skipped ones with the reason: a corpus
+    table needs this run's data_gen records (the answers the trained drafters learned from)."""
+    built, skipped, records = {}, {}, None
+    for name, spec in specs.items():
+        if "corpus" in spec.sources and data_gen_dir is None:
+            skipped[name] = "no data_gen output in this run to build its n-gram table from"
+            print(f"[eval] baseline {name} skipped: {skipped[name]}", flush=True)
+            continue
+        if "corpus" in spec.sources and records is None:
+            records = load_records(data_gen_dir).select_columns(["input_ids", "loss_mask"])
+        built[name] = kind_of_spec(spec).build(spec, target, token_lists=records["input_ids"] if records else None,
+                                               masks=records["loss_mask"] if records else None)
+    return built, skipped
+
+
 def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | FeatureDrafterSpec,
               eval_data: PromptSourceSpec) -> dict:
     """Stage `eval`: the untrained, pretrained and distilled drafters of this run (and `eval.drafters`) on the
@@ -376,13 +406,17 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
     for name, path in candidates.items():
         drafters[name] = load_any(path, target)
         paths[name] = str(path)
+    baselines, skipped = training_free(target, baseline_specs(settings.baselines), run.output("data_gen"))
+    drafters |= baselines
+    paths |= {name: f"training-free ({', '.join(d.spec.sources)})" for name, d in baselines.items()}
+    paths |= {name: f"skipped: {why}" for name, why in skipped.items()}
     parameters = {"target": sum(p.numel() for p in target.model.parameters())}
     parameters |= {name: kind_of(d).parameters_per_token(d, target.model) for name, d in drafters.items()}
     stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
     report = evaluate(target.model, target.tokenizer, {n: draft_for(d, target.model) for n, d in drafters.items()},
                       prompts, stop_ids, settings, run.out_dir, run.tracker,
                       encode=lambda messages: prompt_token_ids(target.tokenizer, messages), parameters=parameters,
-                      drafter_paths=paths)
+                      drafter_paths=paths, baselines=tuple(baselines))
     print(report["table_markdown"])
     return {name: {k: m[k] for k in ("block_efficiency", "acceptance_rate", "mbsu", "speedup_median", "lossless")}
             for name, m in report["drafters"].items()} | {"best": report["best"], "num_prompts": len(prompts),

@@ -298,6 +298,7 @@ class TokenDraft:
     def __init__(self, model: PreTrainedModel) -> None:
         check_supported(model)
         self.model = model
+        self.networks = (model,)  # what the decoder's few-row kernels apply to (models.kernels)
 
     def start(self, rows: int, capacity: int) -> None:
         self.cache = RaggedKVCache.for_model(self.model, rows, capacity)

@@ -115,6 +115,7 @@ class FeatureDraft:
 
     def __init__(self, drafter: torch.nn.Module, target: PreTrainedModel) -> None:
         self.drafter, self.target = drafter, target
+        self.networks = (drafter,)  # what the decoder's few-row kernels apply to (models.kernels)
         self.embed, self.head = target.get_input_embeddings(), target.get_output_embeddings()
 
     def start(self, rows: int, capacity: int) -> None:

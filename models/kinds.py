@@ -2,9 +2,10 @@
 
 A kind says how to build a drafter from its spec (the dataclass its `conf/drafter/*.yaml` names), save and load
 it, how it drafts for the speculative decoder given the target, how many parameters one drafted token reads
-(MBSU's c), whether it has a pretraining stage and whether it trains on the target's features. Kinds today:
-token-level (`models/drafter.py`, a small causal LM over the target's vocabulary) and feature-level
-(`models/feature_drafter.py`, EAGLE/FSPAD). Adding one: a module with its spec, its drafting class and a
+(MBSU's c), whether it has a pretraining stage, whether it trains at all and whether on the target's features.
+Kinds today: token-level (`models/drafter.py`, a small causal LM over the target's vocabulary), feature-level
+(`models/feature_drafter.py`, EAGLE/FSPAD) and training-free lookup (`models/lookup.py`: prompt lookup, corpus
+n-grams). Adding one: a module with its spec, its drafting class and a
 `DrafterKind` subclass, an entry in `KINDS`, a conf file and tests.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from models.drafter import (DrafterSpec, TokenDraft, build_drafter, count_parame
                             save_drafter)
 from models.feature_drafter import (CONFIG_FILE, FeatureDraft, FeatureDrafter, FeatureDrafterSpec,
                                     build_feature_drafter, load_feature_drafter)
+from models import lookup
 
 
 class DrafterKind(ABC):
@@ -26,13 +28,15 @@ class DrafterKind(ABC):
     spec_type: type
     model_type: type          # the class of a built or loaded drafter
     pretrainable: bool        # has a pretrain stage (FastDraft) of its own
+    trainable: bool = True    # distill can train it (False: training-free, built from data alone)
     trains_on_features: bool  # distill feeds it the target's hidden states
     lora_task: str | None     # peft task type for distill.lora (None: a plain module keeping its forward)
 
     @abstractmethod
-    def build(self, spec, target, token_lists=None) -> torch.nn.Module:
+    def build(self, spec, target, token_lists=None, masks=None) -> torch.nn.Module:
         """A fresh drafter for `target` (models.loading.LoadedModel); `token_lists`: training data, for kinds
-        whose construction looks at it (a reduced draft vocabulary)."""
+        whose construction looks at it (a reduced draft vocabulary, a corpus n-gram table); `masks`: per list,
+        1 where a token is an answer token (kinds that count continuations count only those)."""
 
     @abstractmethod
     def saved_in(self, folder: Path) -> bool:
@@ -59,7 +63,7 @@ class TokenKind(DrafterKind):
     name, spec_type, model_type = "token", DrafterSpec, PreTrainedModel
     pretrainable, trains_on_features, lora_task = True, False, "CAUSAL_LM"
 
-    def build(self, spec, target, token_lists=None):
+    def build(self, spec, target, token_lists=None, masks=None):
         return build_drafter(spec, target.model, target.tokenizer, token_lists=token_lists)
 
     def saved_in(self, folder: Path) -> bool:
@@ -79,7 +83,7 @@ class FeatureKind(DrafterKind):
     name, spec_type, model_type = "feature", FeatureDrafterSpec, FeatureDrafter
     pretrainable, trains_on_features, lora_task = False, True, None
 
-    def build(self, spec, target, token_lists=None):
+    def build(self, spec, target, token_lists=None, masks=None):
         return build_feature_drafter(spec, target.model)
 
     def saved_in(self, folder: Path) -> bool:
@@ -99,7 +103,34 @@ class FeatureKind(DrafterKind):
         return count_parameters(drafter) + target_model.get_output_embeddings().weight.numel()
 
 
-KINDS: tuple[DrafterKind, ...] = (TokenKind(), FeatureKind())
+class LookupKind(DrafterKind):
+    name, spec_type, model_type = "lookup", lookup.LookupSpec, lookup.LookupDrafter
+    pretrainable, trainable, trains_on_features, lora_task = False, False, False, None
+
+    def build(self, spec, target, token_lists=None, masks=None):
+        return lookup.build_lookup_drafter(spec, target.model.config.vocab_size, token_lists, masks)
+
+    def saved_in(self, folder: Path) -> bool:
+        return (Path(folder) / lookup.CONFIG_FILE).exists()
+
+    def load(self, folder: Path, target):
+        drafter = lookup.load_lookup_drafter(folder)
+        if drafter.vocab_size != target.model.config.vocab_size:
+            raise ValueError(f"{folder}: a lookup drafter for a vocabulary of {drafter.vocab_size} tokens, the "
+                             f"target has {target.model.config.vocab_size}")
+        return drafter
+
+    def save(self, drafter, target, folder: Path) -> Path:
+        return drafter.save(folder)
+
+    def draft(self, drafter, target_model):
+        return lookup.LookupDraft(drafter, target_model.device)
+
+    def parameters_per_token(self, drafter, target_model) -> int:
+        return 0  # table lookups, no weights
+
+
+KINDS: tuple[DrafterKind, ...] = (TokenKind(), FeatureKind(), LookupKind())
 
 
 def kind_of_spec(spec) -> DrafterKind:
@@ -113,7 +144,8 @@ def kind_of_folder(folder: Path) -> DrafterKind:
     for kind in KINDS:
         if kind.saved_in(folder):
             return kind
-    raise FileNotFoundError(f"{folder} holds no saved drafter (no config.json or {CONFIG_FILE})")
+    raise FileNotFoundError(f"{folder} holds no saved drafter (no config.json, {CONFIG_FILE} or "
+                            f"{lookup.CONFIG_FILE})")
 
 
 def kind_of(drafter: torch.nn.Module) -> DrafterKind:

@@ -50,7 +50,10 @@ def test_every_stage_writes_a_self_explaining_output(smoke_run):
     assert made["config"]["experiment"] == "smoke" and made["target"] == meta["target"]
     assert made["git_commit"].removesuffix("-dirty") == head
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert set(report["drafters"]) == {"untrained", "pretrained", "distilled"}
+    baselines = ["prompt_lookup", "ngram", "prompt_lookup+ngram", "token_recycling"]
+    assert set(report["drafters"]) == {"untrained", "pretrained", "distilled", *baselines}
+    assert report["baselines"] == baselines and report["best"] in {"pretrained", "distilled"}  # never a baseline
+    assert "(training-free)" in report["table_markdown"]
     assert all(m["lossless"] is True for m in report["drafters"].values())
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))  # the real wandb wrote its offline run files
 
@@ -103,7 +106,10 @@ def test_eval_alone_on_a_drafter_given_by_path(smoke_run):
     result = run_cli(tmp_path, "logger=none", "run_name=only_eval", "stages=[eval]", "eval.include_untrained=false",
                      f"+eval.drafters.mine={drafter}")
     report = json.loads((tmp_path / "runs" / "smoke" / "only_eval" / "eval" / "report.json").read_text())
-    assert list(report["drafters"]) == ["mine"] and report["drafters"]["mine"]["lossless"]
+    assert list(report["drafters"]) == ["mine", "prompt_lookup", "token_recycling"]  # no data_gen: no corpus rows
+    assert report["best"] == "mine" and report["drafters"]["mine"]["lossless"]
+    assert "ngram skipped: no data_gen output" in result.stdout
+    assert report["drafter_paths"]["ngram"].startswith("skipped")
     assert not (tmp_path / "runs" / "smoke" / "only_eval" / "data_gen").exists()
 
 
@@ -134,8 +140,8 @@ def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_ru
     run_cli(tmp_path, "logger=none", "run_name=eagle", "stages=[distill,eval]", "drafter=eagle", "loss=eagle",
             "eval.tree=[2,2]")
     report = json.loads((eagle / "eval" / "report.json").read_text())
-    assert set(report["drafters"]) == {"untrained", "distilled"}
-    assert all(m["lossless"] is True for m in report["drafters"].values())
+    assert set(report["drafters"]) == {"untrained", "distilled", *report["baselines"]} and report["baselines"]
+    assert all(m["lossless"] is True for m in report["drafters"].values())  # trees: baselines included
     assert report["drafter_paths"]["distilled"].endswith("distill/model")
 
 

@@ -59,9 +59,9 @@ def exact_distribution(target, settings: DecodeSettings) -> tuple[list[list[int]
     return sequences, log_probs.gather(2, torch.tensor(sequences)[..., None])[..., 0].sum(1).exp()
 
 
-def sampled_p_values(target, drafter, settings: DecodeSettings) -> dict[str, float]:
+def sampled_p_values(target, draft, settings: DecodeSettings) -> dict[str, float]:
     sequences, exact = exact_distribution(target, settings)
-    generations = speculative_generate(target, TokenDraft(drafter), [PROMPT] * SAMPLES, settings, stop_ids=[],
+    generations = speculative_generate(target, draft, [PROMPT] * SAMPLES, settings, stop_ids=[],
                                        keys=[f"sample-{i}" for i in range(SAMPLES)])
     joint = torch.zeros(len(sequences))
     for generation in generations:
@@ -96,7 +96,20 @@ SAMPLED = {
 @pytest.mark.parametrize("name", list(SAMPLED))
 def test_sampled_output_follows_the_target_distribution(pair, name):
     target, drafter = pair
-    p_values = sampled_p_values(target, drafter, SAMPLED[name])
+    p_values = sampled_p_values(target, TokenDraft(drafter), SAMPLED[name])
+    assert min(p_values.values()) > 1e-3, p_values
+
+
+@pytest.mark.parametrize("shape", [{"gamma": 3}, {"tree": (2, 1)}], ids=["chain", "tree"])
+def test_sampling_with_a_training_free_drafter_follows_the_target_distribution(pair, shape):
+    """A lookup drafter's q is sparse (-inf off its candidates) and it abstains where nothing matches (the row
+    stops drafting): neither may bend the output away from the target's distribution."""
+    from models.lookup import LookupDraft, LookupSpec, build_lookup_drafter
+
+    target, _ = pair
+    corpus = [[1, 2, 3, 1, 2, 4, 2, 0], [2, 1, 2, 3, 3]]  # some contexts match, others do not
+    drafter = build_lookup_drafter(LookupSpec(sources=("prompt", "corpus"), max_ngram=2), VOCAB, corpus)
+    p_values = sampled_p_values(target, LookupDraft(drafter), sampled(sampling=T(temperature=1.0), **shape))
     assert min(p_values.values()) > 1e-3, p_values
 
 
@@ -109,7 +122,7 @@ def test_negative_control_biased_rules_are_caught(pair, monkeypatch, bias):
     else:
         monkeypatch.setattr(decoder, "residual", lambda p, q: p)
     target, drafter = pair
-    p_values = sampled_p_values(target, drafter, SAMPLED["chain γ=2, T=0.9, top-k 4"])
+    p_values = sampled_p_values(target, TokenDraft(drafter), SAMPLED["chain γ=2, T=0.9, top-k 4"])
     assert p_values["joint"] < 1e-6, p_values
 
 

@@ -1,0 +1,241 @@
+"""Training-free drafters: prompt lookup, a corpus n-gram table and Token Recycling, the bar every trained drafter
+must clear.
+
+    python train/run.py +experiment=quickstart stages=[eval]            # eval.baselines: on by default
+    python train/run.py +experiment=quickstart stages=[eval] eval.baselines=[prompt_lookup]
+
+A lookup drafter guesses the next token from the longest suffix of the context (up to `max_ngram` tokens) that it
+has seen before, trying n = max_ngram .. 1 and, at each n, its sources in order:
+- `prompt`: the tokens that followed earlier occurrences of that suffix in this row's own prompt and answer so far
+  (prompt lookup decoding; vLLM's `ngram` speculative method, HF's `prompt_lookup_num_tokens`);
+- `corpus`: the tokens that followed it in the answers of this run's data_gen records, so the table sees exactly
+  the data the trained drafters saw;
+- `recycled` (n = 1 only): Token Recycling (Luo et al., 2024), an adjacency table holding, for each token, the
+  target's own top-`recycle_k` next tokens the last time the target scored a position holding it; every
+  verification forward refreshes the rows of the tokens it scored (`observe`), and the table lives as long as the
+  drafter, so it keeps learning across prompts.
+Candidates are scored by how often they followed (the most recent occurrence breaks ties) and given to the decoder
+as logits: log(score) on the candidates, -inf elsewhere. So greedy drafting takes the most frequent continuation,
+a tree takes the top-k, and sampled decoding samples from the normalised scores (still lossless: the acceptance
+rule holds for any q). Where nothing matches, the drafter abstains (`abstains = True`: all logits -inf) and the
+decoder verifies nothing for that row: no target work is spent on a guess it does not have.
+
+Its cost per drafted token is a few dictionary lookups (c ≈ 0; `parameters_per_token` is 0).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_FILE = "lookup_drafter.json"
+SOURCES = ("prompt", "corpus", "recycled")
+
+
+@dataclass(frozen=True)
+class LookupSpec:
+    name: str = "prompt-lookup"
+    sources: tuple[str, ...] = ("prompt",)  # in priority order at equal n: prompt, corpus, or both
+    max_ngram: int = 3                       # longest suffix matched (tokens)
+    min_count: int = 1                       # corpus: continuations seen fewer times are dropped
+    recycle_k: int = 8                       # recycled: candidates kept per token
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))
+        unknown = [s for s in self.sources if s not in SOURCES]
+        if not self.sources or unknown:
+            raise ValueError(f"lookup sources={list(self.sources)}: each must be one of {SOURCES}")
+        if self.max_ngram < 1 or self.min_count < 1 or self.recycle_k < 1:
+            raise ValueError(f"lookup max_ngram={self.max_ngram}, min_count={self.min_count} and "
+                             f"recycle_k={self.recycle_k} must be >= 1")
+
+
+# The training-free rows of every eval table (`eval.baselines`), by name.
+BASELINES = {
+    "prompt_lookup": LookupSpec(name="prompt_lookup", sources=("prompt",)),
+    "ngram": LookupSpec(name="ngram", sources=("corpus",)),
+    "prompt_lookup+ngram": LookupSpec(name="prompt_lookup+ngram", sources=("prompt", "corpus")),
+    "token_recycling": LookupSpec(name="token_recycling", sources=("recycled",)),
+}
+
+
+def baseline_specs(names) -> dict[str, LookupSpec]:
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"eval.baselines: {unknown} unknown; choose from {sorted(BASELINES)} (or [] for none)")
+    return {name: BASELINES[name] for name in names}
+
+
+class NgramTable:
+    """suffix (tuple of 1..max_ngram tokens) -> {next token: [count, last position seen]}."""
+
+    def __init__(self, max_ngram: int) -> None:
+        self.max_ngram = max_ngram
+        self.next: dict[tuple[int, ...], dict[int, list[int]]] = defaultdict(dict)
+
+    def add(self, tokens: list[int], start: int, end: int, counted=None) -> None:
+        """Count the continuations tokens[i] for i in [start, end) after each suffix ending at i - 1;
+        `counted(i)` says whether position i's token counts (default: all)."""
+        for i in range(max(start, 1), end):
+            if counted is not None and not counted(i):
+                continue
+            for n in range(1, min(self.max_ngram, i) + 1):
+                entry = self.next[tuple(tokens[i - n: i])].setdefault(tokens[i], [0, 0])
+                entry[0] += 1
+                entry[1] = i
+
+    def prune(self, min_count: int) -> None:
+        for suffix in list(self.next):
+            kept = {t: e for t, e in self.next[suffix].items() if e[0] >= min_count}
+            if kept:
+                self.next[suffix] = kept
+            else:
+                del self.next[suffix]
+
+    def candidates(self, context: list[int], n: int) -> dict[int, list[int]] | None:
+        return self.next.get(tuple(context[-n:])) if len(context) >= n else None
+
+    def as_json(self) -> list:
+        return [[list(suffix), [[t, c, p] for t, (c, p) in nexts.items()]] for suffix, nexts in self.next.items()]
+
+    @classmethod
+    def from_json(cls, max_ngram: int, rows: list) -> NgramTable:
+        table = cls(max_ngram)
+        for suffix, nexts in rows:
+            table.next[tuple(suffix)] = {t: [c, p] for t, c, p in nexts}
+        return table
+
+
+class LookupDrafter:
+    """A built lookup drafter: its spec, the corpus table (if `corpus` is a source) and the vocabulary size."""
+
+    def __init__(self, spec: LookupSpec, vocab_size: int, corpus: NgramTable | None = None) -> None:
+        if "corpus" in spec.sources and corpus is None:
+            raise ValueError(f"lookup drafter {spec.name!r} reads the corpus but was given no table: build it from "
+                             f"data_gen records (models.lookup.build_lookup_drafter(..., token_lists=...))")
+        self.spec, self.vocab_size, self.corpus = spec, vocab_size, corpus
+        self.recycled = torch.full((vocab_size, spec.recycle_k), -1, dtype=torch.long)  # -1: nothing yet
+
+    def forget(self) -> None:
+        """Empty the recycled table (it otherwise keeps what the target showed it on earlier prompts)."""
+        self.recycled.fill_(-1)
+
+    def eval(self) -> LookupDrafter:
+        return self
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = {"spec": asdict(self.spec), "vocab_size": self.vocab_size,
+                   "corpus": self.corpus.as_json() if self.corpus is not None else None}
+        (folder / CONFIG_FILE).write_text(json.dumps(payload))
+        return folder
+
+
+def build_lookup_drafter(spec: LookupSpec, vocab_size: int, token_lists=None, masks=None) -> LookupDrafter:
+    """`token_lists`: sequences whose continuations the corpus table counts; `masks` (same shapes, optional): only
+    positions with mask 1 (answer tokens) count as continuations."""
+    corpus = None
+    if "corpus" in spec.sources:
+        if not token_lists:
+            raise ValueError(f"lookup drafter {spec.name!r} reads the corpus, which needs this run's data_gen "
+                             f"records: run data_gen first, or use sources=[prompt]")
+        corpus = NgramTable(spec.max_ngram)
+        for index, tokens in enumerate(token_lists):
+            mask = masks[index] if masks is not None else None
+            corpus.add(list(tokens), 1, len(tokens), None if mask is None else mask.__getitem__)
+        corpus.prune(spec.min_count)
+    return LookupDrafter(spec, vocab_size, corpus)
+
+
+def load_lookup_drafter(folder: Path) -> LookupDrafter:
+    saved = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    spec = LookupSpec(**saved["spec"])
+    corpus = NgramTable.from_json(spec.max_ngram, saved["corpus"]) if saved["corpus"] is not None else None
+    return LookupDrafter(spec, saved["vocab_size"], corpus)
+
+
+class LookupDraft:
+    """The decoder's view of a lookup drafter. It keeps, per row, an n-gram index of the committed tokens (updated
+    as they are committed) and the context of every node drafted this step (the committed tokens plus the path to
+    it), and answers each `catch_up` / `extend` with candidate logits for the next token of each node."""
+
+    needs_features = False
+    abstains = True  # all -inf logits: no guess, nothing to verify
+
+    def __init__(self, drafter: LookupDrafter, device: torch.device | str = "cpu") -> None:
+        self.drafter, self.device = drafter, torch.device(device)
+        if "recycled" in drafter.spec.sources:
+            self.observe = self._observe  # the decoder shows it the target's logits of every verified block
+
+    def reset(self) -> None:
+        """Forget what earlier decoding taught it (the recycled table): the eval calls this after its warm-up."""
+        self.drafter.forget()
+
+    def _observe(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """tokens [rows, w] just scored by the target, logits [rows, w, V] its scores of what follows each."""
+        top = logits.topk(self.drafter.spec.recycle_k, dim=-1).indices.reshape(-1, self.drafter.spec.recycle_k)
+        self.drafter.recycled[tokens.reshape(-1).cpu()] = top.cpu()
+
+    def start(self, rows: int, capacity: int) -> None:
+        self.seen = [NgramTable(self.drafter.spec.max_ngram) for _ in range(rows)]
+        self.indexed = [0] * rows   # tokens of each row already in its index
+        self.sequences: list[list[int]] = [[] for _ in range(rows)]
+        self.frontier: list[list[list[int]]] = [[[]] for _ in range(rows)]  # per row: drafted path of each node
+
+    def _scores(self, row: int, path: list[int]) -> dict[int, float]:
+        context = self.sequences[row] + path
+        spec = self.drafter.spec
+        for n in range(spec.max_ngram, 0, -1):
+            for source in spec.sources:
+                if source == "recycled":
+                    if n == 1:
+                        found = {int(t): [len(ranked) - rank, 0] for ranked in [self.drafter.recycled[context[-1]]]
+                                 for rank, t in enumerate(ranked.tolist()) if t >= 0}
+                    else:
+                        continue
+                else:
+                    table = self.seen[row] if source == "prompt" else self.drafter.corpus
+                    found = table.candidates(context, n)
+                if found:
+                    latest = max(position for _, position in found.values()) or 1
+                    return {token: count + 0.5 * position / (latest + 1) for token, (count, position) in found.items()}
+        return {}
+
+    def _logits(self, paths: list[list[list[int]]]) -> torch.Tensor:
+        width = max(map(len, paths))
+        logits = torch.full((len(paths), width, self.drafter.vocab_size), float("-inf"))
+        for row, row_paths in enumerate(paths):
+            for column, path in enumerate(row_paths):
+                scores = self._scores(row, path)
+                if scores:
+                    tokens = torch.tensor(list(scores))
+                    logits[row, column, tokens] = torch.tensor([math.log(s) for s in scores.values()])
+        return logits.to(self.device)
+
+    def catch_up(self, sequences: list[list[int]], features: torch.Tensor | None) -> torch.Tensor:
+        for row, sequence in enumerate(sequences):
+            self.seen[row].add(sequence, self.indexed[row], len(sequence))
+            self.indexed[row] = len(sequence)
+        self.sequences = [list(sequence) for sequence in sequences]
+        self.frontier = [[[]] for _ in sequences]
+        return self._logits(self.frontier)[:, 0]
+
+    def extend(self, tokens: torch.Tensor, parents: list[int], local: torch.Tensor, relative: torch.Tensor,
+               offset: int) -> torch.Tensor:
+        drafted = tokens.tolist()
+        self.frontier = [[row_frontier[parent] + [token] for parent, token in zip(parents, row_tokens)]
+                         for row_frontier, row_tokens in zip(self.frontier, drafted)]
+        return self._logits(self.frontier)
+
+    def commit(self, accepted: list[int], fed_drafts: int) -> None:
+        pass  # the next catch_up indexes what was committed
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.seen = [self.seen[row] for row in rows]
+        self.indexed = [self.indexed[row] for row in rows]
+        self.sequences = [self.sequences[row] for row in rows]
+        self.frontier = [self.frontier[row] for row in rows]

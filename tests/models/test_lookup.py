@@ -1,0 +1,104 @@
+"""models/lookup.py: training-free drafters (prompt lookup, corpus n-grams) propose what followed the longest
+matching suffix, abstain when nothing matches, save and load, and decode losslessly in chains and trees."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from eval.decoder import DecodeSettings, plain_generate, speculative_generate
+from models.kinds import kind_of, kind_of_folder, kind_of_spec
+from models.lookup import BASELINES, LookupDraft, LookupSpec, baseline_specs, build_lookup_drafter
+from models.sampling import SamplingSettings
+
+VOCAB = 20
+
+
+def draft_for(spec, token_lists=None, masks=None) -> LookupDraft:
+    draft = LookupDraft(build_lookup_drafter(spec, VOCAB, token_lists, masks))
+    draft.start(1, 64)
+    return draft
+
+
+def test_prompt_lookup_proposes_what_followed_the_longest_match():
+    draft = draft_for(LookupSpec(max_ngram=3))
+    logits = draft.catch_up([[1, 2, 3, 9, 4, 2, 3, 7, 5, 1, 2, 3]], None)  # suffix 1 2 3: followed once by 9
+    assert logits.argmax(-1).tolist() == [9] and torch.isfinite(logits).sum() == 1  # longest n only
+    chained = draft.extend(torch.tensor([[9]]), [0], None, None, 0)[:, 0]  # context now ... 1 2 3 9: then 4
+    assert chained.argmax(-1).tolist() == [4]
+    nothing = draft.extend(torch.tensor([[11]]), [0], None, None, 1)[:, 0]  # 11 never seen: abstain
+    assert torch.isinf(nothing).all()
+
+
+def test_counts_rank_the_candidates_and_recency_breaks_ties():
+    draft = draft_for(LookupSpec(max_ngram=1))
+    logits = draft.catch_up([[5, 6, 5, 7, 5, 6, 5, 8, 5]], None)  # after 5: 6 twice, 7 once, 8 once (latest)
+    finite = torch.isfinite(logits[0])
+    assert finite.nonzero().flatten().tolist() == [6, 7, 8]
+    assert logits[0, 6] > logits[0, 8] > logits[0, 7]
+    assert math.isclose(float(logits[0, 6].exp()), 2 + 0.5 * 5 / 8, rel_tol=1e-6)
+
+
+def test_the_corpus_table_counts_answer_tokens_only_and_the_prompt_wins_at_equal_length():
+    answers, masks = [[1, 2, 3, 4], [1, 2, 3, 4]], [[0, 0, 1, 1], [0, 0, 1, 1]]
+    corpus = draft_for(LookupSpec(sources=("corpus",), max_ngram=2), answers, masks)
+    assert corpus.catch_up([[7, 2, 3]], None).argmax(-1).tolist() == [4]  # (2, 3) -> 4 counted twice
+    assert torch.isinf(corpus.catch_up([[7, 1]], None)).all()           # 1 -> 2: a prompt token, not counted
+    both = draft_for(LookupSpec(sources=("prompt", "corpus"), max_ngram=2), answers, masks)
+    assert both.catch_up([[2, 3, 9, 0, 2, 3]], None).argmax(-1).tolist() == [9]  # prompt match beats corpus
+    with pytest.raises(ValueError, match="needs this run's data_gen records"):
+        build_lookup_drafter(LookupSpec(sources=("corpus",)), VOCAB)
+    with pytest.raises(ValueError, match="eval.baselines.*unknown"):
+        baseline_specs(["prompt_lookup", "ngarm"])
+
+
+def test_a_lookup_drafter_saves_loads_and_is_its_own_kind(tiny_target, tmp_path):
+    spec = BASELINES["prompt_lookup+ngram"]
+    kind = kind_of_spec(spec)
+    drafter = kind.build(spec, tiny_target, token_lists=[[1, 2, 3, 4]], masks=[[1, 1, 1, 1]])
+    assert kind_of(drafter) is kind and not kind.trainable and kind.parameters_per_token(drafter, None) == 0
+    kind.save(drafter, tiny_target, tmp_path)
+    assert kind_of_folder(tmp_path) is kind
+    loaded = kind.load(tmp_path, tiny_target)
+    assert loaded.spec == spec and loaded.corpus.next == drafter.corpus.next
+
+
+def test_token_recycling_proposes_the_targets_last_top_k_after_a_token():
+    spec = LookupSpec(sources=("recycled",), recycle_k=3)
+    draft = draft_for(spec)
+    assert torch.isinf(draft.catch_up([[1, 4]], None)).all()  # nothing observed yet: abstain
+    scores = torch.full((1, 2, VOCAB), -5.0)
+    scores[0, 0, [7, 2, 9]] = torch.tensor([3.0, 2.0, 1.0])   # after token 4 the target ranked 7 > 2 > 9
+    draft.observe(torch.tensor([[4, 11]]), scores)
+    logits = draft.catch_up([[1, 4]], None)[0]
+    assert torch.isfinite(logits).nonzero().flatten().tolist() == [2, 7, 9]
+    assert logits[7] > logits[2] > logits[9]
+    draft.reset()
+    assert torch.isinf(draft.catch_up([[1, 4]], None)).all()
+
+
+@pytest.mark.parametrize("settings", [DecodeSettings(gamma=4, max_new_tokens=40),
+                                      DecodeSettings(tree=(2, 2), max_new_tokens=40),
+                                      DecodeSettings(gamma=3, max_new_tokens=40, batch_size=3)],
+                         ids=["chain", "tree", "batched"])
+@pytest.mark.parametrize("name", ["prompt_lookup", "token_recycling"])
+def test_lookup_drafting_is_lossless_and_accepts_on_repetitive_text(tiny_target, settings, name):
+    model = tiny_target.model
+    prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3, 4, 3, 4, 3], [10, 11, 12, 13, 14, 15]]
+    plain = plain_generate(model, prompts, settings, stop_ids=[])
+    draft = LookupDraft(build_lookup_drafter(BASELINES[name], model.config.vocab_size))
+    generations = speculative_generate(model, draft, prompts, settings, stop_ids=[])
+    assert [g.tokens for g in generations] == plain
+    assert sum(g.stats.accepted for g in generations) > 0  # the tiny target repeats itself: lookup pays
+    drafted = sum(g.stats.drafted for g in generations)
+    assert drafted < sum(g.stats.steps for g in generations) * settings.depth or settings.tree  # it abstained
+
+
+def test_sampled_lookup_decoding_runs_and_is_reproducible(tiny_target):
+    model = tiny_target.model
+    settings = DecodeSettings(gamma=3, sampling=SamplingSettings(temperature=1.0), max_new_tokens=24)
+    draft = lambda: LookupDraft(build_lookup_drafter(LookupSpec(), model.config.vocab_size))  # noqa: E731
+    first = speculative_generate(model, draft(), [[5, 6, 7, 5, 6, 7, 5]], settings, [], ["k"])
+    again = speculative_generate(model, draft(), [[5, 6, 7, 5, 6, 7, 5]], settings, [], ["k"])
+    assert first[0].tokens == again[0].tokens and len(first[0].tokens) == 24
