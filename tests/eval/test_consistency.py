@@ -1,0 +1,104 @@
+"""What the eval measures and what distill optimises cannot drift apart: on the target's own greedy answers,
+1. the decoder's acceptance of each step's first draft equals the drafter's teacher-forced top-1 agreement with
+   the target at the same answer positions, computed by the training code's forward (`train.engine.logits_at`
+   for a token-level drafter, `train.feature_distill.feature_batch` for a feature-level one);
+2. distill's acceptance proxy (what `select=proxy` picks checkpoints by) equals the mean Σ min(p, q) over the
+   answer tokens with q taken from the decoder's own view of the drafter (its `catch_up` on each prefix).
+An off-by-one or a template mismatch on either side breaks the equality. Both drafters are trained a little first,
+so agreement is neither 0 nor 1.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eval.decoder import DecodeSettings, plain_generate, speculative_generate
+from losses.feature import FeatureLoss
+from losses.kl import forward_kl
+from losses.mix import LossMix
+from models.drafter import DrafterSpec, build_drafter
+from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
+from models.kinds import draft_for
+from tests.conftest import quiet_tracker
+from train.distill import DistillSettings, acceptance_proxy, distill
+from train.engine import logits_at
+from train.feature_distill import FeatureObjective, feature_batch
+from train.optim import OptimSettings
+from train.rows import Row, collate, read_rows, split_heldout
+
+KINDS = ("token", "feature")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_target, records_dir, tmp_path_factory):
+    """{kind: drafter trained for a few steps}, and the held-out prompts with the target's greedy answers."""
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    settings = DistillSettings(epochs=6, batch_size=2, heldout_records=4, optim=OptimSettings(lr=1e-2, warmup_steps=2))
+    token = build_drafter(DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                                      intermediate_size=64), model, tokenizer)
+    feature = build_feature_drafter(FeatureDrafterSpec(), model)
+    for drafter, loss in ((token, LossMix({"fkl": {"fn": forward_kl}})), (feature, FeatureLoss())):
+        out = tmp_path_factory.mktemp("consistency")
+        distill(drafter, model, tokenizer, records_dir, loss, settings, out, quiet_tracker(out))
+    _, heldout = split_heldout(read_rows(records_dir, "online"), 4)
+    prompts = [row.prompt_ids for row in heldout]
+    answers = plain_generate(model, prompts, DecodeSettings(max_new_tokens=24), stop_ids=[])
+    rows = [Row(id=str(i), input_ids=p + a, loss_mask=[0] * len(p) + [1] * len(a), prompt_ids=p)
+            for i, (p, a) in enumerate(zip(prompts, answers))]
+    return {"token": token.eval(), "feature": feature.eval()}, rows
+
+
+def teacher_forced_predictions(kind: str, drafter, target, row: Row) -> list[int]:
+    """The drafter's top-1 for every answer token of `row`, as the training code computes it."""
+    with torch.no_grad():
+        if kind == "token":
+            input_ids, attention, positions, _ = collate([row], 0, 4096, target.device)
+            logits = logits_at(drafter, input_ids, attention, positions)
+        else:
+            logits = feature_batch(drafter, target, [row], 0, 4096)[2]
+    return logits[0].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_first_draft_acceptance_equals_teacher_forced_agreement(tiny_target, trained, kind):
+    drafters, rows = trained
+    target, drafter = tiny_target.model, drafters[kind]
+    decoded, forced = [], []
+    for row in rows:
+        generation = speculative_generate(target, draft_for(drafter, target), [row.prompt_ids],
+                                          DecodeSettings(gamma=3, max_new_tokens=24), stop_ids=[])[0]
+        answer = row.input_ids[len(row.prompt_ids):]
+        assert generation.tokens == answer  # greedy: lossless, so the steps walk the same answer
+        predictions, offset = teacher_forced_predictions(kind, drafter, target, row), 0
+        assert len(predictions) == len(answer)
+        for accepted in generation.stats.accepted_per_step:
+            if offset + 1 < len(answer):  # the step drafted (the last token of a budget is never drafted)
+                decoded.append(accepted >= 1)
+                forced.append(predictions[offset] == answer[offset])
+            offset += accepted + 1
+    assert decoded == forced
+    assert 0 < sum(forced) < len(forced), "the drafter must agree sometimes, not always"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_acceptance_proxy_is_the_decoders_expected_acceptance(tiny_target, trained, kind):
+    drafters, rows = trained
+    target, drafter = tiny_target.model, drafters[kind]
+    if kind == "token":
+        proxy = acceptance_proxy(drafter, target, rows, 0, 4096, 2)
+    else:
+        objective = FeatureObjective(None, target, tiny_target.tokenizer, FeatureLoss(),
+                                     DistillSettings(max_seq_len=4096), None)
+        proxy = objective.proxy(drafter, rows, 2)
+    overlaps = []
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row.input_ids])
+            p = torch.softmax(target(ids).logits[0].float(), -1)
+            features = target.get_decoder()(input_ids=ids).last_hidden_state  # what the decoder keeps
+            for t in range(len(row.prompt_ids), len(row.input_ids)):  # answer token t
+                draft = draft_for(drafter, target)
+                draft.start(1, len(row.input_ids) + 4)
+                q = torch.softmax(draft.catch_up([row.input_ids[:t]], features).float(), -1)[0]
+                overlaps.append(float(torch.minimum(p[t - 1], q).sum()))
+    assert proxy == pytest.approx(sum(overlaps) / len(overlaps), abs=1e-5)
