@@ -192,11 +192,10 @@ class LookupDraft:
         for n in range(spec.max_ngram, 0, -1):
             for source in spec.sources:
                 if source == "recycled":
-                    if n == 1:
-                        found = {int(t): [len(ranked) - rank, 0] for ranked in [self.drafter.recycled[context[-1]]]
-                                 for rank, t in enumerate(ranked.tolist()) if t >= 0}
-                    else:
-                        continue
+                    if n > 1:
+                        continue  # a 1-gram source: it keys on the last token only
+                    ranked = self.drafter.recycled[context[-1]].tolist()
+                    found = {t: [len(ranked) - rank, 0] for rank, t in enumerate(ranked) if t >= 0}
                 else:
                     table = self.seen[row] if source == "prompt" else self.drafter.corpus
                     found = table.candidates(context, n)
