@@ -41,7 +41,7 @@ import torch
 from transformers import PreTrainedModel
 
 from eval.metrics import DecodeStats
-from models.cache import RaggedKVCache, check_supported, forward_on_cache, head_logits, pad_rows
+from models.cache import RaggedKVCache, captured_layers, check_supported, forward_on_cache, head_logits, pad_rows
 from models.kernels import few_row_linears
 from models.sampling import SamplingSettings, as_sampling, draw, make_generator, request_seed, warp_logits
 
@@ -140,30 +140,37 @@ class _Target:
     """The target's pre-allocated cache (holding every committed token but the last) and, for feature drafters,
     its last hidden states per committed position."""
 
-    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int, keep_features: bool) -> None:
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int, keep_features: bool,
+                 feature_layers: tuple[int, ...] | None = None) -> None:
         check_supported(model)
-        self.model = model
+        self.model, self.feature_layers = model, feature_layers if keep_features else None
         self.cache = RaggedKVCache.for_model(model, len(prompts), capacity)
-        self.features = None
+        self.features = self.layer_features = None
         self.lengths = [0] * len(prompts)
         tokens = pad_rows([prompt[:-1] for prompt in prompts], self.cache.device)
-        hidden = self.forward(tokens, torch.ones(tokens.shape[1], tokens.shape[1]).tril().bool(),
-                              torch.arange(tokens.shape[1]))
+        self.forward(tokens, torch.ones(tokens.shape[1], tokens.shape[1]).tril().bool(), torch.arange(tokens.shape[1]))
         if keep_features:
-            self.features = hidden.new_zeros(len(prompts), capacity, hidden.shape[-1])
-            self.features[:, : hidden.shape[1]] = hidden
+            kept = self.layer_features
+            self.features = kept.new_zeros(len(prompts), capacity, kept.shape[-1])
+            self.features[:, : kept.shape[1]] = kept
         self.lengths = [len(prompt) - 1 for prompt in prompts]
 
     def forward(self, tokens: torch.Tensor, local: torch.Tensor, relative: torch.Tensor) -> torch.Tensor:
-        return forward_on_cache(self.model, self.cache, tokens, self.lengths, local, relative)
+        """The last hidden states of the block; the features a feature drafter reads (those, or the outputs of its
+        `feature_layers`, concatenated) wait in `layer_features` for `store_features`."""
+        with captured_layers(self.model, self.feature_layers) as captured:
+            hidden = forward_on_cache(self.model, self.cache, tokens, self.lengths, local, relative)
+        self.layer_features = hidden if captured[0] is None else captured[0]
+        return hidden
 
     def store_features(self, hidden: torch.Tensor, nodes: torch.Tensor) -> None:
-        """Keep the hidden states of `nodes` [rows, n] (block indices) at columns lengths[b] + 0..n-1."""
+        """Keep the features of `nodes` [rows, n] (block indices) of the last forward at columns lengths[b] + 0..n-1."""
         if self.features is not None:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-            columns = torch.tensor(self.lengths, device=hidden.device)[:, None] + torch.arange(
-                nodes.shape[1], device=hidden.device)
-            self.features[rows, columns] = hidden[rows, nodes]
+            kept = self.layer_features
+            rows = torch.arange(kept.shape[0], device=kept.device)[:, None]
+            columns = torch.tensor(self.lengths, device=kept.device)[:, None] + torch.arange(
+                nodes.shape[1], device=kept.device)
+            self.features[rows, columns] = kept[rows, nodes]
 
     def keep_rows(self, rows: list[int]) -> None:
         self.cache.keep_rows(rows)
@@ -373,7 +380,7 @@ def speculative_generate(target: PreTrainedModel, draft, prompts: list[list[int]
 def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys) -> list[Generation]:
     tree = Tree(settings.tree) if settings.tree else None
     capacity = _capacity(prompts, settings, tree)
-    target = _Target(target_model, prompts, capacity, draft.needs_features)
+    target = _Target(target_model, prompts, capacity, draft.needs_features, getattr(draft, "feature_layers", None))
     draft.start(len(prompts), capacity)
     rng = _Rows([request_seed(settings.seed, key) for key in keys], target.cache.device)
     results = [Generation([], DecodeStats(depth=settings.depth)) for _ in prompts]

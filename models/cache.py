@@ -18,6 +18,8 @@ linear attention layers) are refused by `check_supported`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import PreTrainedModel
 
@@ -139,3 +141,29 @@ def forward_on_cache(model: PreTrainedModel, cache: RaggedKVCache, tokens: torch
 
 def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     return model.get_output_embeddings()(hidden).float()
+
+
+@contextlib.contextmanager
+def captured_layers(target: PreTrainedModel, layers: tuple[int, ...] | None):
+    """Within the block, `captured[0]` after each target forward is the outputs of `layers` (decoder layers,
+    0-based), concatenated [B, T, k·d]; with `layers` None nothing is captured (the last hidden state serves)."""
+    captured: list[torch.Tensor | None] = [None]
+    if not layers:
+        yield captured
+        return
+    parts: dict[int, torch.Tensor] = {}
+    decoder_layers = target.get_decoder().layers
+
+    def keep(index):
+        def hook(module, inputs, output):
+            parts[index] = output[0] if isinstance(output, tuple) else output
+            if len(parts) == len(layers):
+                captured[0] = torch.cat([parts[i] for i in layers], -1)
+                parts.clear()
+        return hook
+    handles = [decoder_layers[index].register_forward_hook(keep(index)) for index in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -10,9 +10,19 @@ FSPAD's feature sampling (METHODS.md §7) gives the drafter the token the target
 feature it came from. The paper's exact operator is not verified (§9); our reading, `feature_sampling=true`:
 the feature is sampled in embedding space, f_t ⊙ e(x_{t+1}), and fused alongside e(x_{t+1}).
 
-The target's embedding and LM head are not copied into the drafter (they are the target's, frozen); a saved
-feature drafter is `feature_drafter.json` + `model.safetensors` holding only its own weights, in draftsmith's
-format (engines' EAGLE loaders expect their own layouts; exporting to them is not done yet).
+EAGLE-3 (METHODS.md §8) changes three things, each a spec field here:
+- `feature_layers`: the feature is a fusion of several of the target's layers (outputs of decoder layers with those
+  0-based indices, e.g. a low, a middle and a high one), reduced by a linear map to the hidden width; while
+  drafting, the drafter's own output stands in for that fusion. None: the target's last hidden state (EAGLE-1).
+- `draft_vocab_size`: the drafter has its own norm and LM head over the N most frequent tokens of the training data
+  (`d2t`: draft id -> target id), started from the target's head rows; logits are -inf outside it. Its output is
+  then a hidden state of its own, not a regression of the target's feature.
+- training-time test (`losses.feature.FeatureLoss.unroll`): in training the drafter is unrolled on its own
+  outputs (`FeatureDrafter.unrolled`), with the attention pattern drafting has, and scored at every step.
+
+The target's embedding (and, without a draft vocabulary, its LM head) is not copied into the drafter: it is the
+target's, frozen. A saved feature drafter is `feature_drafter.json` + `model.safetensors` holding only its own
+weights, in draftsmith's format (engines' EAGLE loaders expect their own layouts; exporting to them is not done yet).
 """
 from __future__ import annotations
 
@@ -22,11 +32,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, PreTrainedModel
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers import DynamicCache, LlamaConfig, PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from models.cache import RaggedKVCache, block_mask, head_logits, pad_rows
 from models.compat import cache_argument
+from models.drafter import ReducedVocabHead, frequent_tokens
 
 CONFIG_FILE = "feature_drafter.json"
 
@@ -36,7 +47,18 @@ class FeatureDrafterSpec:
     name: str = "feature-drafter"
     feature_sampling: bool = False  # FSPAD: fuse f_t ⊙ e(x_{t+1}) instead of f_t
     intermediate_size: int | None = None  # decoder layer MLP width (default: the target's)
+    feature_layers: tuple[int, ...] | None = None  # EAGLE-3: fuse these target layers' outputs (None: last state)
+    draft_vocab_size: int | None = None  # EAGLE-3: own norm + head over the N most frequent training tokens
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.feature_layers is not None:
+            layers = tuple(int(layer) for layer in self.feature_layers)
+            if not layers or len(set(layers)) != len(layers):
+                raise ValueError(f"drafter.feature_layers={list(self.feature_layers)}: name distinct layer indices")
+            object.__setattr__(self, "feature_layers", layers)
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 2:
+            raise ValueError(f"drafter.draft_vocab_size={self.draft_vocab_size} must be ≥ 2 (or null)")
 
 
 class FeatureDrafter(torch.nn.Module):
@@ -54,15 +76,45 @@ class FeatureDrafter(torch.nn.Module):
         self.layer_config._attn_implementation = "sdpa"
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(spec.seed)
+        layers = spec.feature_layers or ()
+        for layer in layers:
+            if not 0 <= layer < target_config.num_hidden_layers:
+                raise ValueError(f"drafter.feature_layers: layer {layer} is outside the target's "
+                                 f"{target_config.num_hidden_layers} layers (0-based)")
+        self.reduce = torch.nn.Linear(len(layers) * hidden, hidden, bias=False) if len(layers) > 1 else None
         self.fuse = torch.nn.Linear(2 * hidden, hidden, bias=False)
         self.layer = LlamaDecoderLayer(self.layer_config, layer_idx=0)
         torch.random.set_rng_state(generator_state)
         self.rotary = LlamaRotaryEmbedding(self.layer_config)
+        self.norm = self.head = None
+        if spec.draft_vocab_size:
+            self.norm = LlamaRMSNorm(hidden, eps=target_config.rms_norm_eps)
+            self.head = ReducedVocabHead(hidden, torch.arange(spec.draft_vocab_size), target_config.vocab_size)
+
+    @property
+    def feature_layers(self) -> tuple[int, ...] | None:
+        return self.spec.feature_layers
+
+    def start_head(self, d2t: torch.Tensor, target_head: torch.Tensor) -> None:
+        """Own head over the draft vocabulary `d2t`, started from the target's head rows."""
+        with torch.no_grad():
+            self.head.d2t.copy_(d2t.to(self.head.d2t.device))
+            self.head.weight.copy_(target_head[d2t.to(target_head.device)])
+
+    def logits(self, hidden: torch.Tensor, target: PreTrainedModel, compact: bool = False) -> torch.Tensor:
+        """Distribution (logits) over the next token from the drafter's outputs: its own head over the draft
+        vocabulary ([.., N] with `compact`, else [.., V] with -inf outside it), or the target's frozen head."""
+        if self.head is None:
+            return head_logits(target, hidden)
+        normed = self.norm(hidden)
+        return (self.head.compact(normed) if compact else self.head(normed)).float()
 
     def fused_inputs(self, features: torch.Tensor, next_embeddings: torch.Tensor) -> torch.Tensor:
         """The decoder layer's input [B, T, d] from f_t and e(x_{t+1}); with FSPAD's feature sampling the feature is
         first sampled in embedding space, f_t ⊙ e(x_{t+1}). Training and decoding both go through here."""
         features = features.to(next_embeddings.dtype)
+        if self.reduce is not None and features.shape[-1] != next_embeddings.shape[-1]:
+            features = self.reduce(features)  # the target's layers, fused (own outputs are already this wide)
         if self.spec.feature_sampling:
             features = features * next_embeddings
         return self.fuse(torch.cat([features, next_embeddings], dim=-1))
@@ -78,6 +130,34 @@ class FeatureDrafter(torch.nn.Module):
         return self.layer(hidden, attention_mask=mask, position_ids=position_ids,
                           position_embeddings=self.rotary(hidden, position_ids))
 
+    def unrolled(self, features: torch.Tensor, next_embeddings: torch.Tensor, attention: torch.Tensor,
+                 steps: int) -> list[torch.Tensor]:
+        """Training-time test: outputs [B, T, d] of `steps` passes. Pass 0 reads the target's features; pass j at
+        position t reads pass j-1's output at t-1 in place of the feature, and attends as drafting would: to pass
+        0's entries at positions ≤ t-j and to pass i's entry at t-j+i (i = 1..j). Output j at t is the drafter's
+        (j+1)-th draft from a context whose last true feature is f_{t-j}; positions t < j have no such context."""
+        batch, width = attention.shape
+        device = next_embeddings.device
+        position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
+        position = torch.arange(width, device=device)
+        valid = attention.bool()[:, None, :]
+        cache, outputs = DynamicCache(), []
+        hidden = self.fused_inputs(features, next_embeddings)
+        for j in range(steps):
+            masks = [(position[None, :] <= position[:, None] - j)[None] & valid]
+            masks += [(position[None, :] == position[:, None] - j + i)[None].expand(batch, -1, -1)
+                      for i in range(1, j + 1)]
+            mask = torch.cat(masks, -1).unsqueeze(1)  # [B, 1, T, (j+1)T]
+            output = self.layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                                position_embeddings=self.rotary(hidden, position_ids),
+                                **cache_argument(self.layer, cache))
+            output = output[0] if isinstance(output, tuple) else output
+            outputs.append(output)
+            if j + 1 < steps:
+                shifted = torch.cat([output.new_zeros(batch, 1, output.shape[-1]), output[:, :-1]], 1)
+                hidden = self.fused_inputs(shifted, next_embeddings)
+        return outputs
+
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("rotary.")},
@@ -87,8 +167,22 @@ class FeatureDrafter(torch.nn.Module):
         return folder
 
 
-def build_feature_drafter(spec: FeatureDrafterSpec, target: PreTrainedModel) -> FeatureDrafter:
-    return FeatureDrafter(spec, target.config).to(target.device)
+def build_feature_drafter(spec: FeatureDrafterSpec, target: PreTrainedModel, token_lists=None) -> FeatureDrafter:
+    """A fresh feature drafter; with `spec.draft_vocab_size`, its vocabulary is the most frequent tokens of
+    `token_lists` (the training data) plus the target's special tokens."""
+    drafter = FeatureDrafter(spec, target.config).to(target.device)
+    if spec.draft_vocab_size:
+        if token_lists is None:
+            raise ValueError("drafter.draft_vocab_size needs the training tokens to count; build it in a stage")
+        special = [i for i in (target.config.bos_token_id, target.config.eos_token_id,
+                               getattr(target.generation_config, "eos_token_id", None)) if isinstance(i, int)]
+        d2t, _ = frequent_tokens(token_lists, min(spec.draft_vocab_size, target.config.vocab_size), special)
+        if len(d2t) < spec.draft_vocab_size:  # fewer distinct tokens than asked: fill with the lowest unused ids
+            unused = torch.ones(target.config.vocab_size, dtype=torch.bool)
+            unused[d2t] = False
+            d2t = torch.cat([d2t, unused.nonzero()[:, 0][: spec.draft_vocab_size - len(d2t)]]).sort().values
+        drafter.start_head(d2t, target.get_output_embeddings().weight.detach())
+    return drafter
 
 
 def load_feature_drafter(folder: Path, target: PreTrainedModel) -> FeatureDrafter:
@@ -116,7 +210,8 @@ class FeatureDraft:
     def __init__(self, drafter: torch.nn.Module, target: PreTrainedModel) -> None:
         self.drafter, self.target = drafter, target
         self.networks = (drafter,)  # what the decoder's few-row kernels apply to (models.kernels)
-        self.embed, self.head = target.get_input_embeddings(), target.get_output_embeddings()
+        self.embed = target.get_input_embeddings()
+        self.feature_layers = getattr(drafter, "feature_layers", None)  # which target features the decoder keeps
 
     def start(self, rows: int, capacity: int) -> None:
         config = self.drafter.layer_config
@@ -136,7 +231,7 @@ class FeatureDraft:
                                     position_embeddings=self.drafter.rotary(hidden, positions),
                                     **cache_argument(self.drafter.layer, self.cache))
         self.predicted = output[0] if isinstance(output, tuple) else output
-        return head_logits(self.target, self.predicted)
+        return self.drafter.logits(self.predicted, self.target)
 
     def catch_up(self, sequences: list[list[int]], features: torch.Tensor) -> torch.Tensor:
         ends = [len(sequence) - 1 for sequence in sequences]  # pairs up to t = len - 2

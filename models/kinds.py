@@ -84,7 +84,7 @@ class FeatureKind(DrafterKind):
     pretrainable, trains_on_features, lora_task = False, True, None
 
     def build(self, spec, target, token_lists=None, masks=None):
-        return build_feature_drafter(spec, target.model)
+        return build_feature_drafter(spec, target.model, token_lists)
 
     def saved_in(self, folder: Path) -> bool:
         return (Path(folder) / CONFIG_FILE).exists()
@@ -99,8 +99,10 @@ class FeatureKind(DrafterKind):
         return FeatureDraft(drafter, target_model)
 
     def parameters_per_token(self, drafter, target_model) -> int:
-        """Its own layer plus the target's LM head, which turns each predicted feature into a token."""
-        return count_parameters(drafter) + target_model.get_output_embeddings().weight.numel()
+        """Its own weights plus, without a draft vocabulary of its own, the target's LM head, which turns each
+        predicted feature into a token."""
+        own_head = getattr(drafter, "head", None) is not None
+        return count_parameters(drafter) + (0 if own_head else target_model.get_output_embeddings().weight.numel())
 
 
 class LookupKind(DrafterKind):

@@ -42,7 +42,8 @@ from infra.tracking import Tracker
 from losses.feature import FeatureLoss
 from losses.mix import LossMix
 from losses.tvd import expected_acceptance
-from models.drafter import DrafterSpec, LoraSettings, TokenDraft, apply_lora, check_same_vocabulary, save_drafter
+from models.drafter import (DrafterSpec, LoraSettings, TokenDraft, apply_lora, check_same_vocabulary, save_drafter,
+                            to_draft_vocabulary)
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import kind_of, kind_of_spec
 from models.sampling import SamplingSettings, as_sampling, request_seed
@@ -54,6 +55,7 @@ from train.rows import Row, collate, count_steps, epoch_batches, read_rows, spli
 
 TEACHERS = ("online", "offline")
 SELECTIONS = ("proxy", "decoder", "last")
+TRAIN_ON = ("answers", "all")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class DistillSettings:
     accumulation: int = 1             # micro-batches per optimizer step on each rank
     max_seq_len: int = 512
     teacher: str = "online"           # online: frozen target forward | offline: data_gen's top-k log-probs
+    train_on: str = "answers"         # which next tokens are scored: the answers, or all (prompts too)
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
     log_every: int = 5
     checkpoint_every: int = 0         # full resumable state every N steps (0: none)
@@ -94,6 +97,8 @@ class DistillSettings:
     def __post_init__(self) -> None:
         if self.teacher not in TEACHERS:
             raise ValueError(f"distill.teacher={self.teacher!r} is not one of {TEACHERS}")
+        if self.train_on not in TRAIN_ON:
+            raise ValueError(f"distill.train_on={self.train_on!r} is not one of {TRAIN_ON}")
         if self.select not in SELECTIONS:
             raise ValueError(f"distill.select={self.select!r} is not one of {SELECTIONS}")
         if self.batch_size < 1 or self.accumulation < 1:
@@ -170,20 +175,6 @@ def draft_vocabulary(model: PreTrainedModel) -> torch.Tensor | None:
     return getattr(model.get_output_embeddings(), "d2t", None)
 
 
-def to_draft_vocabulary(teacher_logits: torch.Tensor | None, labels: torch.Tensor, d2t: torch.Tensor,
-                        vocab_size: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Restrict the teacher to the draft vocabulary (the losses' softmax renormalises it), map labels to draft
-    ids, and keep only positions whose label and whose teacher argmax are both in it (EAGLE-3, METHODS.md §8)."""
-    t2d = torch.full((vocab_size,), -1, dtype=torch.long, device=labels.device)
-    t2d[d2t] = torch.arange(len(d2t), device=labels.device)
-    draft_labels = t2d[labels]
-    keep = draft_labels >= 0
-    if teacher_logits is not None:
-        keep &= t2d[teacher_logits.argmax(-1)] >= 0
-        teacher_logits = teacher_logits[..., d2t]
-    return teacher_logits, draft_labels.clamp_min(0), keep
-
-
 def peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -204,6 +195,9 @@ class TokenObjective:
         self.settings, self.data_dir, self.d2t = settings, data_dir, None
 
     def refused(self) -> list[str]:
+        if self.settings.teacher == "offline" and self.settings.train_on == "all":
+            return ["distill.train_on='all' (answers: data_gen stores top-k log-probabilities for answer tokens only; "
+                    "or distill.teacher=online)"]
         return []
 
     def prepare(self, drafter: PreTrainedModel) -> None:
@@ -217,7 +211,7 @@ class TokenObjective:
         """(loss, its terms, positions it averages over, tokens read) for one micro-batch."""
         settings, device = self.settings, self.target.device
         input_ids, attention, positions, labels = collate(micro, self.tokenizer.pad_token_id, settings.max_seq_len,
-                                                          device)
+                                                          device, settings.train_on == "all" and not on_policy)
         n = int(positions.sum())
         if self.loss.needs_teacher and settings.teacher == "offline" and not on_policy:
             teacher_logits = offline_teacher_logits(micro, settings.max_seq_len, self.target.config.vocab_size,
@@ -332,7 +326,9 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
         on_policy = random.Random(f"{settings.seed}:on_policy:{step}").random() < settings.on_policy.ratio
         if on_policy:
             batch = on_policy_rows(model, batch, settings, step, pad_id, stop_ids)
-        step_positions = sum(row.loss_positions(settings.max_seq_len, objective.ahead) for row in batch)
+        every_position = settings.train_on == "all" and not on_policy  # an answer of the drafter's own: answers
+        step_positions = sum(row.loss_positions(settings.max_seq_len, objective.ahead, every_position)
+                             for row in batch)
         sums = {"loss": 0.0}
         for micro in micro_batches(batch, settings.accumulation):
             total, parts, kept, read = objective.micro_loss(engine, micro, on_policy)

@@ -20,6 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from losses.feature import FeatureLoss
 from losses.tvd import expected_acceptance
+from models.cache import captured_layers
+from models.drafter import to_draft_vocabulary
 from models.feature_drafter import FeatureDraft
 from train.rows import Row, collate
 
@@ -27,25 +29,64 @@ if TYPE_CHECKING:
     from train.distill import DistillSettings
 
 
-def feature_batch(forward, target: PreTrainedModel, rows: list[Row], pad_id: int, max_seq_len: int,
-                  noise: float = 0.0):
-    """(predicted features, target features, drafter logits, teacher logits, mask, tokens read), each of the first
-    five [B, T-1, ...]: index t holds the prediction of f_{t+1} and of the token x_{t+2}. `forward` is the
-    drafter's forward (or the training engine's)."""
-    input_ids, attention, positions, _ = collate(rows, pad_id, max_seq_len, target.device)
-    with torch.no_grad():
+class FeatureTraining(torch.nn.Module):
+    """The module the training engine wraps: the drafter unrolled `steps` times (training-time test, EAGLE-3) and,
+    when it has its own head (a draft vocabulary), its compact logits at each step's scored positions, so every
+    trained weight is used inside the engine's forward (ZeRO-3 gathers them there)."""
+
+    def __init__(self, drafter: torch.nn.Module, steps: int, compact: bool = True) -> None:
+        super().__init__()
+        self.drafter, self.steps, self.compact = drafter, steps, compact
+
+    def forward(self, features: torch.Tensor, next_embeddings: torch.Tensor, attention: torch.Tensor,
+                masks: list[torch.Tensor]):
+        outputs = self.drafter.unrolled(features, next_embeddings, attention, self.steps)
+        if self.drafter.head is None:
+            return outputs, None
+        return outputs, [self.drafter.logits(output[mask], None, compact=self.compact).unsqueeze(0)
+                         for output, mask in zip(outputs, masks)]
+
+
+def step_masks(scored: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Scored positions [B, T] per unrolled step: step j at t needs a true feature at t - j ≥ 0."""
+    index = torch.arange(scored.shape[1], device=scored.device)[None, :]
+    return [scored & (index >= j) for j in range(steps)]
+
+
+def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, rows: list[Row], pad_id: int,
+                  max_seq_len: int, noise: float = 0.0, steps: int = 1, every_position: bool = False,
+                  compact: bool = True):
+    """Per unrolled step j: (predicted features, target features, drafter logits, teacher logits, draft labels,
+    mask), the first two [B, T-1, d] and the mask [B, T-1]: index t holds the (j+1)-th draft's prediction of the
+    token x_{t+2} (step 0: of f_{t+1}); and the tokens read. `forward` is the training module's forward (or the
+    engine's); logits are [1, N, V'] over the mask's N positions, V' the draft vocabulary where the drafter has
+    one and `compact` (the teacher restricted to it, positions whose label or teacher choice falls outside it
+    left out), else the full vocabulary (`forward` must then give full logits: `FeatureTraining(compact=False)`)."""
+    input_ids, attention, positions, _ = collate(rows, pad_id, max_seq_len, target.device, every_position)
+    with torch.no_grad(), captured_layers(target, drafter.feature_layers) as captured:
         features = target.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        fused = features if captured[0] is None else captured[0]
         embeddings = target.get_input_embeddings()(input_ids)
-    inputs = features[:, :-1]
+    inputs = fused[:, :-1]
     if noise:
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
-    predicted = forward(inputs, embeddings[:, 1:], attention[:, :-1] * attention[:, 1:])
-    mask = positions[:, 1:]  # x_{t+2} is an answer token
+    masks = step_masks(positions[:, 1:], steps)  # x_{t+2} is a scored token
+    predicted, own_logits = forward(inputs, embeddings[:, 1:], attention[:, :-1] * attention[:, 1:], masks)
     head = target.get_output_embeddings()
-    with torch.no_grad():
-        teacher_logits = head(features[:, 1:][mask]).unsqueeze(0)
-    student_logits = head(predicted[mask]).unsqueeze(0)
-    return predicted, features[:, 1:], student_logits, teacher_logits, mask, int(attention.sum())
+    labels = torch.roll(input_ids, -2, dims=1)[:, :-1]
+    d2t = drafter.head.d2t if drafter.head is not None and compact else None
+    parts = []
+    for j, (output, mask) in enumerate(zip(predicted, masks)):
+        with torch.no_grad():
+            teacher_logits = head(features[:, 1:][mask]).unsqueeze(0)
+        student_logits = head(output[mask]).unsqueeze(0) if own_logits is None else own_logits[j]
+        draft_labels, keep = labels[mask].unsqueeze(0), torch.ones(1, int(mask.sum()), dtype=torch.bool,
+                                                                   device=mask.device)
+        if d2t is not None:
+            teacher_logits, draft_labels, keep = to_draft_vocabulary(teacher_logits, draft_labels, d2t,
+                                                                     target.config.vocab_size)
+        parts.append((output, features[:, 1:], student_logits, teacher_logits, draft_labels, mask, keep))
+    return parts, int(attention.sum())
 
 
 class FeatureObjective:
@@ -70,22 +111,28 @@ class FeatureObjective:
         pass  # it speaks the target's vocabulary through the target's own head
 
     def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
+        return FeatureTraining(model, self.loss.unroll)
 
     def micro_loss(self, engine, micro: list[Row], on_policy: bool):
-        """(loss, its terms, positions it averages over, tokens read) for one micro-batch."""
-        predicted, features, student, teacher, mask, read = feature_batch(
-            engine.forward, self.target, micro, self.tokenizer.pad_token_id, self.settings.max_seq_len,
-            self.loss.feature_noise)
-        total, parts = self.loss(predicted, features, student, teacher, mask)
-        return total, parts, int(mask.sum()), read
+        """(loss, its terms, positions it averages over, tokens read) for one micro-batch: the step losses of the
+        unrolled drafter, weighted `unroll_decay`^j and normalised by their sum; positions are step 0's."""
+        model = engine.module.drafter if hasattr(engine.module, "drafter") else engine.module
+        steps, read = feature_batch(engine.forward, self.target, model, micro, self.tokenizer.pad_token_id,
+                                    self.settings.max_seq_len, self.loss.feature_noise, self.loss.unroll,
+                                    self.settings.train_on == "all")
+        total, parts = self.loss.unrolled(steps)
+        return total, parts, int(steps[0][-1].sum()), read
 
     @torch.no_grad()
     def proxy(self, model: torch.nn.Module, rows: list[Row], batch_size: int) -> float:
+        """Σ min(p, q) of the first draft on held-out answers, p and q over the target's whole vocabulary (q is 0
+        outside a draft vocabulary), as the decoder sees them."""
         total, count = 0.0, 0
+        module = FeatureTraining(model, 1, compact=False)
         for start in range(0, len(rows), batch_size):
-            _, _, student, teacher, mask, _ = feature_batch(model, self.target, rows[start: start + batch_size],
-                                                            self.tokenizer.pad_token_id, self.settings.max_seq_len)
+            steps, _ = feature_batch(module, self.target, model, rows[start: start + batch_size],
+                                     self.tokenizer.pad_token_id, self.settings.max_seq_len, compact=False)
+            _, _, student, teacher, _, mask, _ = steps[0]
             n = int(mask.sum())
             total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool))) * n
             count += n
@@ -99,5 +146,7 @@ class FeatureObjective:
 
     def summary(self, model: torch.nn.Module) -> dict:
         return {"drafter_kind": self.kind.name, "feature_sampling": model.spec.feature_sampling,
-                "aligned_fraction": self.loss.aligned_fraction, "loss_terms": ["feature", "token"],
-                "teacher": "online"}
+                "feature_layers": list(model.spec.feature_layers or []) or "last",
+                "draft_vocab_size": model.spec.draft_vocab_size, "unroll": self.loss.unroll,
+                "aligned_fraction": self.loss.aligned_fraction, "loss_terms": sorted(self.loss.terms),
+                "teacher": "online", "train_on": self.settings.train_on}

@@ -24,9 +24,12 @@ class Row:
     topk_ids: list | None = None
     topk_logprobs: list | None = None
 
-    def loss_positions(self, max_seq_len: int, ahead: int = 1) -> int:
+    def loss_positions(self, max_seq_len: int, ahead: int = 1, every_position: bool = False) -> int:
         """Positions t < max_seq_len whose token `ahead` places on is an answer token (1: the next token, what a
-        token drafter predicts; 2: x_{t+2}, what a feature drafter's prediction of f_{t+1} is scored on)."""
+        token drafter predicts; 2: x_{t+2}, what a feature drafter's prediction of f_{t+1} is scored on), or with
+        `every_position` any token (prompts too: `distill.train_on=all`)."""
+        if every_position:
+            return max(0, min(len(self.input_ids), max_seq_len) - ahead)
         return sum(self.loss_mask[ahead:max_seq_len])
 
 
@@ -72,9 +75,9 @@ def epoch_batches(rows: list[Row], batch_size: int, seed: int, epoch: int, max_s
     return batches
 
 
-def collate(rows: list[Row], pad_id: int, max_seq_len: int, device: torch.device):
+def collate(rows: list[Row], pad_id: int, max_seq_len: int, device: torch.device, every_position: bool = False):
     """Right-padded (input_ids, attention_mask, loss_positions, labels): loss_positions[b, t] marks the positions
-    whose *next* token is an answer token; labels[b, t] is that next token."""
+    whose *next* token is an answer token (with `every_position`, any real token); labels[b, t] is that token."""
     width = max(min(len(r.input_ids), max_seq_len) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -83,6 +86,6 @@ def collate(rows: list[Row], pad_id: int, max_seq_len: int, device: torch.device
         ids, mask = row.input_ids[:max_seq_len], row.loss_mask[:max_seq_len]
         input_ids[b, : len(ids)] = torch.tensor(ids)
         attention[b, : len(ids)] = 1
-        loss_positions[b, : len(ids) - 1] = torch.tensor(mask[1:], dtype=torch.bool)
+        loss_positions[b, : len(ids) - 1] = True if every_position else torch.tensor(mask[1:], dtype=torch.bool)
     labels = torch.roll(input_ids, -1, dims=1)
     return input_ids.to(device), attention.to(device), loss_positions.to(device), labels.to(device)

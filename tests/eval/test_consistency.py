@@ -16,17 +16,18 @@ from eval.decoder import DecodeSettings, plain_generate, speculative_generate
 from losses.feature import FeatureLoss
 from losses.kl import forward_kl
 from losses.mix import LossMix
+from models.cache import captured_layers
 from models.drafter import DrafterSpec, build_drafter
 from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
 from models.kinds import draft_for
 from tests.conftest import quiet_tracker
 from train.distill import DistillSettings, acceptance_proxy, distill
 from train.engine import logits_at
-from train.feature_distill import FeatureObjective, feature_batch
+from train.feature_distill import FeatureObjective, FeatureTraining, feature_batch
 from train.optim import OptimSettings
 from train.rows import Row, collate, read_rows, split_heldout
 
-KINDS = ("token", "feature")
+KINDS = ("token", "feature", "eagle3")  # eagle3: fused target layers, a draft vocabulary, a training-time test
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,10 @@ def trained(tiny_target, records_dir, tmp_path_factory):
     token = build_drafter(DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
                                       intermediate_size=64), model, tokenizer)
     feature = build_feature_drafter(FeatureDrafterSpec(), model)
-    for drafter, loss in ((token, LossMix({"fkl": {"fn": forward_kl}})), (feature, FeatureLoss())):
+    answers = [row.input_ids[len(row.prompt_ids):] for row in read_rows(records_dir, "online")]
+    eagle3 = build_feature_drafter(FeatureDrafterSpec(feature_layers=(0, 1), draft_vocab_size=96), model, answers)
+    for drafter, loss in ((token, LossMix({"fkl": {"fn": forward_kl}})), (feature, FeatureLoss()),
+                          (eagle3, FeatureLoss(feature_weight=0.0, token_weight=1.0, unroll=2))):
         out = tmp_path_factory.mktemp("consistency")
         distill(drafter, model, tokenizer, records_dir, loss, settings, out, quiet_tracker(out))
     _, heldout = split_heldout(read_rows(records_dir, "online"), 4)
@@ -45,7 +49,7 @@ def trained(tiny_target, records_dir, tmp_path_factory):
     answers = plain_generate(model, prompts, DecodeSettings(max_new_tokens=24), stop_ids=[])
     rows = [Row(id=str(i), input_ids=p + a, loss_mask=[0] * len(p) + [1] * len(a), prompt_ids=p)
             for i, (p, a) in enumerate(zip(prompts, answers))]
-    return {"token": token.eval(), "feature": feature.eval()}, rows
+    return {"token": token.eval(), "feature": feature.eval(), "eagle3": eagle3.eval()}, rows
 
 
 def teacher_forced_predictions(kind: str, drafter, target, row: Row) -> list[int]:
@@ -55,7 +59,9 @@ def teacher_forced_predictions(kind: str, drafter, target, row: Row) -> list[int
             input_ids, attention, positions, _ = collate([row], 0, 4096, target.device)
             logits = logits_at(drafter, input_ids, attention, positions)
         else:
-            logits = feature_batch(drafter, target, [row], 0, 4096)[2]
+            steps, _ = feature_batch(FeatureTraining(drafter, 1, compact=False), target, drafter, [row], 0, 4096,
+                                     compact=False)
+            logits = steps[0][2]
     return logits[0].argmax(-1).tolist()
 
 
@@ -95,7 +101,9 @@ def test_the_acceptance_proxy_is_the_decoders_expected_acceptance(tiny_target, t
         for row in rows:
             ids = torch.tensor([row.input_ids])
             p = torch.softmax(target(ids).logits[0].float(), -1)
-            features = target.get_decoder()(input_ids=ids).last_hidden_state  # what the decoder keeps
+            with captured_layers(target, getattr(drafter, "feature_layers", None)) as captured:
+                features = target.get_decoder()(input_ids=ids).last_hidden_state
+            features = features if captured[0] is None else captured[0]  # what the decoder keeps
             for t in range(len(row.prompt_ids), len(row.input_ids)):  # answer token t
                 draft = draft_for(drafter, target)
                 draft.start(1, len(row.input_ids) + 4)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from losses.feature import FeatureLoss, feature_regression
+from models.cache import captured_layers
 from models.drafter import LoraSettings
 from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter, load_feature_drafter
 from tests.conftest import quiet_tracker
@@ -20,9 +21,10 @@ from train.optim import OptimSettings
 from train.rows import read_rows, split_heldout
 
 
-def run(tiny_target, records_dir, out, loss=FeatureLoss(feature_noise=0.1), sampling=False, **overrides):
+def run(tiny_target, records_dir, out, loss=FeatureLoss(feature_noise=0.1), sampling=False, spec=None, **overrides):
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
-    drafter = build_feature_drafter(FeatureDrafterSpec(feature_sampling=sampling), model)
+    answers = [row.input_ids[len(row.prompt_ids):] for row in read_rows(records_dir, "online")]
+    drafter = build_feature_drafter(spec or FeatureDrafterSpec(feature_sampling=sampling), model, answers)
     settings = DistillSettings(**{"epochs": 8, "batch_size": 2, "heldout_records": 2, "log_every": 1,
                                   "optim": OptimSettings(lr=3e-3, warmup_steps=2)} | overrides)
     summary = distill(drafter, model, tokenizer, records_dir, loss, settings, out, quiet_tracker(out),
@@ -110,3 +112,69 @@ def test_settings_a_feature_drafter_cannot_honour_are_refused_by_name(tiny_targe
     with pytest.raises(ValueError, match="loss=eagle or loss=fspad"):
         run(tiny_target, records_dir, tmp_path / "out", loss=LossMix({"fkl": {"fn": forward_kl}}))
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+EAGLE3 = FeatureDrafterSpec(feature_layers=(0, 1), draft_vocab_size=96)
+
+
+def test_the_unrolled_steps_are_what_drafting_computes(tiny_target, records_dir):
+    """Training-time test: step j at position t of `FeatureDrafter.unrolled` equals the decoder's (j+1)-th draft
+    logits from the context whose last true feature is f_{t-j}, the drafts in between being the sequence's own
+    tokens (teacher forcing); with fused layers and an own head over a draft vocabulary."""
+    target = tiny_target.model
+    answers = [row.input_ids for row in read_rows(records_dir, "online")]
+    drafter = build_feature_drafter(EAGLE3, target, answers).eval()
+    sequence = answers[0][:20]
+    ids = torch.tensor([sequence])
+    with torch.no_grad(), captured_layers(target, drafter.feature_layers) as captured:
+        target.get_decoder()(input_ids=ids)
+        features = captured[0]
+        assert features.shape == (1, len(sequence), 2 * target.config.hidden_size)
+        steps = drafter.unrolled(features[:, :-1], target.get_input_embeddings()(ids)[:, 1:],
+                                 torch.ones(1, len(sequence) - 1), 3)
+        for j in range(3):
+            for t in range(j + 1, len(sequence) - 2):
+                draft = FeatureDraft(drafter, target)
+                draft.start(1, len(sequence) + 4)
+                n = t - j + 1  # committed tokens x_0 .. x_n: the last true pair is (f_{n-1}, x_n)
+                logits = draft.catch_up([sequence[: n + 1]], features)
+                for i in range(j):  # draft the sequence's own next tokens
+                    token = torch.tensor([[sequence[n + 1 + i]]])
+                    logits = draft.extend(token, [0], torch.ones(1, i + 1, dtype=torch.bool), torch.tensor([i]),
+                                          i)[:, 0]
+                expected = drafter.logits(steps[j][:, t], target)
+                assert torch.allclose(logits, expected, atol=1e-4), (j, t)
+
+
+def test_an_eagle3_drafter_learns_saves_and_loads(tiny_target, records_dir, tmp_path):
+    loss = FeatureLoss(feature_weight=0.0, token_weight=1.0, unroll=3)
+    drafter, summary, curve = run(tiny_target, records_dir, tmp_path, loss=loss, spec=EAGLE3, train_on="all",
+                                  optim=OptimSettings(lr=1e-2, warmup_steps=2))
+    assert summary["feature_layers"] == [0, 1] and summary["draft_vocab_size"] == 96 and summary["unroll"] == 3
+    assert {"token", "step1_token", "step2_token"} <= set(curve[0]) and "feature" not in curve[0]
+    for name in ("token", "step2_token"):
+        assert sum(e[name] for e in curve[-4:]) < sum(e[name] for e in curve[:4])
+    proxies = [entry["proxy"] for entry in summary["acceptance_proxy"]]
+    assert proxies[-1] > proxies[0]
+    d2t = drafter.head.d2t
+    assert len(d2t) == 96 and tiny_target.tokenizer.eos_token_id in d2t.tolist() and d2t.equal(d2t.sort().values)
+    reloaded = load_feature_drafter(tmp_path / "last", tiny_target.model)
+    assert reloaded.spec == EAGLE3 and torch.equal(reloaded.head.d2t, d2t)
+    hidden = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        full = reloaded.logits(hidden, tiny_target.model)
+        assert torch.equal(full, drafter.eval().logits(hidden, tiny_target.model))
+    outside = torch.ones(full.shape[-1], dtype=torch.bool)
+    outside[d2t] = False
+    assert torch.isinf(full[..., outside]).all() and torch.isfinite(full[..., d2t]).all()
+
+
+def test_bad_eagle3_settings_name_their_key(tiny_target):
+    with pytest.raises(ValueError, match="feature_layers: layer 7 is outside the target's 2 layers"):
+        build_feature_drafter(FeatureDrafterSpec(feature_layers=(0, 7)), tiny_target.model)
+    with pytest.raises(ValueError, match="distinct"):
+        FeatureDrafterSpec(feature_layers=(1, 1))
+    with pytest.raises(ValueError, match="needs the training tokens"):
+        build_feature_drafter(EAGLE3, tiny_target.model)
+    with pytest.raises(ValueError, match="loss.unroll=0"):
+        FeatureLoss(unroll=0)
