@@ -80,6 +80,7 @@ class DistillSettings:
     max_seq_len: int = 512
     teacher: str = "online"           # online: frozen target forward | offline: data_gen's top-k log-probs
     train_on: str = "answers"         # which next tokens are scored: the answers, or all (prompts too)
+    feature_cache: bool = False       # feature drafters: the target's features computed once, stored (fp16)
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
     log_every: int = 5
     checkpoint_every: int = 0         # full resumable state every N steps (0: none)
@@ -195,10 +196,17 @@ class TokenObjective:
         self.settings, self.data_dir, self.d2t = settings, data_dir, None
 
     def refused(self) -> list[str]:
+        refused = []
         if self.settings.teacher == "offline" and self.settings.train_on == "all":
-            return ["distill.train_on='all' (answers: data_gen stores top-k log-probabilities for answer tokens only; "
-                    "or distill.teacher=online)"]
-        return []
+            refused.append("distill.train_on='all' (answers: data_gen stores top-k log-probabilities for answer "
+                           "tokens only; or distill.teacher=online)")
+        if self.settings.feature_cache:
+            refused.append("distill.feature_cache=True (false: a token drafter reads tokens, not the target's "
+                           "features)")
+        return refused
+
+    def prepare_rows(self, rows: list[Row], out_dir: Path) -> None:
+        pass  # the teacher runs in the loop (or comes from data_gen's top-k)
 
     def prepare(self, drafter: PreTrainedModel) -> None:
         check_same_vocabulary(drafter, self.target)
@@ -276,6 +284,7 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
     torch.manual_seed(settings.seed + 7919 * distributed.rank())  # ranks draw independent noise, rank 0 as alone
     train_rows, heldout = split_heldout(read_rows(data_dir, settings.teacher), settings.heldout_records)
     steps_per_epoch, total_steps = count_steps(train_rows, settings.batch_size, settings.epochs, settings.max_steps)
+    objective.prepare_rows(train_rows + heldout, out_dir)
     if settings.lora is not None:
         drafter = apply_lora(drafter, settings.lora, kind.lora_task)
     micro_batch = settings.batch_size // (world * settings.accumulation)

@@ -23,6 +23,7 @@ from losses.tvd import expected_acceptance
 from models.cache import captured_layers
 from models.drafter import to_draft_vocabulary
 from models.feature_drafter import FeatureDraft
+from train.feature_cache import FeatureCache, build_or_load
 from train.rows import Row, collate
 
 if TYPE_CHECKING:
@@ -55,17 +56,22 @@ def step_masks(scored: torch.Tensor, steps: int) -> list[torch.Tensor]:
 
 def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, rows: list[Row], pad_id: int,
                   max_seq_len: int, noise: float = 0.0, steps: int = 1, every_position: bool = False,
-                  compact: bool = True):
+                  compact: bool = True, cache: FeatureCache | None = None):
     """Per unrolled step j: (predicted features, target features, drafter logits, teacher logits, draft labels,
     mask), the first two [B, T-1, d] and the mask [B, T-1]: index t holds the (j+1)-th draft's prediction of the
     token x_{t+2} (step 0: of f_{t+1}); and the tokens read. `forward` is the training module's forward (or the
     engine's); logits are [1, N, V'] over the mask's N positions, V' the draft vocabulary where the drafter has
     one and `compact` (the teacher restricted to it, positions whose label or teacher choice falls outside it
-    left out), else the full vocabulary (`forward` must then give full logits: `FeatureTraining(compact=False)`)."""
+    left out), else the full vocabulary (`forward` must then give full logits: `FeatureTraining(compact=False)`).
+    With a `cache` (train/feature_cache.py) the target's side is read from it instead of computed."""
     input_ids, attention, positions, _ = collate(rows, pad_id, max_seq_len, target.device, every_position)
-    with torch.no_grad(), captured_layers(target, drafter.feature_layers) as captured:
-        features = target.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        fused = features if captured[0] is None else captured[0]
+    top1 = None
+    with torch.no_grad(), captured_layers(target, None if cache else drafter.feature_layers) as captured:
+        if cache is not None:
+            fused, features, top1 = cache.batch(rows, max_seq_len, target.device)
+        else:
+            features = target.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            fused = features if captured[0] is None else captured[0]
         embeddings = target.get_input_embeddings()(input_ids)
     inputs = fused[:, :-1]
     if noise:
@@ -75,16 +81,25 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
     head = target.get_output_embeddings()
     labels = torch.roll(input_ids, -2, dims=1)[:, :-1]
     d2t = drafter.head.d2t if drafter.head is not None and compact else None
+    vocab_size = target.config.vocab_size
+    if d2t is not None and top1 is not None:  # the cache knows the teacher's top-1: its head over d2t suffices
+        in_vocabulary = torch.zeros(vocab_size, dtype=torch.bool, device=d2t.device)
+        in_vocabulary[d2t] = True
+        restricted = head.weight[d2t].detach()
     parts = []
     for j, (output, mask) in enumerate(zip(predicted, masks)):
-        with torch.no_grad():
-            teacher_logits = head(features[:, 1:][mask]).unsqueeze(0)
         student_logits = head(output[mask]).unsqueeze(0) if own_logits is None else own_logits[j]
         draft_labels, keep = labels[mask].unsqueeze(0), torch.ones(1, int(mask.sum()), dtype=torch.bool,
                                                                    device=mask.device)
-        if d2t is not None:
-            teacher_logits, draft_labels, keep = to_draft_vocabulary(teacher_logits, draft_labels, d2t,
-                                                                     target.config.vocab_size)
+        with torch.no_grad():
+            if d2t is not None and top1 is not None:
+                teacher_logits = torch.nn.functional.linear(features[:, 1:][mask], restricted).float().unsqueeze(0)
+                _, draft_labels, keep = to_draft_vocabulary(None, draft_labels, d2t, vocab_size)
+                keep &= in_vocabulary[top1[:, 1:][mask]].unsqueeze(0)
+            else:
+                teacher_logits = head(features[:, 1:][mask]).unsqueeze(0)
+        if d2t is not None and top1 is None:
+            teacher_logits, draft_labels, keep = to_draft_vocabulary(teacher_logits, draft_labels, d2t, vocab_size)
         parts.append((output, features[:, 1:], student_logits, teacher_logits, draft_labels, mask, keep))
     return parts, int(attention.sum())
 
@@ -98,6 +113,7 @@ class FeatureObjective:
             raise ValueError(f"a {kind.name}-level drafter trains with a feature loss: choose loss=eagle or "
                              f"loss=fspad")
         self.kind, self.target, self.tokenizer, self.loss, self.settings = kind, target, tokenizer, loss, settings
+        self.cache: FeatureCache | None = None
 
     def refused(self) -> list[str]:
         """Every setting this objective cannot honour, as `key=value (what to use)`."""
@@ -108,7 +124,13 @@ class FeatureObjective:
              not settings.on_policy.ratio)) if not ok]
 
     def prepare(self, drafter: torch.nn.Module) -> None:
-        pass  # it speaks the target's vocabulary through the target's own head
+        self.feature_layers = drafter.feature_layers
+
+    def prepare_rows(self, rows: list[Row], out_dir: Path) -> None:
+        """With `distill.feature_cache`, the target's features for `rows` (training and held-out), once."""
+        if self.settings.feature_cache:
+            self.cache = build_or_load(self.target, rows, self.feature_layers, self.settings.max_seq_len,
+                                       self.tokenizer.pad_token_id, out_dir / "features")
 
     def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
         return FeatureTraining(model, self.loss.unroll)
@@ -119,7 +141,7 @@ class FeatureObjective:
         model = engine.module.drafter if hasattr(engine.module, "drafter") else engine.module
         steps, read = feature_batch(engine.forward, self.target, model, micro, self.tokenizer.pad_token_id,
                                     self.settings.max_seq_len, self.loss.feature_noise, self.loss.unroll,
-                                    self.settings.train_on == "all")
+                                    self.settings.train_on == "all", cache=self.cache)
         total, parts = self.loss.unrolled(steps)
         return total, parts, int(steps[0][-1].sum()), read
 
@@ -131,7 +153,8 @@ class FeatureObjective:
         module = FeatureTraining(model, 1, compact=False)
         for start in range(0, len(rows), batch_size):
             steps, _ = feature_batch(module, self.target, model, rows[start: start + batch_size],
-                                     self.tokenizer.pad_token_id, self.settings.max_seq_len, compact=False)
+                                     self.tokenizer.pad_token_id, self.settings.max_seq_len, compact=False,
+                                     cache=self.cache)
             _, _, student, teacher, _, mask, _ = steps[0]
             n = int(mask.sum())
             total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool))) * n
@@ -149,4 +172,5 @@ class FeatureObjective:
                 "feature_layers": list(model.spec.feature_layers or []) or "last",
                 "draft_vocab_size": model.spec.draft_vocab_size, "unroll": self.loss.unroll,
                 "aligned_fraction": self.loss.aligned_fraction, "loss_terms": sorted(self.loss.terms),
-                "teacher": "online", "train_on": self.settings.train_on}
+                "teacher": "online", "train_on": self.settings.train_on,
+                "feature_cache": self.settings.feature_cache}

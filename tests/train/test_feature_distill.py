@@ -178,3 +178,39 @@ def test_bad_eagle3_settings_name_their_key(tiny_target):
         build_feature_drafter(EAGLE3, tiny_target.model)
     with pytest.raises(ValueError, match="loss.unroll=0"):
         FeatureLoss(unroll=0)
+
+
+@pytest.mark.parametrize("spec", [FeatureDrafterSpec(), EAGLE3], ids=["eagle", "eagle3"])
+def test_the_feature_cache_trains_as_the_target_in_the_loop_does(tiny_target, records_dir, tmp_path, spec):
+    """distill.feature_cache: one prefill stores the target's side; training from it follows the online run up to
+    fp16 rounding of the stored features, and a matching cache is reused, not recomputed."""
+    loss = FeatureLoss(feature_weight=0.0, token_weight=1.0, unroll=2) if spec.draft_vocab_size else FeatureLoss()
+    _, online, online_curve = run(tiny_target, records_dir, tmp_path / "online", loss=loss, spec=spec, epochs=2)
+    _, cached, cached_curve = run(tiny_target, records_dir, tmp_path / "cached", loss=loss, spec=spec, epochs=2,
+                                  feature_cache=True)
+    assert cached["feature_cache"] and not online["feature_cache"]
+    assert [e["loss"] for e in cached_curve] == pytest.approx([e["loss"] for e in online_curve], rel=2e-2)
+    assert cached["best_acceptance_proxy"] == pytest.approx(online["best_acceptance_proxy"], abs=2e-2)
+    manifest = tmp_path / "cached" / "features" / "manifest.json"
+    made = json.loads(manifest.read_text())
+    assert made["records"] == len(read_rows(records_dir, "online")) and made["layers"] == list(spec.feature_layers or [])
+    stamp = manifest.stat().st_mtime_ns
+    run(tiny_target, records_dir, tmp_path / "cached", loss=loss, spec=spec, epochs=2, feature_cache=True)
+    assert manifest.stat().st_mtime_ns == stamp  # reused
+
+
+def test_the_feature_cache_checks_the_disk_first_and_discards_a_partial_one(tiny_target, records_dir, tmp_path,
+                                                                           monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    partial = tmp_path / "features.partial"
+    partial.mkdir()
+    (partial / "shard-00000.safetensors").write_bytes(b"cut off by kill -9")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 10))
+    with pytest.raises(OSError, match="estimated disk use .* Not enough space.*distill.feature_cache=false"):
+        run(tiny_target, records_dir, tmp_path, feature_cache=True)
+    monkeypatch.undo()
+    run(tiny_target, records_dir, tmp_path, feature_cache=True, epochs=1)
+    assert not partial.exists() and (tmp_path / "features" / "manifest.json").exists()

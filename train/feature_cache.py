@@ -1,0 +1,147 @@
+"""The target's features for a feature drafter's training, computed once and stored (`distill.feature_cache=true`).
+
+    python train/run.py +experiment=quickstart drafter=eagle3 loss=eagle3 distill.feature_cache=true
+
+A feature drafter learns from the frozen target's hidden states. With the cache, one batched prefill (inference
+mode, length-sorted batches) runs the target over every training and held-out record once and keeps, per token,
+what the drafter's training reads: the fused input features (the drafter's `feature_layers`, or the last hidden
+state), the last hidden state (the teacher distribution is the target's head applied to it) and the teacher's
+top-1 token (which positions a draft vocabulary can score), in fp16/int32 safetensors shards under
+`distill/features/`. Every epoch then reads them instead of running the target, so epochs cost only the drafter.
+The disk needed is printed, and checked against free space, before the prefill starts; a run killed while
+writing leaves `features.partial/`, which the next run discards; a finished cache whose fingerprint (records,
+layers, lengths, target) matches is reused. fp16 rounding of the stored features is the only difference from
+the online teacher.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from data_gen.generate import human_bytes
+from infra import distributed
+from models.cache import captured_layers
+from train.rows import Row
+
+SHARD_ROWS = 256
+MANIFEST = "manifest.json"
+
+
+def bytes_needed(rows: list[Row], max_seq_len: int, hidden: int, layers: int) -> int:
+    tokens = sum(min(len(row.input_ids), max_seq_len) for row in rows)
+    return tokens * (2 * hidden * (layers + 1 if layers else 1) + 4)
+
+
+class FeatureCache:
+    """Per record id: fused features [T, k·d] fp16, last hidden states [T, d] fp16, teacher top-1 [T] int32."""
+
+    def __init__(self, entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        self.entries = entries
+
+    def __contains__(self, row_id: str) -> bool:
+        return row_id in self.entries
+
+    def batch(self, rows: list[Row], max_seq_len: int, device: torch.device):
+        """(fused, last, top1) right-padded to the batch's width, as `train.rows.collate` pads the tokens."""
+        width = max(min(len(row.input_ids), max_seq_len) for row in rows)
+        first = self.entries[rows[0].id]
+        fused = torch.zeros(len(rows), width, first[0].shape[-1])
+        last = torch.zeros(len(rows), width, first[1].shape[-1])
+        top1 = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, row in enumerate(rows):
+            f, h, a = self.entries[row.id]
+            fused[b, : len(f)], last[b, : len(h)], top1[b, : len(a)] = f.float(), h.float(), a.long()
+        return fused.to(device), last.to(device), top1.to(device)
+
+
+def fingerprint(rows: list[Row], layers: tuple[int, ...] | None, max_seq_len: int, target: PreTrainedModel) -> str:
+    digest = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: r.id):
+        digest.update(row.id.encode())
+        digest.update(str(row.input_ids[:max_seq_len]).encode())
+    digest.update(json.dumps([list(layers or []), max_seq_len, target.config.to_diff_dict()], sort_keys=True,
+                             default=str).encode())
+    return digest.hexdigest()
+
+
+def build_or_load(target: PreTrainedModel, rows: list[Row], layers: tuple[int, ...] | None, max_seq_len: int,
+                  pad_id: int, folder: Path, batch_size: int = 8, headroom: float = 0.05) -> FeatureCache:
+    """The cache for `rows` in `folder` (made by the main process; the others wait, then read it)."""
+    expected = fingerprint(rows, layers, max_seq_len, target)
+    if distributed.is_main():
+        manifest = folder / MANIFEST
+        if not (manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == expected):
+            _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, headroom, expected)
+        else:
+            print(f"[distill] feature cache: reusing {folder}", flush=True)
+    distributed.barrier()
+    return _load(folder)
+
+
+def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, headroom, expected) -> None:
+    from train.rows import collate
+
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.mkdir(parents=True)
+    hidden = target.config.hidden_size
+    needed = bytes_needed(rows, max_seq_len, hidden, len(layers or ()))
+    free = shutil.disk_usage(partial).free
+    line = (f"feature cache: {len(rows)} records, estimated disk use {human_bytes(needed)} (fp16 features of "
+            f"{len(layers) if layers else 'the last'} layer(s) + last hidden state); free on {partial}: "
+            f"{human_bytes(free)}")
+    if needed > free * (1 - headroom):
+        raise OSError(f"{line}. Not enough space: free some, lower distill.max_seq_len or the number of records, "
+                      f"or set distill.feature_cache=false (the target then runs in the loop)")
+    print(f"[distill] {line}", flush=True)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    started, shard, shard_index, tokens = time.perf_counter(), {}, 0, 0
+    head = target.get_output_embeddings()
+    with torch.inference_mode(), captured_layers(target, layers) as captured:
+        for start in tqdm(range(0, len(order), batch_size), desc="feature cache (target prefill)", unit="batch"):
+            chunk = [rows[i] for i in order[start: start + batch_size]]
+            input_ids, attention, _, _ = collate(chunk, pad_id, max_seq_len, target.device)
+            last = target.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            fused = last if captured[0] is None else captured[0]
+            top1 = head(last).argmax(-1)
+            for b, row in enumerate(chunk):
+                n = int(attention[b].sum())
+                key = str(len(shard))
+                if layers:  # else the fused features are the last hidden state: stored once
+                    shard[f"{key}.fused"] = fused[b, :n].half().cpu().contiguous()
+                shard[f"{key}.last"] = last[b, :n].half().cpu().contiguous()
+                shard[f"{key}.top1"] = top1[b, :n].int().cpu().contiguous()
+                shard[f"{key}.id"] = torch.tensor(list(row.id.encode()), dtype=torch.uint8)
+                tokens += n
+                if len(shard) // (4 if layers else 3) == SHARD_ROWS:
+                    save_file(shard, str(partial / f"shard-{shard_index:05d}.safetensors"))
+                    shard, shard_index = {}, shard_index + 1
+    if shard:
+        save_file(shard, str(partial / f"shard-{shard_index:05d}.safetensors"))
+    seconds = time.perf_counter() - started
+    (partial / MANIFEST).write_text(json.dumps({"fingerprint": expected, "records": len(rows), "tokens": tokens,
+                                                "layers": list(layers or []), "seconds": round(seconds, 1),
+                                                "tokens_per_s": round(tokens / max(seconds, 1e-9))}, indent=2))
+    partial.rename(folder)
+    print(f"[distill] feature cache: {tokens:,} tokens in {seconds:.0f} s ({tokens / max(seconds, 1e-9):.0f} "
+          f"tokens/s) -> {folder}", flush=True)
+
+
+def _load(folder: Path) -> FeatureCache:
+    entries = {}
+    for path in sorted(folder.glob("shard-*.safetensors")):
+        shard = load_file(str(path))
+        for key in {name.split(".")[0] for name in shard}:
+            row_id = bytes(shard[f"{key}.id"].tolist()).decode()
+            last = shard[f"{key}.last"]
+            entries[row_id] = (shard.get(f"{key}.fused", last), last, shard[f"{key}.top1"])
+    return FeatureCache(entries)
