@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data_gen.backends import HFBackend, Request
-from data_gen.chat import end_of_turn_ids
+from data_gen.chat import chat_token_ids, end_of_turn_ids
 from data_gen.shards import load_records
+from data_gen.sources import PromptSourceSpec, load_conversations
 from infra import distributed
 from infra.stage import StageRun
 from infra.tracking import Tracker
@@ -81,6 +82,7 @@ class DistillSettings:
     teacher: str = "online"           # online: frozen target forward | offline: data_gen's top-k log-probs
     train_on: str = "answers"         # which next tokens are scored: the answers, or all (prompts too)
     feature_cache: bool = False       # feature drafters: the target's features computed once, stored (fp16)
+    corpus_records: int = 0           # more training rows: this many conversations of `corpus`, every token scored
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
     log_every: int = 5
     checkpoint_every: int = 0         # full resumable state every N steps (0: none)
@@ -263,7 +265,8 @@ def objective_for(kind, target: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
             loss: LossMix | FeatureLoss, settings: DistillSettings, out_dir: Path, tracker: Tracker,
             deepspeed: DeepSpeedSettings = DeepSpeedSettings(), resume: str = "auto",
-            stop_ids: list[int] | None = None, provenance: dict | None = None) -> dict:
+            stop_ids: list[int] | None = None, provenance: dict | None = None,
+            extra_rows: list[Row] | None = None) -> dict:
     """Train `drafter` (any kind) against `target`; write `model/` (selected), `last/`, `curve.jsonl` and
     checkpoints (each with `provenance`)."""
     kind = kind_of(drafter)
@@ -276,6 +279,9 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
     if settings.batch_size % (world * settings.accumulation):
         raise ValueError(f"distill.batch_size={settings.batch_size} must divide by processes ({world}) × "
                          f"accumulation ({settings.accumulation})")
+    if extra_rows and (settings.teacher == "offline" or settings.on_policy.ratio > 0):
+        raise ValueError("distill.corpus_records > 0 adds corpus text without top-k log-probabilities or prompts to "
+                         "answer: it needs distill.teacher=online and distill.on_policy.ratio=0")
     if (settings.on_policy.ratio > 0 or settings.select == "decoder") and not stop_ids:
         raise ValueError("distill.on_policy and distill.select=decoder need the target's end-of-turn ids (stop_ids)")
     if settings.select == "decoder" and deepspeed.enabled and deepspeed.stage == 3:
@@ -283,6 +289,7 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
                          "use select=proxy, or ZeRO 0-2")
     torch.manual_seed(settings.seed + 7919 * distributed.rank())  # ranks draw independent noise, rank 0 as alone
     train_rows, heldout = split_heldout(read_rows(data_dir, settings.teacher), settings.heldout_records)
+    train_rows += extra_rows or []  # corpus rows train; the held-out rows stay the target's own answers
     steps_per_epoch, total_steps = count_steps(train_rows, settings.batch_size, settings.epochs, settings.max_steps)
     objective.prepare_rows(train_rows + heldout, out_dir)
     if settings.lora is not None:
@@ -394,20 +401,49 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
             "lora": settings.lora is not None, "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}
 
 
+def corpus_rows(tokenizer: PreTrainedTokenizerBase, corpus: PromptSourceSpec, cache_dir: Path, count: int,
+                max_seq_len: int) -> tuple[list[Row], dict]:
+    """`count` conversations of `corpus` in the chat template (plain text: text + end of sequence), cut at
+    max_seq_len, every next token scored; and the source's report (what was read and skipped)."""
+    conversations, report = load_conversations(corpus, cache_dir)
+    rows = []
+    for conversation in conversations[:count]:
+        if conversation.messages[0]["role"] == "text":
+            ids = tokenizer(conversation.messages[0]["content"], add_special_tokens=False)["input_ids"]
+            ids = ids + [tokenizer.eos_token_id]
+        else:
+            ids = chat_token_ids(tokenizer, conversation.messages)
+        ids = ids[:max_seq_len]
+        if len(ids) >= 3:
+            rows.append(Row(id=f"corpus:{conversation.id}", input_ids=ids, loss_mask=[0] + [1] * (len(ids) - 1),
+                            prompt_ids=ids[:1]))
+    if len(rows) < count:
+        print(f"[distill] corpus {corpus.name}: {len(rows)} conversations of the {count} asked for "
+              f"(distill.corpus_records) are available", flush=True)
+    return rows, report.as_dict()
+
+
 def run_stage(run: StageRun, settings: DistillSettings, drafter: DrafterSpec | FeatureDrafterSpec,
-              loss: LossMix | FeatureLoss, deepspeed: DeepSpeedSettings) -> dict:
+              loss: LossMix | FeatureLoss, deepspeed: DeepSpeedSettings, corpus: PromptSourceSpec) -> dict:
     """Stage `distill`: the drafter (`init_from`, this run's pretrain output, or a fresh one) trained towards the
-    target on this run's data_gen records, into `run.out_dir`."""
+    target on this run's data_gen records (and `distill.corpus_records` conversations of `corpus`), into
+    `run.out_dir`."""
     target, kind = run.target(), kind_of_spec(drafter)
     data = run.require("data_gen")
+    extra, corpus_report = [], None
+    if settings.corpus_records:
+        extra, corpus_report = corpus_rows(target.tokenizer, corpus, run.cache_dir, settings.corpus_records,
+                                           settings.max_seq_len)
     pretrained = run.output("pretrain") if kind.pretrainable else None
     if settings.init_from or pretrained:
         start = Path(settings.init_from) if settings.init_from else pretrained / "model"
         model = kind.load(start, target)
     else:
         answers = load_records(data).select_columns(["response_ids"])["response_ids"]
-        start, model = "fresh", kind.build(drafter, target, token_lists=answers)
+        start, model = "fresh", kind.build(drafter, target, token_lists=answers + [row.input_ids for row in extra])
     stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
     summary = distill(model, target.model, target.tokenizer, data, loss, settings, run.out_dir, run.tracker,
-                      deepspeed=deepspeed, resume=run.resume, stop_ids=stop_ids, provenance=run.provenance)
-    return summary | {"init_from": str(start)}
+                      deepspeed=deepspeed, resume=run.resume, stop_ids=stop_ids, provenance=run.provenance,
+                      extra_rows=extra)
+    return summary | {"init_from": str(start), "corpus_records": len(extra),
+                      **({"corpus": corpus_report} if corpus_report else {})}

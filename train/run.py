@@ -47,7 +47,7 @@ class Stage:
 STAGES = {
     "data_gen": Stage(data_gen.generate.run_stage, ("target", "data", "data_gen"), ()),
     "pretrain": Stage(train.pretrain.run_stage, ("target", "drafter", "corpus", "pretrain", "deepspeed"), ()),
-    "distill": Stage(train.distill.run_stage, ("target", "drafter", "distill", "loss", "deepspeed"),
+    "distill": Stage(train.distill.run_stage, ("target", "drafter", "distill", "loss", "deepspeed", "corpus"),
                      ("data_gen", "pretrain")),
     "eval": Stage(eval.speculative.run_stage, ("target", "drafter", "eval_data", "eval"), ("pretrain", "distill")),
     "export": Stage(models.export.run_stage, ("target", "export"), ("eval", "pretrain", "distill")),

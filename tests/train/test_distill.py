@@ -27,13 +27,13 @@ LOSS_CONFIGS = [path for path in sorted((Path(__file__).resolve().parents[2] / "
 FKL = LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})
 
 
-def run(tiny_target, records_dir, out, loss=FKL, **overrides):
+def run(tiny_target, records_dir, out, loss=FKL, extra_rows=None, **overrides):
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
     settings = DistillSettings(**{"epochs": 4, "batch_size": 2, "heldout_records": 2, "log_every": 1,
                                   "optim": OptimSettings(lr=1e-2, warmup_steps=2)} | overrides)
     drafter = build_drafter(SPEC, model, tokenizer)
     summary = distill(drafter, model, tokenizer, records_dir, loss, settings, out, quiet_tracker(out),
-                      stop_ids=[tokenizer.eos_token_id])
+                      stop_ids=[tokenizer.eos_token_id], extra_rows=extra_rows)
     curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
     return summary, curve
 
@@ -208,3 +208,27 @@ def test_tracker_gets_every_loss_term_rate_norm_throughput_memory_and_proxy(tiny
                     "distill/tokens_per_s", "distill/loss_tokens_per_s", "distill/peak_memory_mib",
                     "distill/acceptance_proxy"}
     assert all(entry["distill/peak_memory_mib"] > 0 for entry in tracker.history if "distill/peak_memory_mib" in entry)
+
+
+def test_corpus_rows_score_every_token_and_join_training_only(tiny_target, records_dir, tmp_path):
+    """distill.corpus_records: conversations of the corpus group become training rows (every next token scored),
+    the held-out rows stay data_gen's; too few documents are reported, not silently accepted."""
+    from data_gen.sources import PromptSourceSpec
+    from train.distill import corpus_rows
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(f'{{"text": "document {i}: the quick brown fox"}}\n' for i in range(5)))
+    spec = PromptSourceSpec(name="texts", format="text", location=str(folder))
+    tokenizer = tiny_target.tokenizer
+    rows, report = corpus_rows(tokenizer, spec, tmp_path / "cache", 3, 16)
+    assert len({row.id for row in rows}) == 3 and all(row.id.startswith("corpus:") for row in rows)
+    assert all(len(row.input_ids) == 16 and row.loss_mask == [0] + [1] * 15 for row in rows)
+    assert report["kept"] == 5
+    few, _ = corpus_rows(tokenizer, spec, tmp_path / "cache", 9, 16)
+    assert len(few) == 5
+    summary, _ = run(tiny_target, records_dir, tmp_path / "out", extra_rows=rows)
+    assert summary["records"] == len(read_rows(records_dir, "online")) - 2 + 3 and summary["heldout_records"] == 2
+    with pytest.raises(ValueError, match="corpus_records > 0 .* distill.teacher=online and distill.on_policy.ratio=0"):
+        run(tiny_target, records_dir, tmp_path / "bad", extra_rows=rows,
+            on_policy=OnPolicySettings(ratio=0.5))
