@@ -214,3 +214,18 @@ def test_the_feature_cache_checks_the_disk_first_and_discards_a_partial_one(tiny
     monkeypatch.undo()
     run(tiny_target, records_dir, tmp_path, feature_cache=True, epochs=1)
     assert not partial.exists() and (tmp_path / "features" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("tree", [(), (2, 2)], ids=["chain", "tree"])
+def test_an_eagle3_drafter_decodes_losslessly_in_chains_and_trees_and_batches(tiny_target, records_dir, tree):
+    from eval.decoder import DecodeSettings, plain_generate, speculative_generate
+
+    target = tiny_target.model
+    answers = [row.input_ids for row in read_rows(records_dir, "online")]
+    drafter = build_feature_drafter(EAGLE3, target, answers).eval()
+    prompts = [row.prompt_ids for row in read_rows(records_dir, "online")[:3]]
+    settings = DecodeSettings(gamma=3, tree=tree, max_new_tokens=16, batch_size=3)
+    expected = plain_generate(target, prompts, settings, stop_ids=[])
+    generations = speculative_generate(target, FeatureDraft(drafter, target), prompts, settings, stop_ids=[])
+    assert [g.tokens for g in generations] == expected
+    assert sum(g.stats.drafted for g in generations) > 0

@@ -1,0 +1,86 @@
+"""Recipe table on the real target: drafter kind × initialisation × loss × training data → τ, acceptance per
+position, wall speedup and training time, on the same held-out MT-Bench prompts, the training-free rows included.
+
+    python bench/recipes.py                                  # every recipe below, quickstart data and eval
+    python bench/recipes.py --recipes standalone eagle3 --corpus-records 400 -- distill.epochs=4
+
+One data_gen output (the experiment's) is shared; each recipe is the pipeline's own stages (`train/run.py`) in a
+run folder of its own, with that data copied in, so every drafter learns from identical records. One eval run then
+decodes every drafter and the training-free baselines side by side (same prompts, same process, same γ). Printed
+at the end: the eval's `report.md` and a training table (tokens scored, seconds, best acceptance proxy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# name -> (stages after data_gen, overrides, what it is: kind / initialisation / loss / data)
+RECIPES = {
+    "standalone": (["pretrain", "distill"], [],
+                   "token 11M / pretrained on ShareGPT, target embeddings / FKL / answers"),
+    "eagle": (["distill"], ["drafter=eagle", "loss=eagle"],
+              "feature (last layer, target head) / random / SmoothL1 + 0.1·FKL / answers"),
+    "eagle3": (["distill"], ["drafter=eagle3", "loss=eagle3", "distill.train_on=all", "distill.feature_cache=true",
+                             "distill.batch_size=4", "distill.optim.lr=1e-3"],
+               "feature (layers 2,15,27, 8k head) / target head rows / FKL, unroll 3 / all tokens"),
+    "eagle3_corpus": (["distill"], ["drafter=eagle3", "loss=eagle3", "distill.train_on=all",
+                                    "distill.feature_cache=true", "distill.batch_size=4", "distill.optim.lr=1e-3",
+                                    "distill.corpus_records={corpus_records}"],
+                      "as eagle3 / + {corpus_records} ShareGPT conversations"),
+}
+
+
+def run(args: list[str]) -> float:
+    command = [sys.executable, "train/run.py", *args]
+    print("$", " ".join(command), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    seconds = time.perf_counter() - started
+    print(f"  ({seconds:.0f} s)", flush=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="quickstart")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--corpus-records", type=int, default=400)
+    parser.add_argument("--eval-prompts", type=int, default=8, help="MT-Bench conversations (both turns decoded)")
+    parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every recipe (after --)")
+    options = parser.parse_args()
+    common = [f"+experiment={options.experiment}", f"runs_root={options.runs_root}", "logger=none"]
+    root = REPO_ROOT / options.runs_root / options.experiment
+    run([*common, "run_name=recipe_data", "stages=[data_gen]"])
+    drafters, rows = {}, []
+    for name in options.recipes:
+        stages, overrides, what = RECIPES[name]
+        overrides = [o.format(corpus_records=options.corpus_records) for o in overrides]
+        folder = f"recipe_{name}"
+        if not (root / folder / "data_gen").exists():
+            shutil.copytree(root / "recipe_data" / "data_gen", root / folder / "data_gen")
+        seconds = run([*common, f"run_name={folder}", f"stages=[{','.join(stages)}]", *overrides, *options.overrides])
+        drafters[name] = root / folder / "distill" / "model"
+        summary = json.loads((root / folder / "distill" / "meta.json").read_text())["summary"]
+        rows.append((name, what.format(corpus_records=options.corpus_records), summary, seconds))
+    if not (root / "recipe_eval" / "data_gen").exists():  # the n-gram baseline's table comes from it
+        shutil.copytree(root / "recipe_data" / "data_gen", root / "recipe_eval" / "data_gen")
+    run([*common, "run_name=recipe_eval", "stages=[eval]", f"eval_data.limit={options.eval_prompts}",
+         "eval.include_untrained=false", *[f"+eval.drafters.{name}={path}" for name, path in drafters.items()]])
+    print((root / "recipe_eval" / "eval" / "report.md").read_text())
+    print("| recipe | kind / initialisation / loss / data | tokens scored | training s (all its stages) | "
+          "best acceptance proxy |")
+    print("|---|---|---|---|---|")
+    for name, what, summary, seconds in rows:
+        print(f"| {name} | {what} | {summary['loss_tokens_this_run']:,} | {seconds:.0f} | "
+              f"{summary['best_acceptance_proxy']} |")
+
+
+if __name__ == "__main__":
+    main()
