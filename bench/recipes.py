@@ -36,14 +36,12 @@ RECIPES = {
 }
 
 
-def run(args: list[str]) -> float:
+def run(args: list[str]) -> None:
     command = [sys.executable, "train/run.py", *args]
     print("$", " ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO_ROOT, check=True)
-    seconds = time.perf_counter() - started
-    print(f"  ({seconds:.0f} s)", flush=True)
-    return seconds
+    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def main() -> None:
@@ -65,16 +63,19 @@ def main() -> None:
         folder = f"recipe_{name}"
         if not (root / folder / "data_gen").exists():
             shutil.copytree(root / "recipe_data" / "data_gen", root / folder / "data_gen")
-        seconds = run([*common, f"run_name={folder}", f"stages=[{','.join(stages)}]", *overrides, *options.overrides])
+        run([*common, f"run_name={folder}", f"stages=[{','.join(stages)}]", *overrides, *options.overrides])
         drafters[name] = root / folder / "distill" / "model"
-        summary = json.loads((root / folder / "distill" / "meta.json").read_text())["summary"]
-        rows.append((name, what.format(corpus_records=options.corpus_records), summary, seconds))
+        summaries = {stage: json.loads((root / folder / stage / "meta.json").read_text())["summary"]
+                     for stage in stages}
+        seconds = sum(summary.get("seconds", 0.0) + summary.get("prepare_seconds", 0.0)  # the stages' own clocks,
+                      for summary in summaries.values())                            # a feature cache's prefill too
+        rows.append((name, what.format(corpus_records=options.corpus_records), summaries["distill"], seconds))
     if not (root / "recipe_eval" / "data_gen").exists():  # the n-gram baseline's table comes from it
         shutil.copytree(root / "recipe_data" / "data_gen", root / "recipe_eval" / "data_gen")
     run([*common, "run_name=recipe_eval", "stages=[eval]", f"eval_data.limit={options.eval_prompts}",
          "eval.include_untrained=false", *[f"+eval.drafters.{name}={path}" for name, path in drafters.items()]])
     print((root / "recipe_eval" / "eval" / "report.md").read_text())
-    print("| recipe | kind / initialisation / loss / data | tokens scored | training s (all its stages) | "
+    print("| recipe | kind / initialisation / loss / data | tokens scored | training s (its stages' own clocks) | "
           "best acceptance proxy |")
     print("|---|---|---|---|---|")
     for name, what, summary, seconds in rows:

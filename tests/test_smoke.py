@@ -129,16 +129,26 @@ def test_on_policy_data_from_the_pipelines_own_drafter(smoke_run):
     assert meta["settings"]["data_gen"]["on_policy_drafter"] == str(drafter)
 
 
-def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_run):
-    """EAGLE end to end: distill on the run's data, then the eval stage decodes with it (reading the target's
+EAGLE3 = ["drafter=eagle3", "drafter.feature_layers=[0,1]", "drafter.draft_vocab_size=64", "loss=eagle3",
+          "loss.unroll=2", "distill.train_on=all", "distill.feature_cache=true", "distill.corpus_records=4"]
+
+
+@pytest.mark.parametrize("name, overrides", [("eagle", ["drafter=eagle", "loss=eagle"]), ("eagle3", EAGLE3)],
+                         ids=["eagle", "eagle3"])
+def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_run, name, overrides):
+    """EAGLE end to end (and EAGLE-3 with fused layers, a draft vocabulary, the training-time test, the feature
+    cache and corpus rows): distill on the run's data, then the eval stage decodes with it (reading the target's
     features) and checks every output against plain decoding; the held-out check sees the same data_gen."""
     tmp_path, _ = smoke_run
     default = tmp_path / "runs" / "smoke" / "default"
-    eagle = tmp_path / "runs" / "smoke" / "eagle"
+    eagle = tmp_path / "runs" / "smoke" / name
     eagle.mkdir(parents=True)
     (eagle / "data_gen").symlink_to(default / "data_gen", target_is_directory=True)
-    run_cli(tmp_path, "logger=none", "run_name=eagle", "stages=[distill,eval]", "drafter=eagle", "loss=eagle",
-            "eval.tree=[2,2]")
+    run_cli(tmp_path, "logger=none", f"run_name={name}", "stages=[distill,eval]", *overrides, "eval.tree=[2,2]")
+    summary = json.loads((eagle / "distill" / "meta.json").read_text())["summary"]
+    if name == "eagle3":
+        assert summary["corpus_records"] == 4 and summary["feature_cache"] and summary["unroll"] == 2
+        assert (eagle / "distill" / "features" / "manifest.json").exists()
     report = json.loads((eagle / "eval" / "report.json").read_text())
     assert set(report["drafters"]) == {"untrained", "distilled", *report["baselines"]} and report["baselines"]
     assert all(m["lossless"] is True for m in report["drafters"].values())  # trees: baselines included

@@ -291,7 +291,9 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
     train_rows, heldout = split_heldout(read_rows(data_dir, settings.teacher), settings.heldout_records)
     train_rows += extra_rows or []  # corpus rows train; the held-out rows stay the target's own answers
     steps_per_epoch, total_steps = count_steps(train_rows, settings.batch_size, settings.epochs, settings.max_steps)
-    objective.prepare_rows(train_rows + heldout, out_dir)
+    preparing = time.perf_counter()
+    objective.prepare_rows(train_rows + heldout, out_dir)  # e.g. the feature cache's one target prefill
+    prepare_seconds = time.perf_counter() - preparing
     if settings.lora is not None:
         drafter = apply_lora(drafter, settings.lora, kind.lora_task)
     micro_batch = settings.batch_size // (world * settings.accumulation)
@@ -397,6 +399,7 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
             "best_step": best["step"], "best_acceptance_proxy": round(best["proxy"], 4),
             **({"best_block_efficiency": round(best["score"], 4)} if settings.select == "decoder" else {}),
             "acceptance_proxy": history, "loss_tokens_this_run": loss_tokens, "seconds": round(elapsed, 1),
+            "prepare_seconds": round(prepare_seconds, 1),
             "loss_tokens_per_s": round(loss_tokens / max(elapsed, 1e-9)), "processes": world,
             "lora": settings.lora is not None, "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}
 
@@ -440,7 +443,8 @@ def run_stage(run: StageRun, settings: DistillSettings, drafter: DrafterSpec | F
         model = kind.load(start, target)
     else:
         answers = load_records(data).select_columns(["response_ids"])["response_ids"]
-        start, model = "fresh", kind.build(drafter, target, token_lists=answers + [row.input_ids for row in extra])
+        token_lists = list(answers) + [row.input_ids for row in extra]  # what a draft vocabulary is counted on
+        start, model = "fresh", kind.build(drafter, target, token_lists=token_lists)
     stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
     summary = distill(model, target.model, target.tokenizer, data, loss, settings, run.out_dir, run.tracker,
                       deepspeed=deepspeed, resume=run.resume, stop_ids=stop_ids, provenance=run.provenance,
