@@ -398,8 +398,15 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
     check_held_out(conversations, run.output("data_gen"))
     drafters, paths = {}, {}
     if settings.include_untrained:
-        drafters["untrained"] = kind_of_spec(drafter).build(drafter, target).eval()
-        paths["untrained"] = "built from conf/drafter (no training)"
+        data_gen_dir = run.output("data_gen")
+        if getattr(drafter, "draft_vocab_size", None) and data_gen_dir is None:  # nothing to count a vocabulary on
+            paths["untrained"] = "skipped: a draft vocabulary is counted on data_gen's answers; this run has none"
+            print(f"[eval] untrained drafter {paths['untrained']}", flush=True)
+        else:
+            answers = (list(load_records(data_gen_dir).select_columns(["response_ids"])["response_ids"])
+                       if data_gen_dir is not None else None)
+            drafters["untrained"] = kind_of_spec(drafter).build(drafter, target, token_lists=answers).eval()
+            paths["untrained"] = "built from conf/drafter (no training)"
     candidates = {name: run.output(stage) for name, stage in (("pretrained", "pretrain"), ("distilled", "distill"))}
     candidates = {name: path / "model" for name, path in candidates.items() if path is not None}
     candidates |= {name: Path(path) for name, path in settings.drafters.items()}

@@ -58,7 +58,8 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
                   max_seq_len: int, noise: float = 0.0, steps: int = 1, every_position: bool = False,
                   compact: bool = True, cache: FeatureCache | None = None):
     """Per unrolled step j: (predicted features, target features, drafter logits, teacher logits, draft labels,
-    mask), the first two [B, T-1, d] and the mask [B, T-1]: index t holds the (j+1)-th draft's prediction of the
+    mask, keep), the first two [B, T-1, d], the mask [B, T-1] and keep [1, N] (the positions the token term
+    scores): index t holds the (j+1)-th draft's prediction of the
     token x_{t+2} (step 0: of f_{t+1}); and the tokens read. `forward` is the training module's forward (or the
     engine's); logits are [1, N, V'] over the mask's N positions, V' the draft vocabulary where the drafter has
     one and `compact` (the teacher restricted to it, positions whose label or teacher choice falls outside it
