@@ -13,21 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.pipeline import run  # noqa: E402
+
 LOSSES = ["ce", "fkl", "rkl", "jsd", "tvd", "tvdpp"]
-
-
-def run(args: list[str]) -> None:
-    command = [sys.executable, "train/run.py", *args]
-    print("$", " ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
-    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def main() -> None:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.pipeline import run  # noqa: E402
+
 # name -> (stages after data_gen, overrides, what it is: kind / initialisation / loss / data)
 RECIPES = {
     "standalone": (["pretrain", "distill"], [],
@@ -34,14 +36,6 @@ RECIPES = {
                                     "distill.corpus_records={corpus_records}"],
                       "as eagle3 / + {corpus_records} ShareGPT conversations"),
 }
-
-
-def run(args: list[str]) -> None:
-    command = [sys.executable, "train/run.py", *args]
-    print("$", " ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
-    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def main() -> None:
