@@ -88,3 +88,11 @@ def assistant_token_mask(tokenizer: PreTrainedTokenizerBase, messages: list[dict
             if ids[i] in stop_ids:
                 break
     return ids, mask
+
+
+def document_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """A corpus document's token ids: plain text (one message of role "text", `corpus.format=text`) then the end of
+    sequence, or a conversation in the chat template."""
+    if messages[0]["role"] == "text":
+        return tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return chat_token_ids(tokenizer, messages)

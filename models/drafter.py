@@ -148,14 +148,18 @@ def use_draft_vocabulary(drafter: LlamaForCausalLM, d2t: torch.Tensor, seed: int
 
 
 def to_draft_vocabulary(teacher_logits: torch.Tensor | None, labels: torch.Tensor, d2t: torch.Tensor,
-                        vocab_size: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+                        vocab_size: int, teacher_top1: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Restrict the teacher to the draft vocabulary (the losses' softmax renormalises it), map labels to draft
-    ids, and keep only positions whose label and whose teacher argmax are both in it (EAGLE-3, METHODS.md §8)."""
+    ids, and keep only positions whose label and whose teacher argmax are both in it (EAGLE-3, METHODS.md §8).
+    With `teacher_top1` (the argmax, known beforehand) the logits given are already over the draft vocabulary."""
     t2d = torch.full((vocab_size,), -1, dtype=torch.long, device=labels.device)
     t2d[d2t] = torch.arange(len(d2t), device=labels.device)
     draft_labels = t2d[labels]
     keep = draft_labels >= 0
-    if teacher_logits is not None:
+    if teacher_top1 is not None:
+        keep &= t2d[teacher_top1] >= 0
+    elif teacher_logits is not None:
         keep &= t2d[teacher_logits.argmax(-1)] >= 0
         teacher_logits = teacher_logits[..., d2t]
     return teacher_logits, draft_labels.clamp_min(0), keep

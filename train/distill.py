@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data_gen.backends import HFBackend, Request
-from data_gen.chat import chat_token_ids, end_of_turn_ids
+from data_gen.chat import document_token_ids, end_of_turn_ids
 from data_gen.shards import load_records
 from data_gen.sources import PromptSourceSpec, load_conversations
 from infra import distributed
@@ -411,12 +411,7 @@ def corpus_rows(tokenizer: PreTrainedTokenizerBase, corpus: PromptSourceSpec, ca
     conversations, report = load_conversations(corpus, cache_dir)
     rows = []
     for conversation in conversations[:count]:
-        if conversation.messages[0]["role"] == "text":
-            ids = tokenizer(conversation.messages[0]["content"], add_special_tokens=False)["input_ids"]
-            ids = ids + [tokenizer.eos_token_id]
-        else:
-            ids = chat_token_ids(tokenizer, conversation.messages)
-        ids = ids[:max_seq_len]
+        ids = document_token_ids(tokenizer, conversation.messages)[:max_seq_len]
         if len(ids) >= 3:
             rows.append(Row(id=f"corpus:{conversation.id}", input_ids=ids, loss_mask=[0] + [1] * (len(ids) - 1),
                             prompt_ids=ids[:1]))

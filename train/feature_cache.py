@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from data_gen.generate import human_bytes
 from infra import distributed
 from models.cache import captured_layers
-from train.rows import Row
+from train.rows import Row, collate
 
 SHARD_ROWS = 256
 MANIFEST = "manifest.json"
@@ -45,9 +45,6 @@ class FeatureCache:
 
     def __init__(self, entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         self.entries = entries
-
-    def __contains__(self, row_id: str) -> bool:
-        return row_id in self.entries
 
     def batch(self, rows: list[Row], max_seq_len: int, device: torch.device):
         """(fused, last, top1) right-padded to the batch's width, as `train.rows.collate` pads the tokens."""
@@ -87,8 +84,6 @@ def build_or_load(target: PreTrainedModel, rows: list[Row], layers: tuple[int, .
 
 
 def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, headroom, expected) -> None:
-    from train.rows import collate
-
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)

@@ -84,8 +84,6 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
     d2t = drafter.head.d2t if drafter.head is not None and compact else None
     vocab_size = target.config.vocab_size
     if d2t is not None and top1 is not None:  # the cache knows the teacher's top-1: its head over d2t suffices
-        in_vocabulary = torch.zeros(vocab_size, dtype=torch.bool, device=d2t.device)
-        in_vocabulary[d2t] = True
         restricted = head.weight[d2t].detach()
     parts = []
     for j, (output, mask) in enumerate(zip(predicted, masks)):
@@ -95,12 +93,12 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
         with torch.no_grad():
             if d2t is not None and top1 is not None:
                 teacher_logits = torch.nn.functional.linear(features[:, 1:][mask], restricted).float().unsqueeze(0)
-                _, draft_labels, keep = to_draft_vocabulary(None, draft_labels, d2t, vocab_size)
-                keep &= in_vocabulary[top1[:, 1:][mask]].unsqueeze(0)
             else:
                 teacher_logits = head(features[:, 1:][mask]).unsqueeze(0)
-        if d2t is not None and top1 is None:
-            teacher_logits, draft_labels, keep = to_draft_vocabulary(teacher_logits, draft_labels, d2t, vocab_size)
+        if d2t is not None:
+            teacher_logits, draft_labels, keep = to_draft_vocabulary(
+                teacher_logits, draft_labels, d2t, vocab_size,
+                None if top1 is None else top1[:, 1:][mask].unsqueeze(0))
         parts.append((output, features[:, 1:], student_logits, teacher_logits, draft_labels, mask, keep))
     return parts, int(attention.sum())
 

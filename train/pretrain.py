@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from data_gen.chat import chat_token_ids
+from data_gen.chat import document_token_ids
 from data_gen.sources import PromptSourceSpec, load_conversations
 from infra import distributed
 from infra.stage import StageRun
@@ -174,11 +174,7 @@ def corpus_documents(tokenizer: PreTrainedTokenizerBase, conversations, settings
     ones), tokenizing only what the step budget will read."""
     needed, documents, tokens = settings.steps * settings.batch_size * settings.seq_len, [], 0
     for conversation in conversations[: settings.max_documents]:
-        if conversation.messages[0]["role"] == "text":  # corpus.format=text: raw text, then end-of-sequence
-            ids = tokenizer(conversation.messages[0]["content"], add_special_tokens=False)["input_ids"]
-            ids = (ids + [tokenizer.eos_token_id])[: 4 * settings.seq_len]
-        else:
-            ids = chat_token_ids(tokenizer, conversation.messages)[: 4 * settings.seq_len]
+        ids = document_token_ids(tokenizer, conversation.messages)[: 4 * settings.seq_len]
         documents.append(ids)
         tokens += len(ids)
         if tokens >= needed:
