@@ -2,13 +2,19 @@
 
 A checkpoint holds the engine's state (weights, optimizer, scheduler: `PlainEngine.save` or DeepSpeed's own
 format), every rank's RNG states, and `state.json` (step, data position, best-so-far selection, the git commit,
-and, given the run's provenance, the resolved config and the target's identity). It is written to `step-N.tmp/` and renamed only when every rank has finished, so a
-folder named `step-N` is always complete; `latest()` ignores anything else. `resume=auto` continues from it.
+and, given the run's provenance, the resolved config and the target's identity). It is written to `step-N.tmp/` and
+renamed only when every rank has finished, so a folder named `step-N` was complete when written; `manifest.json`,
+written last, records the size and sha256 of every file in it. `resume=auto` continues from the newest checkpoint
+that still matches its manifest: one damaged later (a truncated file, a disk error, a file replaced by hand) is
+reported, moved aside to `step-N.damaged/` and skipped, and the next older one is used. Nothing in a checkpoint is
+unpickled before it has matched its manifest (DeepSpeed's own files included), and pickles load with
+`weights_only=True` only.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -17,23 +23,100 @@ import torch
 
 from infra import distributed
 from infra.rundir import git_commit
+from models.assets import sha256_file
 
 RESUME_CHOICES = ("auto", "never")
 
 
+MANIFEST = "manifest.json"
+STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint whose files no longer match the manifest written with them."""
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders under `root` (`step-N`, finished writing), newest first."""
+    found = [p for p in root.glob("step-*") if p.is_dir() and STEP_FOLDER.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)), reverse=True)
+
+
 def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`, if any."""
-    complete = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                and (p / "state.json").exists()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+    """The newest checkpoint under `root` that passes `verify`, if any (damaged ones are skipped, not moved)."""
+    for folder in checkpoints(root):
+        try:
+            verify(folder)
+            return folder
+        except DamagedCheckpointError:
+            continue
+    return None
+
+
+def file_digests(folder: Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under `folder` but the manifest itself."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digests[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return digests
+
+
+def verify(folder: Path) -> dict:
+    """The checkpoint's state.json, once every file matches the manifest (size, then sha256); raise
+    `DamagedCheckpointError` naming the first file that does not, or the missing manifest or state."""
+    manifest_path = folder / MANIFEST
+    try:
+        expected = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise DamagedCheckpointError(f"{manifest_path}: missing or unreadable ({error})") from None
+    for name, want in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpointError(f"{path} is missing")
+        if path.stat().st_size != want["bytes"]:
+            raise DamagedCheckpointError(f"{path} has {path.stat().st_size:,} bytes, {want['bytes']:,} were written")
+        if sha256_file(path) != want["sha256"]:
+            raise DamagedCheckpointError(f"{path} differs from what was written (sha256)")
+    extra = sorted(set(file_digests(folder)) - set(expected))
+    if extra:
+        raise DamagedCheckpointError(f"{folder / extra[0]} was not written with this checkpoint")
+    return json.loads((folder / "state.json").read_text())
+
+
+def newest_good(root: Path, stage: str) -> Path | None:
+    """The newest checkpoint that verifies; each damaged newer one is reported and moved aside to
+    `step-N.damaged/` (kept for inspection), so training resumes from the one before it."""
+    damaged = []
+    for folder in checkpoints(root):
+        try:
+            verify(folder)
+        except DamagedCheckpointError as error:
+            print(f"[{stage}] checkpoint {folder.name} is damaged and skipped: {error}", flush=True)
+            damaged.append(folder)
+            continue
+        break
+    else:
+        folder = None
+    distributed.barrier()  # every rank has looked before the damaged ones move
+    if distributed.is_main():
+        for bad in damaged:
+            aside = bad.with_name(bad.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            bad.rename(aside)
+    distributed.barrier()
+    if folder is None and damaged:
+        raise DamagedCheckpointError(
+            f"every checkpoint under {root} is damaged (moved aside to *.damaged: {[d.name for d in damaged]}); "
+            f"rerun to start this stage over (resume=auto now finds none), or pass resume=never")
+    return folder
 
 
 def resume_or_clear(engine, root: Path, curve_path: Path, resume: str, stage: str, total_steps: int) -> dict:
-    """Start of a training stage: load the newest checkpoint under `root` (resume=auto) and return its state, or
-    clear `root` and return {}; the per-step curve keeps only the steps before the one training restarts from."""
+    """Start of a training stage: load the newest good checkpoint under `root` (resume=auto) and return its state,
+    or clear `root` and return {}; the per-step curve keeps only the steps before the one training restarts from."""
     if resume not in RESUME_CHOICES:
         raise ValueError(f"resume={resume!r} is not one of {RESUME_CHOICES}")
-    found = latest(root) if resume == "auto" else None
+    found = newest_good(root, stage) if resume == "auto" else None
     state = {}
     if found is not None:
         state = load(engine, found)
@@ -80,18 +163,18 @@ def save(engine, root: Path, step: int, state: dict, keep: int, provenance: dict
         payload = state | {"step": step, "world_size": distributed.world_size(), "git_commit": git_commit(),
                            "config": made_by.get("config"), "target": made_by.get("target")}
         (temporary / "state.json").write_text(json.dumps(payload, indent=2, default=str))
+        (temporary / MANIFEST).write_text(json.dumps({"files": file_digests(temporary)}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         temporary.replace(final)
-        complete = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))
-        for old in complete[:-keep] if keep > 0 else []:
+        for old in checkpoints(root)[keep:] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
 
 
 def load(engine, folder: Path) -> dict:
-    """Restore the engine and this rank's RNG from `folder`; returns its state.json."""
-    state = json.loads((folder / "state.json").read_text())
+    """Restore the engine and this rank's RNG from `folder` once it verifies; returns its state.json."""
+    state = verify(folder)
     if state["world_size"] != distributed.world_size():
         raise ValueError(f"{folder} was written by {state['world_size']} processes, this run has "
                          f"{distributed.world_size()}; resume with the same number, or resume=never")

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
 from infra import distributed
+from infra.settings import check_fields
+from models.loading import check_safetensors
 from train.optim import OptimSettings, build_optimizer
 
 STAGES = (0, 1, 2, 3)
@@ -34,6 +37,7 @@ STAGES = (0, 1, 2, 3)
 class DeepSpeedSettings:
     """`conf/deepspeed/*.yaml`. enabled=false trains with plain PyTorch. `config` is a DeepSpeed config; the
     batch sizes, accumulation and clipping are filled in from the stage's own settings so they cannot disagree."""
+    SECTION: ClassVar[str] = "deepspeed"
     enabled: bool = False
     stage: int = 0
     bf16: bool = False
@@ -41,6 +45,7 @@ class DeepSpeedSettings:
     config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.stage not in STAGES:
             raise ValueError(f"deepspeed.stage={self.stage} is not one of {STAGES}")
 
@@ -123,6 +128,7 @@ class PlainEngine:
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_model
 
+        check_safetensors(folder / "model.safetensors")
         load_model(self.module, str(folder / "model.safetensors"), device=str(next(self.module.parameters()).device))
         state = torch.load(folder / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -131,6 +137,10 @@ class PlainEngine:
     def full_parameters(self):
         """Context in which every parameter is whole (a no-op here; ZeRO-3 gathers)."""
         return contextlib.nullcontext()
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file that would need arbitrary code to unpickle."""
 
 
 class DeepSpeedEngine:
@@ -167,8 +177,17 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(folder), tag="deepspeed")
 
     def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        try:
+            with weights_only_loads():
+                path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        except pickle.UnpicklingError as error:
+            reason = next((line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                          str(error).splitlines()[0])
+            raise UnsafeCheckpointError(
+                f"{folder / 'deepspeed'}: refused to unpickle a file holding a type outside DeepSpeed's allow-list "
+                f"(train.engine.DEEPSPEED_PICKLED_TYPES); such a file can run code when loaded. Remove that "
+                f"checkpoint folder, or pass resume=never. ({reason.strip()})") from None
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from")
 
@@ -178,6 +197,34 @@ class DeepSpeedEngine:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+
+# The only non-tensor types DeepSpeed's ZeRO checkpoints pickle (torch.serialization.get_unsafe_globals_in_checkpoint
+# on ZeRO-1/2/3 checkpoints of deepspeed 0.19); anything else in a checkpoint is refused, not run.
+DEEPSPEED_PICKLED_TYPES = (("deepspeed.utils.tensor_fragment", "fragment_address"),
+                           ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                           ("deepspeed.runtime.zero.config", "ZeroStageEnum"))
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every `torch.load` unpickles with `weights_only=True` (DeepSpeed's own calls ask for False), allowing
+    only `DEEPSPEED_PICKLED_TYPES`: a crafted checkpoint cannot run code on resume."""
+    import importlib
+
+    allowed = [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_PICKLED_TYPES]
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals(allowed):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
 
 
 def save_weights(engine: PlainEngine | DeepSpeedEngine, folder: Path,

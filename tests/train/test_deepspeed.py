@@ -31,10 +31,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(runs_root: Path, run_name: str, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+def launch(runs_root: Path, run_name: str, *extra: str, processes: int = 1,
+           torchrun: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, DRAFTSMITH_CACHE=str(runs_root / "cache"), OMP_NUM_THREADS="1")
     prefix = [sys.executable]
-    if processes > 1:
+    if processes > 1 or torchrun:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                   "--master_port", str(free_port())]
     result = subprocess.run([*prefix, "train/run.py", *ARGS, f"runs_root={runs_root}", f"run_name={run_name}",
@@ -114,3 +115,53 @@ def test_two_gpu_zero2_bf16(reference):
            processes=2)
     expected, actual = curve(reference, "single"), curve(reference, name)
     assert [e["loss"] for e in actual] == pytest.approx([e["loss"] for e in expected], rel=5e-2)  # bf16
+
+
+class RunsCode:
+    """A pickle payload: unpickling it runs a shell command (what a crafted checkpoint file would hold)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_deepspeed_checkpoint_never_runs_on_resume(tmp_path):
+    """Resume verifies DeepSpeed's files against the checkpoint's manifest before any unpickling (a replaced file
+    is skipped, the older checkpoint used), and unpickles them with weights_only=True even when the manifest was
+    rewritten to match: the command inside the crafted file never runs."""
+    zero = ["deepspeed=zero2", "distill.epochs=4", "distill.accumulation=1"]
+    launch(tmp_path, "crafted", "stages=[data_gen,pretrain,distill]", *zero, torchrun=True)
+    run_dir = tmp_path / "smoke" / "crafted"
+    marker = tmp_path / "the-crafted-file-ran"
+
+    def plant(rewrite_manifest: bool) -> Path:
+        if (run_dir / "distill").exists():
+            (run_dir / "distill").rename(run_dir / "distill.partial")
+            (run_dir / "distill.partial" / "meta.json").unlink()
+        newest = sorted((run_dir / "distill.partial" / "checkpoints").glob("step-*[0-9]"))[-1]
+        torch.save({"module": RunsCode(marker)}, newest / "deepspeed" / "mp_rank_00_model_states.pt")
+        if rewrite_manifest:
+            from train.checkpoint import MANIFEST, file_digests
+            (newest / MANIFEST).write_text(json.dumps({"files": file_digests(newest)}))
+        return newest
+
+    newest = plant(rewrite_manifest=False)
+    resumed = launch(tmp_path, "crafted", "stages=[distill]", *zero, torchrun=True)
+    assert f"checkpoint {newest.name} is damaged and skipped" in resumed.stdout
+    assert "mp_rank_00_model_states.pt has 1," in resumed.stdout  # its size differs from the manifest's
+    assert "[distill] resuming from" in resumed.stdout
+    assert not marker.exists()
+    assert (run_dir / "distill" / "checkpoints" / f"{newest.name}.damaged").is_dir()  # kept aside, not deleted
+
+    plant(rewrite_manifest=True)
+    env = dict(os.environ, DRAFTSMITH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                              str(free_port()), "train/run.py", *ARGS, f"runs_root={tmp_path}", "run_name=crafted",
+                              "stages=[distill]", *zero], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                             timeout=900)
+    assert refused.returncode != 0
+    assert "refused to unpickle a file holding a type outside DeepSpeed's allow-list" in refused.stderr
+    assert "posix.system" in refused.stderr or "os.system" in refused.stderr
+    assert not marker.exists()

@@ -79,3 +79,52 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tmp_path, kind):
                        .read_text())
     assert saved["config"]["distill"]["checkpoint_every"] == 5 and saved["target"]["name"] == "tiny-random-llama"
     assert len(saved["target"]["sha256"]) == 64 and saved["git_commit"]  # a checkpoint says how it was made
+
+
+DAMAGE = {  # what a kill -9 mid-write, a full disk or a stray edit leaves in a checkpoint
+    "model.safetensors truncated": lambda folder: truncate(folder / "model.safetensors"),
+    "optimizer.pt truncated": lambda folder: truncate(folder / "optimizer.pt"),
+    "state.json emptied": lambda folder: (folder / "state.json").write_text(""),
+}
+
+
+def truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_resume_falls_back(tmp_path):
+    """A finished run's checkpoints, the newest damaged three ways in turn: resume=auto reports it, moves it aside
+    and resumes from the one before, and the curve still equals the uninterrupted run's; with every checkpoint
+    damaged the error names them and what to do."""
+    args = ["distill.epochs=4", "distill.checkpoint_every=4", "distill.keep_checkpoints=2"]
+    env = dict(os.environ, DRAFTSMITH_CACHE=str(tmp_path / "cache"))
+    reference = subprocess.run(command(tmp_path / "reference", "token", "stages=[data_gen,distill]", *args),
+                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference_dir = tmp_path / "reference" / "smoke" / "default"
+    for damage, apply in DAMAGE.items():
+        run_dir = tmp_path / damage.replace(" ", "_") / "smoke" / "default"
+        shutil.copytree(reference_dir / "data_gen", run_dir / "data_gen")
+        shutil.copytree(reference_dir / "distill", run_dir / "distill.partial")
+        (run_dir / "distill.partial" / "meta.json").unlink()
+        older, newest = sorted((run_dir / "distill.partial" / "checkpoints").glob("step-*"))[-2:]
+        apply(newest)
+        resumed = subprocess.run(command(run_dir.parents[1], "token", "stages=[distill]", *args), cwd=REPO_ROOT,
+                                 env=env, capture_output=True, text=True, timeout=900)
+        assert resumed.returncode == 0, (damage, resumed.stderr[-3000:])
+        assert f"checkpoint {newest.name} is damaged and skipped: {newest}" in resumed.stdout, damage
+        assert f"resuming from {run_dir / 'distill.partial' / 'checkpoints' / older.name}" in resumed.stdout, damage
+        assert curve(run_dir) == curve(reference_dir), damage
+        assert (run_dir / "distill" / "checkpoints" / f"{newest.name}.damaged").is_dir()
+
+    run_dir = tmp_path / "all_damaged" / "smoke" / "default"
+    shutil.copytree(reference_dir / "data_gen", run_dir / "data_gen")
+    shutil.copytree(reference_dir / "distill", run_dir / "distill.partial")
+    (run_dir / "distill.partial" / "meta.json").unlink()
+    for folder in (run_dir / "distill.partial" / "checkpoints").glob("step-*"):
+        truncate(folder / "model.safetensors")
+    refused = subprocess.run(command(run_dir.parents[1], "token", "stages=[distill]", *args), cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert refused.returncode == 2
+    assert "[draftsmith] error: every checkpoint under" in refused.stderr and "resume=never" in refused.stderr
+    assert "Traceback" not in refused.stderr
