@@ -22,6 +22,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -32,17 +33,20 @@ from data_gen.shards import load_records
 from data_gen.sources import PromptSourceSpec, load_conversations
 from eval.decoder import DecodeSettings, plain_generate, speculative_generate, verification_seconds
 from eval.metrics import DecodeStats, median_interval, speed_model
+from infra.settings import at_least, check_fields
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from models.drafter import DrafterSpec
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import draft_for, kind_of, kind_of_spec, load_any
+from models.loading import check_finite
 from models.lookup import baseline_specs
 from models.sampling import SamplingSettings, as_sampling, sampling_in
 
 
 @dataclass(frozen=True)
 class EvalSettings:
+    SECTION: ClassVar[str] = "eval"
     gamma: int = 4
     tree: tuple[int, ...] = ()
     confidence_threshold: float = 0.0
@@ -58,15 +62,16 @@ class EvalSettings:
     baselines: tuple[str, ...] = ("prompt_lookup", "ngram", "prompt_lookup+ngram", "token_recycling")
     plots: bool = True
     drafters: dict = field(default_factory=dict)  # extra drafters to compare: {name: checkpoint directory}
+    LIMITS: ClassVar[dict] = {"max_new_tokens": at_least(1), "batch_size": at_least(1), "turns": at_least(1),
+                              "warmup_prompts": at_least(0), "tie_tolerance": at_least(0)}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", tuple(self.tree))
         object.__setattr__(self, "sampling", as_sampling(self.sampling))
         object.__setattr__(self, "baselines", tuple(self.baselines))
         baseline_specs(self.baselines)  # validates the names
+        check_fields(self)
         self.decode  # validates
-        if self.turns < 1:
-            raise ValueError(f"eval.turns={self.turns} must be >= 1")
 
     @property
     def decode(self) -> DecodeSettings:
@@ -412,6 +417,7 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
     candidates |= {name: Path(path) for name, path in settings.drafters.items()}
     for name, path in candidates.items():
         drafters[name] = load_any(path, target)
+        check_finite(drafters[name], f"drafter {name!r} ({path})")  # a NaN drafter is refused, never ranked
         paths[name] = str(path)
     baselines, skipped = training_free(target, baseline_specs(settings.baselines), run.output("data_gen"))
     drafters |= baselines

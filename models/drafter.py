@@ -10,18 +10,22 @@ import collections
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
+from infra.settings import at_least, between, check_fields, one_of, positive
 from models.cache import RaggedKVCache, check_supported, forward_on_cache, head_logits, pad_rows
-from models.loading import load_causal_lm, load_tokenizer
+from models.loading import check_safetensors, load_causal_lm, load_tokenizer
 
 INIT_CHOICES = ("random", "target_embeddings", "target_layers")
 
 
 @dataclass(frozen=True)
 class DrafterSpec:
+    SECTION: ClassVar[str] = "drafter"
     name: str
     hidden_size: int
     num_layers: int
@@ -34,9 +38,13 @@ class DrafterSpec:
     tie_embeddings: bool = True  # the LM head reuses the input embedding (fewer parameters)
     draft_vocab_size: int | None = None  # LM head over only the N most frequent target tokens (untied)
 
+    LIMITS: ClassVar[dict] = {"hidden_size": at_least(1), "num_layers": at_least(1), "num_heads": at_least(1),
+                              "num_kv_heads": at_least(1), "intermediate_size": at_least(1),
+                              "max_position_embeddings": at_least(2), "init": one_of(*INIT_CHOICES),
+                              "draft_vocab_size": at_least(2, none_ok=True)}
+
     def __post_init__(self) -> None:
-        if self.init not in INIT_CHOICES:
-            raise ValueError(f"drafter.init={self.init!r} is not one of {INIT_CHOICES}")
+        check_fields(self)
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"drafter: hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}, "
                              f"and num_heads by num_kv_heads={self.num_kv_heads}")
@@ -170,11 +178,11 @@ class VocabularyMismatchError(ValueError):
     pass
 
 
-def check_same_vocabulary(drafter: PreTrainedModel, target: PreTrainedModel,
+def check_same_vocabulary(drafter: PreTrainedModel | PretrainedConfig, target: PreTrainedModel | PretrainedConfig,
                           drafter_tokenizer: PreTrainedTokenizerBase | None = None,
                           target_tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-    """Speculative decoding compares token ids, so both models must speak the same vocabulary."""
-    drafter_size, target_size = drafter.config.vocab_size, target.config.vocab_size
+    """Speculative decoding compares token ids, so both models (or their configs) must speak the same vocabulary."""
+    drafter_size, target_size = (getattr(m, "config", m).vocab_size for m in (drafter, target))
     if drafter_size != target_size:
         raise VocabularyMismatchError(
             f"drafter vocabulary has {drafter_size} entries but the target's has {target_size}: a drafter must share "
@@ -259,10 +267,15 @@ def count_parameters(model: torch.nn.Module) -> int:
 @dataclass(frozen=True)
 class LoraSettings:
     """PEFT LoRA adapters on the drafter's projections (`distill.lora`); merged into plain weights when saved."""
+    SECTION: ClassVar[str] = "distill.lora"
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    LIMITS: ClassVar[dict] = {"r": at_least(1), "alpha": positive, "dropout": between(0, 1)}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def apply_lora(drafter: torch.nn.Module, settings: LoraSettings, task_type: str | None = "CAUSAL_LM"):
@@ -295,6 +308,7 @@ def load_drafter(path: Path, target: PreTrainedModel, target_tokenizer: PreTrain
     if getattr(config, "draft_vocab_size", None):  # a reduced head: rebuild it, then load the weights into it
         from safetensors.torch import load_file
 
+        check_safetensors(Path(path) / "model.safetensors")
         weights = load_file(str(Path(path) / "model.safetensors"))
         drafter = use_draft_vocabulary(LlamaForCausalLM(config), weights["lm_head.d2t"])
         missing, unexpected = drafter.load_state_dict(weights, strict=False)

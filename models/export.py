@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
+from transformers import AutoConfig
 
 from infra.stage import StageRun
-from models.loading import TargetSpec, load_causal_lm, resolve_model_dir
+from models.drafter import check_same_vocabulary
+from models.loading import TargetSpec, check_finite, load_causal_lm, load_tokenizer, resolve_model_dir
 from models.sampling import sampling_in
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -72,8 +74,10 @@ def model_card(name: str, target: dict, parameters: int, target_parameters: int,
     return "\n".join(lines)
 
 
-def export_drafter(drafter_dir: Path, out_dir: Path, card: str) -> Path:
-    """Copy the model files of `drafter_dir` into `out_dir` with the card as README.md, then load it back."""
+def export_drafter(drafter_dir: Path, out_dir: Path, card: str, target_dir: Path | None) -> Path:
+    """Copy the model files of `drafter_dir` into `out_dir` with the card as README.md, then prove what it ships:
+    it loads, its weights are finite, and its vocabulary and token map are the target's (`target_dir`; None only
+    for the preflight's tokenizer-less tiny model)."""
     config = json.loads((drafter_dir / "config.json").read_text())
     if config.get("draft_vocab_size"):
         raise ValueError(f"{drafter_dir} has a reduced draft vocabulary ({config['draft_vocab_size']} tokens): "
@@ -85,8 +89,15 @@ def export_drafter(drafter_dir: Path, out_dir: Path, card: str) -> Path:
         shutil.copy2(drafter_dir / file_name, out_dir / file_name)
     if "model.safetensors" not in copied:
         raise FileNotFoundError(f"{drafter_dir} has no model.safetensors to export")
+    exported = load_causal_lm(out_dir)  # the export is only done when it loads ...
+    check_finite(exported, f"{drafter_dir} (export.drafter)")  # ... drafts with finite weights ...
+    if target_dir is not None:  # ... and speaks the target's vocabulary, with the target's token map
+        if "tokenizer.json" not in copied and "tokenizer_config.json" not in copied:
+            raise FileNotFoundError(f"{drafter_dir} has no tokenizer files; an export must carry the tokenizer it "
+                                    f"was trained with")
+        check_same_vocabulary(exported.config, AutoConfig.from_pretrained(target_dir), load_tokenizer(out_dir),
+                              load_tokenizer(target_dir))
     (out_dir / "README.md").write_text(card)
-    load_causal_lm(out_dir)  # the export is only done when it loads
     return out_dir
 
 
@@ -117,6 +128,6 @@ def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> di
     reproduce = f"python train/run.py +experiment={run.config['experiment']} run_name={run.config['run_name']}"
     card = model_card(settings.name, identity.as_dict(), parameters_in(drafter_dir), parameters_in(target_dir),
                       card_report, f"{choice} ({drafter_dir})", reproduce)
-    exported = export_drafter(drafter_dir, run.out_dir / settings.name, card)
+    exported = export_drafter(drafter_dir, run.out_dir / settings.name, card, target_dir)
     return {"exported": str(run.run_dir / "export" / settings.name), "drafter": choice,
             "files": sorted(p.name for p in exported.iterdir())}

@@ -29,27 +29,33 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, LlamaConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from infra.settings import at_least, check_fields
 from models.cache import RaggedKVCache, block_mask, head_logits, pad_rows
 from models.compat import cache_argument
 from models.drafter import ReducedVocabHead, frequent_tokens
+from models.loading import check_safetensors
 
 CONFIG_FILE = "feature_drafter.json"
 
 
 @dataclass(frozen=True)
 class FeatureDrafterSpec:
+    SECTION: ClassVar[str] = "drafter"
     name: str = "feature-drafter"
     feature_sampling: bool = False  # FSPAD: fuse f_t ⊙ e(x_{t+1}) instead of f_t
     intermediate_size: int | None = None  # decoder layer MLP width (default: the target's)
     feature_layers: tuple[int, ...] | None = None  # EAGLE-3: fuse these target layers' outputs (None: last state)
     draft_vocab_size: int | None = None  # EAGLE-3: own norm + head over the N most frequent training tokens
     seed: int = 0
+    LIMITS: ClassVar[dict] = {"intermediate_size": at_least(1, none_ok=True),
+                              "draft_vocab_size": at_least(2, none_ok=True)}
 
     def __post_init__(self) -> None:
         if self.feature_layers is not None:
@@ -57,8 +63,7 @@ class FeatureDrafterSpec:
             if not layers or len(set(layers)) != len(layers):
                 raise ValueError(f"drafter.feature_layers={list(self.feature_layers)}: name distinct layer indices")
             object.__setattr__(self, "feature_layers", layers)
-        if self.draft_vocab_size is not None and self.draft_vocab_size < 2:
-            raise ValueError(f"drafter.draft_vocab_size={self.draft_vocab_size} must be ≥ 2 (or null)")
+        check_fields(self)
 
 
 class FeatureDrafter(torch.nn.Module):
@@ -191,6 +196,7 @@ def load_feature_drafter(folder: Path, target: PreTrainedModel) -> FeatureDrafte
     if drafter.layer_config.hidden_size != saved["layer"]["hidden_size"]:
         raise ValueError(f"{folder}: drafter width {saved['layer']['hidden_size']} does not match the target's "
                          f"{drafter.layer_config.hidden_size}; it was trained for another target")
+    check_safetensors(Path(folder) / "model.safetensors")
     missing, unexpected = drafter.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=False)
     if unexpected or [m for m in missing if not m.startswith("rotary.")]:
         raise ValueError(f"{folder}: weights do not fit (missing {missing}, unexpected {unexpected})")

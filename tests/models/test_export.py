@@ -1,21 +1,78 @@
-"""Export (models/export.py): what engines cannot load is refused."""
+"""Export (models/export.py): what engines cannot load, or what would not speak the target's vocabulary, is refused;
+eval refuses drafters it could only rank by accident (NaN weights)."""
 from __future__ import annotations
 
-import pytest
+import json
+from dataclasses import replace
 
-from models.drafter import DrafterSpec, build_drafter
+import pytest
+import torch
+
+from models.drafter import DrafterSpec, VocabularyMismatchError, build_drafter, save_drafter
+from models.export import export_drafter
+from models.loading import DamagedWeightsError, check_finite, load_causal_lm
 
 SPEC = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
 
 
+def saved_drafter(tiny_target, folder, spec=SPEC, token_lists=None):
+    drafter = build_drafter(spec, tiny_target.model, tiny_target.tokenizer, token_lists=token_lists)
+    save_drafter(drafter, tiny_target.tokenizer, folder)
+    return folder
+
+
 def test_export_refuses_a_reduced_vocabulary_drafter(tiny_target, tmp_path):
-    from dataclasses import replace
-
-    from models.drafter import save_drafter
-    from models.export import export_drafter
-
-    drafter = build_drafter(replace(SPEC, draft_vocab_size=40), tiny_target.model, tiny_target.tokenizer,
-                            token_lists=[[1, 2, 3]])
-    save_drafter(drafter, tiny_target.tokenizer, tmp_path / "d")
+    folder = saved_drafter(tiny_target, tmp_path / "d", replace(SPEC, draft_vocab_size=40), token_lists=[[1, 2, 3]])
     with pytest.raises(ValueError, match="reduced draft vocabulary"):
-        export_drafter(tmp_path / "d", tmp_path / "out", "card")
+        export_drafter(folder, tmp_path / "out", "card", tiny_target.path)
+
+
+def test_export_ships_a_good_drafter_with_its_card(tiny_target, tmp_path):
+    out = export_drafter(saved_drafter(tiny_target, tmp_path / "d"), tmp_path / "out", "the card", tiny_target.path)
+    assert (out / "README.md").read_text() == "the card"
+    assert load_causal_lm(out).config.vocab_size == tiny_target.model.config.vocab_size
+
+
+def test_export_refuses_another_vocabulary_size(tiny_target, tmp_path):
+    folder = saved_drafter(tiny_target, tmp_path / "d")
+    config = json.loads((folder / "config.json").read_text())
+    drafter = build_drafter(SPEC, tiny_target.model, tiny_target.tokenizer)
+    drafter.resize_token_embeddings(config["vocab_size"] + 8)
+    drafter.save_pretrained(folder)  # the same tokenizer files, a head of 8 more entries
+    with pytest.raises(VocabularyMismatchError, match="vocabulary has"):
+        export_drafter(folder, tmp_path / "out", "card", tiny_target.path)
+    assert not (tmp_path / "out" / "README.md").exists()  # no card claims a shared tokenizer
+
+
+def test_export_refuses_a_tokenizer_with_two_ids_swapped(tiny_target, tmp_path):
+    folder = saved_drafter(tiny_target, tmp_path / "d")
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(VocabularyMismatchError, match="map them differently"):
+        export_drafter(folder, tmp_path / "out", "card", tiny_target.path)
+
+
+def test_export_and_eval_refuse_a_drafter_with_nan_weights(tiny_target, tmp_path):
+    drafter = build_drafter(SPEC, tiny_target.model, tiny_target.tokenizer)
+    with torch.no_grad():
+        for parameter in drafter.parameters():
+            parameter.fill_(float("nan"))
+    save_drafter(drafter, tiny_target.tokenizer, tmp_path / "d")
+    with pytest.raises(DamagedWeightsError, match="NaN or inf"):
+        export_drafter(tmp_path / "d", tmp_path / "out", "card", tiny_target.path)
+    with pytest.raises(DamagedWeightsError, match="drafter 'distilled'.*NaN or inf"):
+        check_finite(load_causal_lm(tmp_path / "d"), "drafter 'distilled'")  # what eval calls on every drafter
+
+
+def test_a_truncated_weights_file_is_named(tiny_target, tmp_path):
+    folder = saved_drafter(tiny_target, tmp_path / "d")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DamagedWeightsError, match=f"{weights}.*truncated"):
+        load_causal_lm(folder)
+    weights.write_bytes(b"\x05")
+    with pytest.raises(DamagedWeightsError, match=f"{weights} is not a readable safetensors file"):
+        load_causal_lm(folder)
