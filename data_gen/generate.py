@@ -17,12 +17,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from data_gen.backends import BACKENDS, Completion, HFBackend, Request, VLLMBack
 from data_gen.chat import assistant_token_mask, end_of_turn_ids, prompt_token_ids
 from data_gen.shards import MANIFEST, complete_shards, read_shard, shard_path, write_shard
 from data_gen.sources import Conversation, PromptSourceSpec, load_conversations
+from infra.rundir import NotEnoughSpace, RunLocked, exclusive
+from infra.settings import at_least, between, check_fields, one_of
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from models.assets import sha256_file
@@ -50,6 +52,7 @@ SHARD_OVERHEAD = 16 * 1024  # Arrow IPC schema, metadata, footer and 64-byte buf
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    SECTION: ClassVar[str] = "data_gen"
     backend: str = "hf"
     turns: str = "first"
     max_new_tokens: int = 256
@@ -69,12 +72,15 @@ class GenerationSettings:
     dry_run: bool = False
     disk_headroom: float = 0.05
 
+    LIMITS: ClassVar[dict] = {
+        "backend": one_of(*BACKENDS), "turns": one_of(*TURN_MODES), "overlong_prompt": one_of(*OVERLONG),
+        "max_new_tokens": at_least(1), "max_prompt_tokens": at_least(1), "batch_size": at_least(1),
+        "cache": one_of("dynamic", "static"), "samples_per_prompt": at_least(1), "top_k_logprobs": at_least(0),
+        "on_policy_ratio": between(0, 1), "shard_size": at_least(1), "disk_headroom": between(0, 1)}
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampling", as_sampling(self.sampling))
-        for name, value, allowed in (("backend", self.backend, BACKENDS), ("turns", self.turns, TURN_MODES),
-                                     ("overlong_prompt", self.overlong_prompt, OVERLONG)):
-            if value not in allowed:
-                raise ValueError(f"data_gen.{name}={value!r} is not one of {allowed}")
+        check_fields(self)
         if self.samples_per_prompt > 1 and self.sampling.greedy:
             raise ValueError(f"data_gen.samples_per_prompt={self.samples_per_prompt} with temperature=0 gives "
                              f"identical copies; set data_gen.sampling.temperature > 0")
@@ -93,10 +99,12 @@ class WorkerSettings:
     """Which slice of the shards this process makes. Not part of the stage's fingerprint: all workers of one
     run share an output folder. Defaults come from SLURM array variables (conf/config.yaml)."""
 
+    SECTION: ClassVar[str] = "worker"
     rank: int = 0
     world_size: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"worker.rank={self.rank} must be in [0, worker.world_size={self.world_size})")
 
@@ -197,7 +205,7 @@ def check_disk(out_dir: Path, needed: int, headroom: float) -> str:
     line = (f"estimated disk use: {human_bytes(needed)} (upper bound: every answer at max_new_tokens); "
             f"free on {out_dir}: {human_bytes(free)}")
     if needed > free * (1 - headroom):
-        raise OSError(f"{line}. Not enough space: free some, lower data.limit / max_new_tokens / "
+        raise NotEnoughSpace(f"{line}. Not enough space: free some, lower data.limit / max_new_tokens / "
                       f"top_k_logprobs, or write elsewhere (runs_root=...)")
     return line
 
@@ -386,12 +394,16 @@ def generate(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, 
 
 def finalize(out_dir: Path, num_shards: int, plan_summary: dict) -> dict:
     """Write manifest.json, report.json and the response-length histogram from the committed shards."""
-    lock = out_dir / "finalize.lock"
     try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
-    except FileExistsError as error:
-        raise ShardsPending(f"another worker is finalizing {out_dir} ({lock} exists; if no worker is running, "
-                            f"delete it and rerun)") from error
+        with exclusive(out_dir.parent / ".locks" / "data_gen.finalize.lock", f"{out_dir} (finalize)"):
+            if not out_dir.exists():  # the worker that held the lock before us finalized and committed the stage
+                raise ShardsPending(f"another worker finalized {out_dir.name.removesuffix('.partial')}")
+            return _finalize(out_dir, num_shards, plan_summary)
+    except RunLocked as locked:
+        raise ShardsPending(f"another worker is finalizing: {locked}") from None
+
+
+def _finalize(out_dir: Path, num_shards: int, plan_summary: dict) -> dict:
     shards, skipped, flagged, by_generator, lengths, reasons = [], Counter(plan_summary["skipped"]), \
         Counter(plan_summary["flagged"]), Counter(), [], Counter()
     tokens = seconds = 0.0
@@ -418,7 +430,6 @@ def finalize(out_dir: Path, num_shards: int, plan_summary: dict) -> dict:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_lengths(lengths, out_dir / "response_lengths.png")
     print(report_table(report), flush=True)
-    lock.unlink()
     return report
 
 

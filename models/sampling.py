@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from infra.settings import check_fields
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -23,6 +25,7 @@ class SamplingSettings:
     top_k: int = 0  # 0 = no top-k filter
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.temperature < 0:
             raise ValueError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:

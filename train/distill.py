@@ -28,6 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +39,7 @@ from data_gen.chat import document_token_ids, end_of_turn_ids
 from data_gen.shards import load_records
 from data_gen.sources import PromptSourceSpec, load_conversations
 from infra import distributed
+from infra.settings import at_least, between, check_fields, one_of
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from losses.feature import FeatureLoss
@@ -62,18 +64,21 @@ TRAIN_ON = ("answers", "all")
 @dataclass(frozen=True)
 class OnPolicySettings:
     """λ = `ratio` of optimizer steps train on the drafter's own answers to the records' prompts (0 = never)."""
+    SECTION: ClassVar[str] = "distill.on_policy"
     ratio: float = 0.0
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=1.0))
     max_new_tokens: int = 64
 
+    LIMITS: ClassVar[dict] = {"ratio": between(0, 1), "max_new_tokens": at_least(1)}
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampling", as_sampling(self.sampling))
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"distill.on_policy.ratio={self.ratio} must lie in [0, 1]")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class DistillSettings:
+    SECTION: ClassVar[str] = "distill"
     epochs: int = 1
     max_steps: int | None = None      # stop earlier than `epochs` would
     batch_size: int = 8               # sequences per optimizer step, over all ranks and accumulation steps
@@ -96,16 +101,16 @@ class DistillSettings:
     init_from: str | None = None      # drafter checkpoint to start from (default: this run's pretrain output)
     optim: OptimSettings = field(default_factory=OptimSettings)
     lora: LoraSettings | None = None  # train LoRA adapters instead of all weights (merged when saved)
+    LIMITS: ClassVar[dict] = {
+        "epochs": at_least(1), "max_steps": at_least(1, none_ok=True), "batch_size": at_least(1),
+        "accumulation": at_least(1), "max_seq_len": at_least(2), "teacher": one_of(*TEACHERS),
+        "train_on": one_of(*TRAIN_ON), "corpus_records": at_least(0), "log_every": at_least(1),
+        "checkpoint_every": at_least(0), "keep_checkpoints": at_least(1), "eval_every": at_least(0),
+        "heldout_records": at_least(1), "select": one_of(*SELECTIONS), "select_gamma": at_least(1),
+        "select_max_new_tokens": at_least(1)}
 
     def __post_init__(self) -> None:
-        if self.teacher not in TEACHERS:
-            raise ValueError(f"distill.teacher={self.teacher!r} is not one of {TEACHERS}")
-        if self.train_on not in TRAIN_ON:
-            raise ValueError(f"distill.train_on={self.train_on!r} is not one of {TRAIN_ON}")
-        if self.select not in SELECTIONS:
-            raise ValueError(f"distill.select={self.select!r} is not one of {SELECTIONS}")
-        if self.batch_size < 1 or self.accumulation < 1:
-            raise ValueError(f"distill.batch_size={self.batch_size} and accumulation={self.accumulation} must be ≥ 1")
+        check_fields(self)
 
 
 def offline_teacher_logits(rows: list[Row], max_seq_len: int, vocab_size: int, device: torch.device) -> torch.Tensor:

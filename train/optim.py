@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from infra.settings import Rule, at_least, between, check_fields, positive
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,13 @@ class OptimSettings:
     warmup_steps: int = 10
     grad_clip: float = 1.0
     min_lr_ratio: float = 0.1
+    LIMITS: ClassVar[dict] = {"lr": positive, "weight_decay": at_least(0), "warmup_steps": at_least(0),
+                              "grad_clip": positive, "min_lr_ratio": between(0, 1),
+                              "betas": Rule("must be two numbers in [0, 1)",
+                                            lambda betas: all(0 <= b < 1 for b in betas))}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def build_optimizer(model: torch.nn.Module, settings: OptimSettings, total_steps: int):

@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from data_gen.chat import document_token_ids
 from data_gen.sources import PromptSourceSpec, load_conversations
 from infra import distributed
+from infra.settings import at_least, check_fields
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from losses.ce import cross_entropy
@@ -38,6 +40,7 @@ from train.optim import OptimSettings
 
 @dataclass(frozen=True)
 class PretrainSettings:
+    SECTION: ClassVar[str] = "pretrain"
     steps: int = 100
     batch_size: int = 8             # blocks per optimizer step, over all processes and accumulation steps
     accumulation: int = 1
@@ -49,6 +52,12 @@ class PretrainSettings:
     keep_checkpoints: int = 2
     seed: int = 0
     optim: OptimSettings = field(default_factory=OptimSettings)
+    LIMITS: ClassVar[dict] = {"steps": at_least(1), "batch_size": at_least(1), "accumulation": at_least(1),
+                              "seq_len": at_least(2), "max_documents": at_least(1), "log_every": at_least(1),
+                              "checkpoint_every": at_least(0), "keep_checkpoints": at_least(1)}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass

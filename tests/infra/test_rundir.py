@@ -26,3 +26,32 @@ def test_commit_of_a_checkout_clean_and_dirty(tmp_path):
 
 def test_outside_a_checkout_the_commit_is_explicitly_unknown(tmp_path):
     assert git_commit(tmp_path) == "unknown (not a git checkout)"
+
+
+def test_a_stage_lock_has_one_holder_and_dies_with_it(tmp_path):
+    """The second writer is refused at once, told who holds the lock; kill -9 of the holder frees it."""
+    import os
+    import signal
+    import sys
+
+    import pytest
+
+    from infra.rundir import RunLocked, exclusive
+    from tests.conftest import REPO_ROOT
+
+    lock = tmp_path / ".locks" / "distill.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from infra.rundir import exclusive\n"
+                               f"with exclusive(Path({str(lock)!r}), 'distill'):\n"
+                               "    print('held', flush=True)\n    time.sleep(120)\n"],
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=f"distill is being written by another process \\(pid {holder.pid} on"):
+            with exclusive(lock, "distill"):
+                pass
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with exclusive(lock, "distill"):  # nothing to clean up by hand after a crash
+        assert f"pid {os.getpid()} " in lock.read_text()

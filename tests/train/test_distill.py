@@ -167,7 +167,7 @@ def test_nan_loss_is_a_clear_error_and_applies_nothing(tiny_target, records_dir,
 def test_bad_batch_split_names_the_keys(tiny_target, records_dir, tmp_path):
     with pytest.raises(ValueError, match="distill.batch_size=3 must divide"):
         run(tiny_target, records_dir, tmp_path, batch_size=3, accumulation=2)
-    with pytest.raises(ValueError, match="distill.teacher='teacher' is not one of"):
+    with pytest.raises(ValueError, match=r"distill.teacher='teacher': must be one of \['online', 'offline'\]"):
         DistillSettings(teacher="teacher")
 
 
