@@ -61,6 +61,7 @@ def one_of(*choices: object) -> Rule:
 
 
 positive = Rule("must be a finite number > 0", lambda value: math.isfinite(value) and value > 0)
+integer = Rule("must be an integer", lambda value: isinstance(value, int) and not isinstance(value, bool))
 
 
 def check_fields(settings: object) -> None:

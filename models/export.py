@@ -18,7 +18,8 @@ from transformers import AutoConfig
 
 from infra.stage import StageRun
 from models.drafter import check_same_vocabulary
-from models.loading import TargetSpec, check_finite, load_causal_lm, load_tokenizer, resolve_model_dir
+from models.loading import (TargetSpec, check_finite, check_safetensors, load_causal_lm, load_tokenizer,
+                            resolve_model_dir)
 from models.sampling import sampling_in
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -103,6 +104,7 @@ def export_drafter(drafter_dir: Path, out_dir: Path, card: str, target_dir: Path
 
 def parameters_in(model_dir: Path) -> int:
     """Parameter count from the safetensors header alone (tied weights are stored once)."""
+    check_safetensors(model_dir / "model.safetensors")
     with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
         return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
 

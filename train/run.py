@@ -33,7 +33,7 @@ import train.pretrain
 from data_gen.generate import ShardsPending, WorkerSettings
 from infra import distributed
 from infra.rundir import NotEnoughSpace, RunLocked, StageDir, StageMismatchError
-from infra.settings import Rule, SettingsError, check_config, one_of
+from infra.settings import SettingsError, check_config, integer, one_of, shown
 from infra.stage import StageRun
 from infra.tracking import LoggerSettings, Tracker
 from models.compat import check_versions
@@ -82,6 +82,8 @@ def stage_arguments(name: str, config: DictConfig) -> dict:
 
 TOP_LEVEL = {"experiment", "run_name", "stages", "runs_root", "cache_dir", "seed", "device", "worker", "resume",
              "preflight", "overwrite"}
+TOP_LEVEL_RULES = {"resume": one_of("auto", "never"), "seed": integer, "preflight": one_of(True, False),
+                   "overwrite": one_of(True, False)}
 
 
 def check_settings(config: DictConfig) -> tuple[list[str], Path]:
@@ -92,15 +94,14 @@ def check_settings(config: DictConfig) -> tuple[list[str], Path]:
     if unknown:
         raise SettingsError(f"stages={list(config.stages)}: unknown {unknown}; choose from {list(STAGES)}")
     stages = sorted(config.stages, key=list(STAGES).index)
-    extra = sorted(set(config) - TOP_LEVEL - {s for stage in STAGES.values() for s in stage.sections} - {
-        "target", "logger", "eval_data", "data"})
+    sections = {section for stage in STAGES.values() for section in stage.sections} | {"logger"}
+    extra = sorted(set(config) - TOP_LEVEL - sections)
     if extra:
-        raise SettingsError(f"{extra[0]} is not a setting (top-level keys: {sorted(TOP_LEVEL)})")
-    for key, rule in (("resume", one_of("auto", "never")), ("seed", Rule("must be an integer", lambda v: isinstance(
-            v, int) and not isinstance(v, bool))), ("preflight", one_of(True, False)),
-                      ("overwrite", one_of(True, False))):
+        raise SettingsError(f"{extra[0]} is not a setting (top-level keys: {sorted(TOP_LEVEL)}, sections: "
+                            f"{sorted(sections)})")
+    for key, rule in TOP_LEVEL_RULES.items():
         if not rule.test(config[key]):
-            raise SettingsError(f"{key}={config[key]!r}: {rule.allowed}")
+            raise SettingsError(f"{key}={shown(config[key])}: {rule.allowed}")
     try:
         WorkerSettings(**config.worker)
     except (SettingsError, ValueError, TypeError) as error:
@@ -149,7 +150,7 @@ def run(config: DictConfig) -> dict[str, Path]:
     if distributed.world_size() > 1:
         outside = [s for s in stages if s not in DISTRIBUTED_STAGES]
         if outside:
-            raise ValueError(f"{distributed.world_size()} processes were launched, but stages {outside} run in one "
+            raise SettingsError(f"{distributed.world_size()} processes were launched, but stages {outside} run in one "
                              f"process: run them first without torchrun, then launch stages={list(DISTRIBUTED_STAGES)}")
         distributed.init()
     cache_dir = Path(config.cache_dir)
