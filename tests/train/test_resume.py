@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests.conftest import REPO_ROOT
+from train.checkpoint import MANIFEST, STEP_FOLDER
 
 pytestmark = pytest.mark.slow  # a real training subprocess, killed and resumed: not in .ci/check-latest's fast part
 
@@ -53,8 +54,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tmp_path, kind):
     process = subprocess.Popen(command(tmp_path / "killed", kind, "stages=[distill]"), cwd=REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not any((p / "state.json").exists() for p in checkpoints.glob("step-*")
-                                             if int(p.name.split("-")[1].split(".")[0]) >= 10):
+    while time.time() < deadline and not any(int(p.name.split("-")[1]) >= 10 for p in checkpoints.glob("step-*")
+                                             if STEP_FOLDER.fullmatch(p.name) and (p / MANIFEST).exists()):
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
