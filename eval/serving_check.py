@@ -1,0 +1,151 @@
+"""Serving-side acceptance beside ours: replay the eval's exact prompts through vLLM with an exported drafter.
+
+    .venv-vllm/bin/python -m eval.serving_check runs/quickstart/default/export/drafter
+
+Reads the run's `eval/report.json` (every prompt's token ids, the target's plain answers, γ, the stop ids) and the
+export's `meta.json` (which drafter, which target), then runs vLLM twice on the same token prompts, greedy: plain,
+and speculative with `{"method": "draft_model", "model": EXPORT_DIR, "num_speculative_tokens": γ}`. It checks
+that vLLM's speculative output equals its plain output token for token (and reports how often vLLM's plain output
+equals our eval's plain answers), and puts vLLM's spec-decode counters (mean acceptance length, acceptance per
+position: accepted at i / drafts, vLLM's form) beside our eval's τ and per-position acceptance for that drafter.
+Writes `serving_check.json` and `serving_check.md` beside the export. Exit status 1 when vLLM's speculative
+output is not lossless. Runs where vLLM is installed (on CPU: `.venv-vllm`, built by `.ci/setup-vllm`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def load_inputs(export_dir: Path) -> dict:
+    """What the check replays: the export's drafter name and target, the eval's prompts and settings."""
+    stage_dir = export_dir.parent
+    meta_path, report_path = stage_dir / "meta.json", stage_dir.parent / "eval" / "report.json"
+    for path, what in ((meta_path, "the export stage's meta.json"), (report_path, "the run's eval report")):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: {export_dir} must be an export of a draftsmith run that "
+                                    f"also ran eval ({what})")
+    meta, report = json.loads(meta_path.read_text()), json.loads(report_path.read_text())
+    if "prompts" not in report:
+        raise ValueError(f"{report_path} predates serving checks (no prompt token ids); re-run the eval stage")
+    settings = report["settings"]
+    if settings["sampling"]["temperature"] != 0:
+        raise ValueError("the serving check replays greedy evals only (eval.sampling.temperature=0)")
+    drafter = meta["summary"]["drafter"]
+    if drafter not in report["drafters"]:
+        raise ValueError(f"the exported drafter {drafter!r} is not in {report_path}; evaluate it first")
+    return {"drafter": drafter, "ours": report["drafters"][drafter], "prompts": report["prompts"],
+            "gamma": settings["gamma"], "tree": settings.get("tree") or [], "max_new_tokens": settings["max_new_tokens"],
+            "stop_ids": report["stop_ids"], "config": meta["config"]}
+
+
+def target_dir(config: dict) -> Path:
+    from hydra.utils import instantiate
+
+    from models.loading import resolve_model_dir
+
+    spec = instantiate(config["target"], _convert_="all")
+    return resolve_model_dir(spec, Path(config["cache_dir"]))[0]
+
+
+def generate(target: Path, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+             speculative: dict | None) -> tuple[list[list[int]], dict, float]:
+    """vLLM's greedy outputs (stop ids removed), its spec-decode counters, and the generation seconds."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    longest = max(map(len, prompts)) + max_new_tokens + 16
+    engine = LLM(model=str(target), dtype="float32", enforce_eager=True, seed=0, max_model_len=longest,
+                 max_num_seqs=8, disable_log_stats=False,
+                 **({"speculative_config": speculative} if speculative else {}))
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)
+    started = time.perf_counter()
+    results = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    outputs = [[t for t in r.outputs[0].token_ids if t not in stop_ids] for r in results]
+    counters = {}
+    for metric in engine.get_metrics():
+        if metric.name.startswith("vllm:spec_decode_"):
+            counters[metric.name.removeprefix("vllm:spec_decode_")] = getattr(metric, "values", None) or metric.value
+    del engine
+    return outputs, counters, seconds
+
+
+def serving_metrics(counters: dict) -> dict:
+    """vLLM's own definitions (vllm/v1/spec_decode/metrics.py): mean acceptance length 1 + accepted / drafts,
+    acceptance per position accepted_i / drafts, acceptance rate accepted / drafted."""
+    drafts, drafted, accepted = (counters.get(k, 0) for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"))
+    per_position = counters.get("num_accepted_tokens_per_pos", [])
+    return {"drafts": drafts, "draft_tokens": drafted, "accepted_tokens": accepted,
+            "mean_acceptance_length": 1 + accepted / max(1, drafts), "acceptance_rate": accepted / max(1, drafted),
+            "accepted_per_position": [a / max(1, drafts) for a in per_position]}
+
+
+def check(export_dir: Path) -> dict:
+    inputs = load_inputs(export_dir)
+    target = target_dir(inputs["config"])
+    prompts = [p["prompt_ids"] for p in inputs["prompts"]]
+    ours_plain = [[t for t in p["reference_ids"] if t not in inputs["stop_ids"]] for p in inputs["prompts"]]
+    plain, _, plain_seconds = generate(target, prompts, inputs["max_new_tokens"], inputs["stop_ids"], None)
+    speculative = {"method": "draft_model", "model": str(export_dir), "num_speculative_tokens": inputs["gamma"]}
+    spec, counters, spec_seconds = generate(target, prompts, inputs["max_new_tokens"], inputs["stop_ids"],
+                                            speculative)
+    mismatched = [p["id"] for p, a, b in zip(inputs["prompts"], spec, plain) if a != b]
+    tokens = sum(map(len, spec))
+    result = {
+        "export": str(export_dir), "drafter": inputs["drafter"], "target": str(target),
+        "speculative_config": speculative, "prompts": len(prompts), "max_new_tokens": inputs["max_new_tokens"],
+        "our_eval_tree": inputs["tree"],
+        "lossless": not mismatched, "speculative_differs_from_plain": mismatched,
+        "vllm_plain_equals_our_plain": sum(a == b for a, b in zip(plain, ours_plain)),
+        "vllm": serving_metrics(counters) | {"tokens": tokens, "plain_tokens_per_s": sum(map(len, plain)) /
+                                             plain_seconds, "speculative_tokens_per_s": tokens / spec_seconds},
+        "ours": {k: inputs["ours"][k] for k in ("block_efficiency", "acceptance_rate", "accepted_per_position")},
+    }
+    result["vllm"]["speedup"] = result["vllm"]["speculative_tokens_per_s"] / result["vllm"]["plain_tokens_per_s"]
+    result["table_markdown"] = table(result)
+    (export_dir.parent / "serving_check.json").write_text(json.dumps(result, indent=2))
+    (export_dir.parent / "serving_check.md").write_text(result["table_markdown"])
+    return result
+
+
+def table(result: dict) -> str:
+    ours, vllm = result["ours"], result["vllm"]
+
+    def positions(values: list[float]) -> str:
+        return " / ".join(f"{v:.2f}" for v in values)
+
+    γ = result["speculative_config"]["num_speculative_tokens"]
+    return "\n".join([
+        f"Drafter `{result['drafter']}` ({result['export']}), γ = {γ}, greedy, {result['prompts']} prompts of our "
+        f"eval, up to {result['max_new_tokens']} new tokens, fp32.", "",
+        "| where | τ / mean acceptance length | acceptance rate | accepted per position | tokens/s (spec / plain) "
+        "| lossless |", "|---|---|---|---|---|---|",
+        f"| draftsmith eval | {ours['block_efficiency']:.3f} | {ours['acceptance_rate']:.3f} | "
+        f"{positions(ours['accepted_per_position'])} | – | yes (checked by eval) |",
+        f"| vLLM `draft_model` | {vllm['mean_acceptance_length']:.3f} | {vllm['acceptance_rate']:.3f} | "
+        f"{positions(vllm['accepted_per_position'])} | {vllm['speculative_tokens_per_s']:.1f} / "
+        f"{vllm['plain_tokens_per_s']:.1f} ({vllm['speedup']:.2f}×) | "
+        f"{'yes' if result['lossless'] else 'NO: ' + ', '.join(result['speculative_differs_from_plain'])} |", "",
+        f"vLLM's plain greedy output equals our eval's plain answer on {result['vllm_plain_equals_our_plain']} of "
+        f"{result['prompts']} prompts" + ("." if result["vllm_plain_equals_our_plain"] == result["prompts"] else
+                                          " (the others part at a near-tie of the two implementations' fp32 "
+                                          "arithmetic, so from there the two runs decode different text)."),
+        ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir", type=Path, help="runs/<experiment>/<run_name>/export/<name>")
+    arguments = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU: plenty for eval prompts
+    result = check(arguments.export_dir.resolve())
+    print(result["table_markdown"])
+    raise SystemExit(0 if result["lossless"] else 1)
+
+
+if __name__ == "__main__":
+    main()
