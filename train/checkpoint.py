@@ -42,23 +42,15 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)), reverse=True)
 
 
-def latest(root: Path) -> Path | None:
-    """The newest checkpoint under `root` that passes `verify`, if any (damaged ones are skipped, not moved)."""
-    for folder in checkpoints(root):
-        try:
-            verify(folder)
-            return folder
-        except DamagedCheckpointError:
-            continue
-    return None
+def checkpoint_files(folder: Path) -> list[str]:
+    """Relative paths of every file under `folder` but the manifest itself."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def file_digests(folder: Path) -> dict[str, dict]:
     """{relative path: {"bytes", "sha256"}} of every file under `folder` but the manifest itself."""
-    digests = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        digests[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    return digests
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+            for name in checkpoint_files(folder)}
 
 
 def verify(folder: Path) -> dict:
@@ -77,19 +69,19 @@ def verify(folder: Path) -> dict:
             raise DamagedCheckpointError(f"{path} has {path.stat().st_size:,} bytes, {want['bytes']:,} were written")
         if sha256_file(path) != want["sha256"]:
             raise DamagedCheckpointError(f"{path} differs from what was written (sha256)")
-    extra = sorted(set(file_digests(folder)) - set(expected))
+    extra = sorted(set(checkpoint_files(folder)) - set(expected))
     if extra:
         raise DamagedCheckpointError(f"{folder / extra[0]} was not written with this checkpoint")
     return json.loads((folder / "state.json").read_text())
 
 
-def newest_good(root: Path, stage: str) -> Path | None:
-    """The newest checkpoint that verifies; each damaged newer one is reported and moved aside to
-    `step-N.damaged/` (kept for inspection), so training resumes from the one before it."""
+def newest_good(root: Path, stage: str) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies, with its state.json; each damaged newer one is reported and moved aside
+    to `step-N.damaged/` (kept for inspection), so training resumes from the one before it."""
     damaged = []
     for folder in checkpoints(root):
         try:
-            verify(folder)
+            state = verify(folder)
         except DamagedCheckpointError as error:
             print(f"[{stage}] checkpoint {folder.name} is damaged and skipped: {error}", flush=True)
             damaged.append(folder)
@@ -108,7 +100,7 @@ def newest_good(root: Path, stage: str) -> Path | None:
         raise DamagedCheckpointError(
             f"every checkpoint under {root} is damaged (moved aside to *.damaged: {[d.name for d in damaged]}); "
             f"rerun to start this stage over (resume=auto now finds none), or pass resume=never")
-    return folder
+    return None if folder is None else (folder, state)
 
 
 def resume_or_clear(engine, root: Path, curve_path: Path, resume: str, stage: str, total_steps: int) -> dict:
@@ -119,8 +111,9 @@ def resume_or_clear(engine, root: Path, curve_path: Path, resume: str, stage: st
     found = newest_good(root, stage) if resume == "auto" else None
     state = {}
     if found is not None:
-        state = load(engine, found)
-        print(f"[{stage}] resuming from {found} (step {state['step']} of {total_steps})", flush=True)
+        folder, state = found
+        load(engine, folder, state)
+        print(f"[{stage}] resuming from {folder} (step {state['step']} of {total_steps})", flush=True)
     elif distributed.is_main():
         shutil.rmtree(root, ignore_errors=True)
     if distributed.is_main():
@@ -172,15 +165,14 @@ def save(engine, root: Path, step: int, state: dict, keep: int, provenance: dict
     return final
 
 
-def load(engine, folder: Path) -> dict:
-    """Restore the engine and this rank's RNG from `folder` once it verifies; returns its state.json."""
-    state = verify(folder)
+def load(engine, folder: Path, state: dict) -> None:
+    """Restore the engine and this rank's RNG from `folder`; `state` is what `verify(folder)` returned, so nothing
+    is unpickled from a checkpoint that did not match its manifest."""
     if state["world_size"] != distributed.world_size():
         raise ValueError(f"{folder} was written by {state['world_size']} processes, this run has "
                          f"{distributed.world_size()}; resume with the same number, or resume=never")
     engine.load(folder)
     set_rng_state(_unpicklable(torch.load(folder / f"rng_rank{distributed.rank()}.pt", weights_only=True)))
-    return state
 
 
 def _picklable(state: dict) -> dict:
