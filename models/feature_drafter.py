@@ -20,9 +20,16 @@ EAGLE-3 (METHODS.md §8) changes three things, each a spec field here:
 - training-time test (`losses.feature.FeatureLoss.unroll`): in training the drafter is unrolled on its own
   outputs (`FeatureDrafter.unrolled`), with the attention pattern drafting has, and scored at every step.
 
+`layout` is how the feature and the next token's embedding enter the decoder layer:
+- `linear` (EAGLE-1): `fuse`, a linear map of [f_t, e(x_{t+1})] to d, then a standard Llama decoder layer.
+- `eagle3` (EAGLE-3's midlayer, the layout vLLM and SGLang load): the embedding and the feature are RMS-normed
+  separately (`input_layernorm`, `hidden_norm`), concatenated [e, f] (2d wide) into the attention's q/k/v
+  projections, and the residual stream starts from the feature itself. Only this layout exports to the engines'
+  EAGLE-3 format (`models.eagle3_export`).
+
 The target's embedding (and, without a draft vocabulary, its LM head) is not copied into the drafter: it is the
 target's, frozen. A saved feature drafter is `feature_drafter.json` + `model.safetensors` holding only its own
-weights, in draftsmith's format (engines' EAGLE loaders expect their own layouts; exporting to them is not done yet).
+weights, in draftsmith's format; the export stage writes the engines' EAGLE-3 and speculators layouts from it.
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, LlamaConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from infra.settings import at_least, check_fields
+from infra.settings import at_least, check_fields, one_of
 from models.cache import RaggedKVCache, block_mask, head_logits, pad_rows
 from models.compat import cache_argument
 from models.drafter import ReducedVocabHead, frequent_tokens
@@ -53,9 +60,10 @@ class FeatureDrafterSpec:
     intermediate_size: int | None = None  # decoder layer MLP width (default: the target's)
     feature_layers: tuple[int, ...] | None = None  # EAGLE-3: fuse these target layers' outputs (None: last state)
     draft_vocab_size: int | None = None  # EAGLE-3: own norm + head over the N most frequent training tokens
+    layout: str = "linear"  # linear (EAGLE-1's fc over [f, e]) | eagle3 (EAGLE-3's midlayer: normed [e, f] into q/k/v)
     seed: int = 0
     LIMITS: ClassVar[dict] = {"intermediate_size": at_least(1, none_ok=True),
-                              "draft_vocab_size": at_least(2, none_ok=True)}
+                              "draft_vocab_size": at_least(2, none_ok=True), "layout": one_of("linear", "eagle3")}
 
     def __post_init__(self) -> None:
         if self.feature_layers is not None:
@@ -64,6 +72,29 @@ class FeatureDrafterSpec:
                 raise ValueError(f"drafter.feature_layers={list(self.feature_layers)}: name distinct layer indices")
             object.__setattr__(self, "feature_layers", layers)
         check_fields(self)
+        if self.layout == "eagle3" and self.feature_sampling:
+            raise ValueError("drafter.feature_sampling (FSPAD) multiplies the feature by the embedding before the "
+                             "linear fusion; it needs drafter.layout=linear")
+
+
+class Eagle3Layer(LlamaDecoderLayer):
+    """EAGLE-3's decoder layer: attention over [input_layernorm(e), hidden_norm(f)] (q/k/v read 2d), residual from
+    f; then the usual post-attention norm and MLP. Called as layer(features, embeddings, **attention arguments)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config, layer_idx=0)
+        attention, width = self.self_attn, 2 * config.hidden_size
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(attention, name)
+            setattr(attention, name, torch.nn.Linear(width, old.out_features, bias=old.bias is not None))
+        self.hidden_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, embeddings: torch.Tensor, **attention) -> torch.Tensor:
+        attention.pop("use_cache", None)
+        both = torch.cat([self.input_layernorm(embeddings), self.hidden_norm(hidden_states)], dim=-1)
+        output = self.self_attn(hidden_states=both, **attention)
+        hidden = hidden_states + (output[0] if isinstance(output, tuple) else output)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class FeatureDrafter(torch.nn.Module):
@@ -87,8 +118,11 @@ class FeatureDrafter(torch.nn.Module):
                 raise ValueError(f"drafter.feature_layers: layer {layer} is outside the target's "
                                  f"{target_config.num_hidden_layers} layers (0-based)")
         self.reduce = torch.nn.Linear(len(layers) * hidden, hidden, bias=False) if len(layers) > 1 else None
-        self.fuse = torch.nn.Linear(2 * hidden, hidden, bias=False)
-        self.layer = LlamaDecoderLayer(self.layer_config, layer_idx=0)
+        if spec.layout == "eagle3":
+            self.fuse, self.layer = None, Eagle3Layer(self.layer_config)
+        else:
+            self.fuse = torch.nn.Linear(2 * hidden, hidden, bias=False)
+            self.layer = LlamaDecoderLayer(self.layer_config, layer_idx=0)
         torch.random.set_rng_state(generator_state)
         self.rotary = LlamaRotaryEmbedding(self.layer_config)
         self.norm = self.head = None
@@ -114,26 +148,34 @@ class FeatureDrafter(torch.nn.Module):
         normed = self.norm(hidden)
         return (self.head.compact(normed) if compact else self.head(normed)).float()
 
-    def fused_inputs(self, features: torch.Tensor, next_embeddings: torch.Tensor) -> torch.Tensor:
-        """The decoder layer's input [B, T, d] from f_t and e(x_{t+1}); with FSPAD's feature sampling the feature is
+    def step(self, features: torch.Tensor, next_embeddings: torch.Tensor, attention_mask: torch.Tensor,
+             position_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """One pass of the decoder layer: outputs [B, T, d] from features f_t (the target's, [B, T, k·d] or [B, T,
+        d], or the drafter's own [B, T, d]) and e(x_{t+1}) [B, T, d]. With FSPAD's feature sampling the feature is
         first sampled in embedding space, f_t ⊙ e(x_{t+1}). Training and decoding both go through here."""
         features = features.to(next_embeddings.dtype)
         if self.reduce is not None and features.shape[-1] != next_embeddings.shape[-1]:
             features = self.reduce(features)  # the target's layers, fused (own outputs are already this wide)
+        attention = {"attention_mask": attention_mask, "position_ids": position_ids,
+                     "position_embeddings": self.rotary(next_embeddings, position_ids)}
+        if cache is not None:
+            attention |= cache_argument(self.layer.self_attn, cache)
+        if self.fuse is None:
+            return self.layer(features, next_embeddings, **attention)
         if self.spec.feature_sampling:
             features = features * next_embeddings
-        return self.fuse(torch.cat([features, next_embeddings], dim=-1))
+        output = self.layer(self.fuse(torch.cat([features, next_embeddings], dim=-1)), use_cache=cache is not None,
+                            **attention)
+        return output[0] if isinstance(output, tuple) else output
 
     def forward(self, features: torch.Tensor, next_embeddings: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """Predicted next features [B, T, d] from target features f_t [B, T, d], embeddings of x_{t+1}
         [B, T, d] and a [B, T] padding mask (1 = real token)."""
-        hidden = self.fused_inputs(features, next_embeddings)
         batch, width = attention.shape
         position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()
+        causal = torch.ones(width, width, dtype=torch.bool, device=next_embeddings.device).tril()
         mask = (causal & attention.bool()[:, None, :]).unsqueeze(1)  # [B, 1, T, T]
-        return self.layer(hidden, attention_mask=mask, position_ids=position_ids,
-                          position_embeddings=self.rotary(hidden, position_ids))
+        return self.step(features, next_embeddings, mask, position_ids)
 
     def unrolled(self, features: torch.Tensor, next_embeddings: torch.Tensor, attention: torch.Tensor,
                  steps: int) -> list[torch.Tensor]:
@@ -147,20 +189,14 @@ class FeatureDrafter(torch.nn.Module):
         position = torch.arange(width, device=device)
         valid = attention.bool()[:, None, :]
         cache, outputs = DynamicCache(), []
-        hidden = self.fused_inputs(features, next_embeddings)
         for j in range(steps):
             masks = [(position[None, :] <= position[:, None] - j)[None] & valid]
             masks += [(position[None, :] == position[:, None] - j + i)[None].expand(batch, -1, -1)
                       for i in range(1, j + 1)]
             mask = torch.cat(masks, -1).unsqueeze(1)  # [B, 1, T, (j+1)T]
-            output = self.layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                                position_embeddings=self.rotary(hidden, position_ids),
-                                **cache_argument(self.layer, cache))
-            output = output[0] if isinstance(output, tuple) else output
+            output = self.step(features, next_embeddings, mask, position_ids, cache)
             outputs.append(output)
-            if j + 1 < steps:
-                shifted = torch.cat([output.new_zeros(batch, 1, output.shape[-1]), output[:, :-1]], 1)
-                hidden = self.fused_inputs(shifted, next_embeddings)
+            features = torch.cat([output.new_zeros(batch, 1, output.shape[-1]), output[:, :-1]], 1)
         return outputs
 
     def save(self, folder: Path) -> Path:
@@ -229,14 +265,12 @@ class FeatureDraft:
 
     def _run(self, features: torch.Tensor, tokens: torch.Tensor, local: torch.Tensor, relative: torch.Tensor,
              offset: int) -> torch.Tensor:
-        hidden = self.drafter.fused_inputs(features, self.embed(tokens))
+        embeddings = self.embed(tokens)
         span = self.cache.begin([length + offset for length in self.lengths], tokens.shape[1])
-        positions = torch.tensor(self.lengths, device=hidden.device)[:, None] + relative.to(hidden.device)[None, :]
-        mask = block_mask(self.lengths, span, local, hidden.device)
-        output = self.drafter.layer(hidden, attention_mask=mask, position_ids=positions,
-                                    position_embeddings=self.drafter.rotary(hidden, positions),
-                                    **cache_argument(self.drafter.layer, self.cache))
-        self.predicted = output[0] if isinstance(output, tuple) else output
+        device = embeddings.device
+        positions = torch.tensor(self.lengths, device=device)[:, None] + relative.to(device)[None, :]
+        mask = block_mask(self.lengths, span, local, device)
+        self.predicted = self.drafter.step(features, embeddings, mask, positions, self.cache)
         return self.drafter.logits(self.predicted, self.target)
 
     def catch_up(self, sequences: list[list[int]], features: torch.Tensor) -> torch.Tensor:

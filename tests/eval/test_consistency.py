@@ -39,7 +39,8 @@ def trained(tiny_target, records_dir, tmp_path_factory):
                                       intermediate_size=64), model, tokenizer)
     feature = build_feature_drafter(FeatureDrafterSpec(), model)
     answers = [row.input_ids[len(row.prompt_ids):] for row in read_rows(records_dir, "online")]
-    eagle3 = build_feature_drafter(FeatureDrafterSpec(feature_layers=(0, 1), draft_vocab_size=96), model, answers)
+    eagle3 = build_feature_drafter(FeatureDrafterSpec(feature_layers=(0, 1), draft_vocab_size=96, layout="eagle3"),
+                                    model, answers)
     for drafter, loss in ((token, LossMix({"fkl": {"fn": forward_kl}})), (feature, FeatureLoss()),
                           (eagle3, FeatureLoss(feature_weight=0.0, token_weight=1.0, unroll=2))):
         out = tmp_path_factory.mktemp("consistency")

@@ -114,7 +114,7 @@ def test_settings_a_feature_drafter_cannot_honour_are_refused_by_name(tiny_targe
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-EAGLE3 = FeatureDrafterSpec(feature_layers=(0, 1), draft_vocab_size=96)
+EAGLE3 = FeatureDrafterSpec(feature_layers=(0, 1), draft_vocab_size=96, layout="eagle3")
 
 
 def test_the_unrolled_steps_are_what_drafting_computes(tiny_target, records_dir):
