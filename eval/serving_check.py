@@ -11,7 +11,7 @@ plain run), with `{"method": M, "model": EXPORT_DIR, "num_speculative_tokens": Î
 that vLLM's speculative output equals its plain output token for token (and reports how often vLLM's plain output
 equals our eval's plain answers), and puts vLLM's spec-decode counters (mean acceptance length, acceptance per
 position: accepted at i / drafts, vLLM's form) beside our eval's Ï„ and per-position acceptance for that drafter.
-Writes `EXPORT_DIR.serving_check.json` and `.md` beside each export. Exit status 1 when vLLM's speculative output
+Writes `EXPORT_DIR.serving_check.json` and `.md` beside each export and adds vLLM's table to the export's model card. Exit status 1 when vLLM's speculative output
 is not lossless. Runs where vLLM is installed (on CPU: `.venv-vllm`, built by `.ci/setup-vllm`).
 """
 from __future__ import annotations
@@ -135,7 +135,24 @@ def compare(export_dir: Path, inputs: dict, target: Path, plain: list[list[int]]
     result["table_markdown"] = table(result)
     (export_dir.parent / f"{export_dir.name}.serving_check.json").write_text(json.dumps(result, indent=2))
     (export_dir.parent / f"{export_dir.name}.serving_check.md").write_text(result["table_markdown"])
+    add_to_card(export_dir / "README.md", result["table_markdown"])
     return result
+
+
+CARD_SECTION = "## Measured in vLLM"
+
+
+def add_to_card(card: Path, table_markdown: str) -> None:
+    """The model card gets vLLM's acceptance beside ours (replacing an earlier check's section)."""
+    if not card.exists():
+        return
+    text = card.read_text()
+    if CARD_SECTION in text:
+        start = text.index(CARD_SECTION)
+        following = text.find("\n## ", start + len(CARD_SECTION))
+        text = text[:start] + (text[following + 1:] if following != -1 else "")
+    card.write_text(text.rstrip("\n") + f"\n\n{CARD_SECTION}\n\n`python -m eval.serving_check` replayed the eval's "
+                    f"prompts through vLLM with this folder:\n\n{table_markdown}")
 
 
 def table(result: dict) -> str:

@@ -29,7 +29,7 @@ from infra.stage import StageRun
 from infra.settings import SettingsError, check_fields
 from models import eagle3_export
 from models.drafter import check_same_vocabulary
-from models.kinds import FeatureKind, kind_of_folder
+from models.kinds import kind_of_folder
 from models.loading import (TargetSpec, check_finite, check_safetensors, load_causal_lm, load_tokenizer,
                             resolve_model_dir)
 from models.sampling import sampling_in
@@ -174,9 +174,20 @@ def parameters_in(model_dir: Path) -> int:
 
 
 def formats_for(kind_name: str, formats: tuple[str, ...]) -> tuple[str, ...]:
-    if formats != ("auto",):
-        return tuple(f for f in formats if f != "auto")
-    return ("hf",) if kind_name == "token" else eagle3_export.FORMATS
+    """The formats to write for a drafter of kind `kind_name` (`auto`: what fits it); a mismatch is refused."""
+    if kind_name not in ("token", "feature"):
+        raise SettingsError(f"export.drafter is a {kind_name} drafter (training-free): nothing to export")
+    if formats == ("auto",):
+        return ("hf",) if kind_name == "token" else eagle3_export.FORMATS
+    formats = tuple(f for f in formats if f != "auto")
+    if kind_name == "token" and formats != ("hf",):
+        raise SettingsError(f"export.formats={list(formats)}: a standalone (token) drafter exports as hf only; eagle3 "
+                            f"and speculators hold feature-level drafters")
+    if kind_name == "feature" and "hf" in formats:
+        raise SettingsError("export.formats: hf holds standalone drafters; a feature-level drafter reads the target's "
+                            "hidden states, which transformers' assistant_model and vLLM's draft_model do not pass. "
+                            "Use export.formats=[eagle3,speculators]")
+    return formats
 
 
 def export_feature_drafter(drafter_dir: Path, out_dir: Path, fmt: str, card: str, target_dir: Path, gamma: int,
@@ -213,15 +224,6 @@ def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> di
         raise FileNotFoundError(f"export.drafter={settings.drafter!r} resolved to {drafter_dir}, which is not a "
                                 f"drafter checkpoint ({error})") from None
     formats = formats_for(kind.name, settings.formats)
-    if kind.name not in ("token", "feature"):
-        raise SettingsError(f"export.drafter={choice!r} is a {kind.name} drafter (training-free); nothing to export")
-    if kind.name == "token" and formats != ("hf",):
-        raise SettingsError(f"export.formats={list(formats)}: a standalone (token) drafter exports as hf only; eagle3 "
-                         f"and speculators hold feature-level drafters")
-    if isinstance(kind, FeatureKind) and "hf" in formats:
-        raise SettingsError("export.formats: hf holds standalone drafters; a feature-level drafter reads the target's "
-                         "hidden states, which transformers' assistant_model and vLLM's draft_model do not pass. "
-                         "Use export.formats=[eagle3,speculators]")
     target_dir, identity = resolve_model_dir(target, run.cache_dir)
     card_report = report if report is not None and choice in report["drafters"] else None
     gamma = card_report["settings"]["gamma"] if card_report else 3

@@ -107,3 +107,6 @@ def test_vllm_runs_every_export_format_losslessly_and_reports_acceptance_beside_
         assert abs(first_vllm - first_ours) < 0.1 and abs(vllm["mean_acceptance_length"] -
                                                            ours["block_efficiency"]) < 0.25, (ours, vllm)
     assert "| vLLM `draft_model` |" in check.stdout and "| vLLM `eagle3` |" in check.stdout
+    for export in exports:  # the model card carries both measurements and the serving line
+        card = (export / "README.md").read_text()
+        assert "## Measured acceptance" in card and card.count("## Measured in vLLM") == 1 and "vllm serve" in card
