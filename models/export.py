@@ -191,18 +191,18 @@ def formats_for(kind_name: str, formats: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def export_feature_drafter(drafter_dir: Path, out_dir: Path, fmt: str, card: str, target_dir: Path, gamma: int,
-                           provenance: dict) -> Path:
+                           provenance: dict) -> float:
     """A feature drafter in an engine's EAGLE-3 layout, proven to compute what the drafter computes as an engine
-    reads the files (`eagle3_export.check_export`), with its card."""
+    reads the files (`eagle3_export.check_export`), with its card; returns the largest difference found."""
     from models.feature_drafter import load_feature_drafter
 
     target = load_causal_lm(target_dir)
     drafter = load_feature_drafter(drafter_dir, target)
     check_finite(drafter, f"{drafter_dir} (export.drafter)")
     eagle3_export.write(drafter, target.config, out_dir, fmt, gamma, str(target_dir), provenance)
-    provenance["engine_view_max_difference"] = eagle3_export.check_export(out_dir, drafter, target.config.hidden_size)
+    worst = eagle3_export.check_export(out_dir, drafter, target.config.hidden_size)
     (out_dir / "README.md").write_text(card)
-    return out_dir
+    return worst
 
 
 def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> dict:
@@ -229,7 +229,7 @@ def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> di
     gamma = card_report["settings"]["gamma"] if card_report else 3
     reproduce = f"python train/run.py +experiment={run.config['experiment']} run_name={run.config['run_name']}"
     parameters = parameters_in(drafter_dir)
-    exported = {}
+    exported, engine_view = {}, {}
     for fmt in formats:
         out_dir = run.out_dir / folder_name(settings.name, fmt)
         card = model_card(folder_name(settings.name, fmt), fmt, identity.as_dict(), parameters,
@@ -237,9 +237,10 @@ def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> di
         if fmt == "hf":
             export_drafter(drafter_dir, out_dir, card, target_dir)
         else:
-            export_feature_drafter(drafter_dir, out_dir, fmt, card, target_dir, gamma,
-                                   {"drafter": choice, "target": identity.as_dict(), "reproduce": reproduce})
+            engine_view[fmt] = export_feature_drafter(drafter_dir, out_dir, fmt, card, target_dir, gamma, {
+                "drafter": choice, "target": identity.as_dict(), "reproduce": reproduce})
         exported[fmt] = str(run.run_dir / "export" / out_dir.name)
     return {"exported": exported, "drafter": choice, "kind": kind.name,
+            **({"engine_view_max_difference": engine_view} if engine_view else {}),
             "files": {fmt: sorted(p.name for p in Path(run.out_dir / Path(path).name).iterdir())
                       for fmt, path in exported.items()}}
