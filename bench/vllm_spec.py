@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.serving_check import load_inputs, method, target_dir  # noqa: E402
+from eval.serving_check import engine_settings, load_inputs, speculative_config, target_dir  # noqa: E402
 
 
 def timed(engine, prompts: list[list[int]], params, batch: int, repeats: int) -> tuple[list[list[int]], list[float]]:
@@ -55,8 +55,7 @@ def main() -> None:
     target = target_dir(inputs["config"])
     prompts = [p["prompt_ids"] for p in inputs["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=inputs["max_new_tokens"], stop_token_ids=inputs["stop_ids"])
-    settings = dict(model=str(target), dtype="float32", enforce_eager=True, seed=0, max_num_seqs=8,
-                    max_model_len=max(map(len, prompts)) + inputs["max_new_tokens"] + 16)
+    settings = engine_settings(target, prompts, inputs["max_new_tokens"])
     rows = []
     engine = LLM(**settings)
     plain, plain_rates = timed(engine, prompts, params, arguments.batch, arguments.repeats)
@@ -64,7 +63,7 @@ def main() -> None:
     rows.append(("vLLM plain", statistics.median(plain_rates), plain_rates, True))
     for folder in arguments.export_dirs:
         folder = folder.resolve()
-        speculative = {"method": method(folder), "model": str(folder), "num_speculative_tokens": inputs["gamma"]}
+        speculative = speculative_config(folder, inputs["gamma"])
         engine = LLM(**settings, speculative_config=speculative)
         outputs, rates = timed(engine, prompts, params, arguments.batch, arguments.repeats)
         del engine

@@ -60,9 +60,7 @@ def generate(target: Path, prompts: list[list[int]], max_new_tokens: int, stop_i
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    longest = max(map(len, prompts)) + max_new_tokens + 16
-    engine = LLM(model=str(target), dtype="float32", enforce_eager=True, seed=0, max_model_len=longest,
-                 max_num_seqs=8, disable_log_stats=False,
+    engine = LLM(**engine_settings(target, prompts, max_new_tokens), disable_log_stats=False,
                  **({"speculative_config": speculative} if speculative else {}))
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)
     started = time.perf_counter()
@@ -75,6 +73,16 @@ def generate(target: Path, prompts: list[list[int]], max_new_tokens: int, stop_i
             counters[metric.name.removeprefix("vllm:spec_decode_")] = getattr(metric, "values", None) or metric.value
     del engine
     return outputs, counters, seconds
+
+
+def engine_settings(target: Path, prompts: list[list[int]], max_new_tokens: int) -> dict:
+    """The vLLM engine both sides run on (plain and speculative alike): fp32, eager, room for the longest prompt."""
+    return dict(model=str(target), dtype="float32", enforce_eager=True, seed=0, max_num_seqs=8,
+                max_model_len=max(map(len, prompts)) + max_new_tokens + 16)
+
+
+def speculative_config(export_dir: Path, gamma: int) -> dict:
+    return {"method": method(export_dir), "model": str(export_dir), "num_speculative_tokens": gamma}
 
 
 def serving_metrics(counters: dict) -> dict:
@@ -115,8 +123,7 @@ def check(export_dirs: list[Path]) -> list[dict]:
 def compare(export_dir: Path, inputs: dict, target: Path, plain: list[list[int]], plain_seconds: float) -> dict:
     prompts = [p["prompt_ids"] for p in inputs["prompts"]]
     ours_plain = [[t for t in p["reference_ids"] if t not in inputs["stop_ids"]] for p in inputs["prompts"]]
-    speculative = {"method": method(export_dir), "model": str(export_dir),
-                   "num_speculative_tokens": inputs["gamma"]}
+    speculative = speculative_config(export_dir, inputs["gamma"])
     spec, counters, spec_seconds = generate(target, prompts, inputs["max_new_tokens"], inputs["stop_ids"],
                                             speculative)
     mismatched = [p["id"] for p, a, b in zip(inputs["prompts"], spec, plain) if a != b]
