@@ -194,8 +194,9 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _chain_step(target: _Target, draft, sequences: list[list[int]], budgets: list[int],
-                settings: DecodeSettings, rng: _Rows) -> tuple[list[tuple[int, int, list[int]]], int]:
-    """One chain step; per row (proposed, accepted, emitted tokens), and how many drafts were fed to the drafter."""
+                settings: DecodeSettings, rng: _Rows, recorder=None) -> tuple[list[tuple[int, int, list[int]]], int]:
+    """One chain step; per row (proposed, accepted, emitted tokens), and how many drafts were fed to the drafter.
+    A `recorder` (`VerificationRecorder`) gets what the verification computed: the block and the target's logits."""
     device = target.cache.device
     rows, most = len(sequences), max(budgets)
     sampling = not settings.sampling.greedy
@@ -250,6 +251,8 @@ def _chain_step(target: _Target, draft, sequences: list[list[int]], budgets: lis
         choice = logits.argmax(-1)
         accepted = ((block[:, 1:] == choice[:, :count]) & valid).long().cumprod(1).sum(1)
         own = choice.gather(1, accepted[:, None])[:, 0]
+    if recorder is not None:
+        recorder.verified(block, logits, proposed)
     target.store_features(hidden, torch.arange(count + 1, device=device).expand(rows, -1))
     packed = torch.cat([proposed[:, None], accepted[:, None], block[:, 1:], own[:, None]], 1).tolist()  # the sync
     results = [(row[0], row[1], row[2: 2 + row[1]] + [row[-1]]) for row in packed]
@@ -361,25 +364,70 @@ class _TimedDraft:
         return logits
 
 
+class VerificationRecorder:
+    """What verification computed, kept for learning from it (the `online` stage): per prompt and chain step, the
+    step's first generated position, the tokens the drafter proposed, and the target's top-k log-probabilities
+    (and the log of the mass outside them) at every block position: position j scores the token after the last
+    committed token and the first j drafts. Costs one top-k and one host transfer per step; nothing is recomputed.
+
+    `steps[prompt]` lists dicts {start, drafts, topk_ids, topk_logprobs, rest_logprob}; the accepted count follows
+    from the generation (a draft is accepted where it equals the generated token at its position)."""
+
+    def __init__(self, prompts: int, top_k: int) -> None:
+        self.top_k, self.steps = top_k, [[] for _ in range(prompts)]
+        self.live: list[int] = []
+        self.starts: list[int] = []
+
+    def begin(self, live: list[int], starts: list[int]) -> None:
+        self.live, self.starts = list(live), list(starts)
+
+    def verified(self, block: torch.Tensor, logits: torch.Tensor, proposed: torch.Tensor) -> None:
+        log_probs = torch.log_softmax(logits.float(), -1)
+        values, ids = log_probs.topk(min(self.top_k, log_probs.shape[-1]), -1)
+        rest = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-7))
+        for row, (count, drafts, top_ids, top_values, left) in enumerate(zip(
+                proposed.tolist(), block[:, 1:].tolist(), ids.tolist(), values.tolist(), rest.tolist())):
+            self.steps[self.live[row]].append({
+                "start": self.starts[row], "drafts": drafts[:count], "topk_ids": top_ids[: count + 1],
+                "topk_logprobs": top_values[: count + 1], "rest_logprob": left[: count + 1]})
+
+
 @torch.inference_mode()
 def speculative_generate(target: PreTrainedModel, draft, prompts: list[list[int]], settings: DecodeSettings,
                          stop_ids: list[int], keys: list[str] | None = None,
-                         timings: dict | None = None) -> list[Generation]:
+                         timings: dict | None = None, recorder: VerificationRecorder | None = None) -> list[Generation]:
     """Speculative generations for `prompts` (token id lists), `settings.batch_size` rows at a time. `keys` name
     the rows' random streams (default: their index); `draft` is a `TokenDraft` or a `FeatureDraft`. With
-    `timings`, the drafter's drafting forwards are timed into it (adds syncs: for measuring c only)."""
+    `timings`, the drafter's drafting forwards are timed into it (adds syncs: for measuring c only); a `recorder`
+    (chains only) keeps what each verification computed."""
     keys = keys or [str(i) for i in range(len(prompts))]
+    if recorder is not None and settings.tree:
+        raise ValueError("recording verifications is implemented for chains (tree=[]), not trees")
     if timings is not None:
         draft = _TimedDraft(draft, timings)
     generations = []
     with few_row_linears(target, *getattr(draft, "networks", ())):
         for first in range(0, len(prompts), settings.batch_size):
             chunk = slice(first, first + settings.batch_size)
-            generations += _generate_batch(target, draft, prompts[chunk], settings, stop_ids, keys[chunk])
+            generations += _generate_batch(target, draft, prompts[chunk], settings, stop_ids, keys[chunk],
+                                           _Offset(recorder, first) if recorder is not None else None)
     return generations
 
 
-def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys) -> list[Generation]:
+class _Offset:
+    """A recorder seen by one batch: batch row indices shifted to prompt indices."""
+
+    def __init__(self, recorder: VerificationRecorder, first: int) -> None:
+        self.recorder, self.first = recorder, first
+
+    def begin(self, live: list[int], starts: list[int]) -> None:
+        self.recorder.begin([self.first + row for row in live], starts)
+
+    def verified(self, *arguments) -> None:
+        self.recorder.verified(*arguments)
+
+
+def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys, recorder=None) -> list[Generation]:
     tree = Tree(settings.tree) if settings.tree else None
     capacity = _capacity(prompts, settings, tree)
     target = _Target(target_model, prompts, capacity, draft.needs_features, getattr(draft, "feature_layers", None))
@@ -395,8 +443,10 @@ def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys) -> l
             steps, path = _tree_step(target, draft, tree, sequences, settings, rng)
             fed = 0
         else:
+            if recorder is not None:
+                recorder.begin(live, [len(results[i].tokens) for i in live])
             steps, fed = _chain_step(target, draft, sequences, [min(settings.gamma, r - 1) for r in remaining],
-                                     settings, rng)
+                                     settings, rng, recorder)
         accepted = [n for _, n, _ in steps]
         if tree:  # move the accepted path's keys/values next to the prefix
             columns = torch.tensor(target.lengths, device=path.device)[:, None]

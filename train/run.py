@@ -29,6 +29,7 @@ import data_gen.generate
 import eval.speculative
 import models.export
 import train.distill
+import train.online
 import train.pretrain
 from data_gen.generate import ShardsPending, WorkerSettings
 from infra import distributed
@@ -58,6 +59,7 @@ STAGES = {
                      ("data_gen", "pretrain")),
     "eval": Stage(eval.speculative.run_stage, ("target", "drafter", "eval_data", "eval"), ("pretrain", "distill")),
     "export": Stage(models.export.run_stage, ("target", "export"), ("eval", "pretrain", "distill")),
+    "online": Stage(train.online.run_stage, ("target", "online", "loss"), ("pretrain", "distill")),
 }
 DISTRIBUTED_STAGES = ("pretrain", "distill")  # the stages a torchrun/deepspeed launch may run
 

@@ -1,0 +1,279 @@
+"""Stage `online` (train/online.py) on the tiny random target: what the buffer holds comes from verification, greedy
+replay equals real serving, a harmful update is rolled back, kill -9 resumes exactly, bad settings are refused."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from data_gen.sources import PromptSourceSpec
+from data_gen.stream import StreamPhase, domain_of
+from eval.decoder import DecodeSettings, VerificationRecorder, speculative_generate
+from infra.settings import SettingsError
+from infra.stage import StageRun
+from losses.mix import LossMix
+from losses.kl import forward_kl
+from models.drafter import TokenDraft, save_drafter
+from tests.conftest import REPO_ROOT, TINY_PROMPTS, quiet_tracker
+from train.checkpoint import MANIFEST, STEP_FOLDER
+from train.online import (Arm, ArmState, OnlineSettings, PublishSettings, ScheduleSettings, arms_for, replay_steps,
+                          run_stage)
+from train.online_buffer import BufferSettings, Served, rows_from
+from train.optim import OptimSettings
+
+FKL = LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})
+
+
+def prompts_file(tmp_path, name, texts):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"id": f"{name}{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    return PromptSourceSpec(name=name, format="jsonl", location=str(path), shuffle_seed=None)
+
+
+def two_phases(tmp_path, count=6):
+    return {"a": StreamPhase(source=prompts_file(tmp_path, "a", TINY_PROMPTS[:count]), count=count),
+            "b": StreamPhase(source=prompts_file(tmp_path, "b", [t.upper() for t in TINY_PROMPTS[:count]]),
+                             count=count)}
+
+
+def stage_run(tmp_path, target, name="run", resume="auto") -> StageRun:
+    out = tmp_path / name / "online.partial"
+    out.mkdir(parents=True, exist_ok=True)
+    return StageRun(stage="online", out_dir=out, run_dir=tmp_path / name, cache_dir=tmp_path / "cache",
+                    tracker=quiet_tracker(tmp_path, "online"), config={}, target_identity={},
+                    load_target=lambda: target, resume=resume)
+
+
+@pytest.fixture()
+def copy_of_target(tiny_target, tmp_path):
+    """A drafter that is the target itself (acceptance 1): what an update can only make worse."""
+    folder = tmp_path / "drafter"
+    save_drafter(copy.deepcopy(tiny_target.model), tiny_target.tokenizer, folder)
+    return folder
+
+
+def stream_lines(run_dir, arm):
+    return [json.loads(line) for line in (run_dir / "online.partial" / "arms" / arm / "stream.jsonl")
+            .read_text().splitlines()]
+
+
+def test_verification_record_is_the_targets_distribution_at_every_drafted_position(tiny_target):
+    """The recorder keeps what the verification forward computed: at block position j the target's log-softmax given
+    the committed prefix and the first j drafts, equal to a fresh full forward over the same tokens."""
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    prompts = [tokenizer.encode(text) for text in TINY_PROMPTS[:3]]
+    drafter = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in drafter.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # a drafter that is sometimes wrong
+    recorder = VerificationRecorder(len(prompts), top_k=5)
+    generations = speculative_generate(model, TokenDraft(drafter), prompts, DecodeSettings(gamma=3, max_new_tokens=12,
+                                                                                            batch_size=2), [],
+                                       recorder=recorder)
+    rejected = 0
+    for prompt, generation, steps in zip(prompts, generations, recorder.steps):
+        served = Served("k", 0, "a", prompt, generation.tokens, steps)
+        assert sum(len(s["drafts"]) for s in steps) == generation.stats.drafted
+        assert sum(served.accepted(s) for s in steps) == generation.stats.accepted
+        for step in steps:
+            block = prompt + generation.tokens[: step["start"]] + step["drafts"]
+            with torch.no_grad():
+                full = torch.log_softmax(model(torch.tensor([block])).logits[0].float(), -1)
+            for j in range(len(step["drafts"]) + 1):
+                position = len(prompt) + step["start"] - 1 + j
+                expected = full[position].topk(5)
+                assert step["topk_ids"][j] == expected.indices.tolist()
+                assert torch.allclose(torch.tensor(step["topk_logprobs"][j]), expected.values, atol=1e-4)
+            rejected += served.accepted(step) < len(step["drafts"])
+    assert rejected > 0  # positions after a rejection (the drafter's own proposals) were checked too
+
+
+def test_rows_hold_the_configured_positions_and_sources():
+    """Step 0 drafts [5, 6, 7] of which 2 are accepted (position 2 is a correction); step 1 drafts [8, 9], both
+    accepted, and position 5 is the bonus token."""
+    def topk(n):
+        return [[[100 + n * 10 + j]] for j in range(n)], [[[-0.1 * j]] for j in range(n)]
+    ids0, values0 = topk(4)
+    ids1, values1 = topk(3)
+    steps = [{"start": 0, "drafts": [5, 6, 7], "topk_ids": [i[0] for i in ids0], "topk_logprobs": [v[0] for v in values0]},
+             {"start": 3, "drafts": [8, 9], "topk_ids": [i[0] for i in ids1], "topk_logprobs": [v[0] for v in values1]}]
+    served = Served("r", 0, "a", [1, 2], [5, 6, 3, 8, 9, 4], steps)
+    assert [served.accepted(s) for s in steps] == [2, 2]
+    marked = {}
+    for positions in ("corrected", "drafted", "all"):
+        (row,) = rows_from(served, BufferSettings(positions=positions), seed=0)
+        assert row.input_ids == [1, 2, 5, 6, 3, 8, 9, 4] and row.prompt_ids == [1, 2]
+        marked[positions] = [i - 2 for i, m in enumerate(row.loss_mask) if m]
+        assert len(row.topk_ids) == len(marked[positions])
+    assert marked == {"corrected": [2, 5], "drafted": [0, 1, 2, 3, 4], "all": [0, 1, 2, 3, 4, 5]}
+    (row,) = rows_from(served, BufferSettings(positions="corrected"), seed=0)
+    assert row.topk_ids == [[142], [132]]  # block position 2 of step 0, position 2 of step 1
+    student = rows_from(served, BufferSettings(source="student"), seed=0)
+    assert [r.input_ids for r in student] == [[1, 2, 5, 6, 7, 143], [1, 2, 5, 6, 3, 8, 9, 132]]
+    assert [sum(r.loss_mask) for r in student] == [4, 3] and student[0].topk_ids == [[140], [141], [142], [143]]
+    mixed = [rows_from(served, BufferSettings(source="mixed_token", mix=0.5), seed=s) for s in range(20)]
+    assert {len(rows) for rows in mixed} >= {1, 2}  # per step, sometimes the proposal, sometimes the served path
+
+
+def test_greedy_replay_counts_what_the_decoder_counts():
+    # guesses right at 0, 1; wrong at 2; right at 3..5; max 6 new tokens, gamma 3
+    steps, stats = replay_steps([10, 11, 12, 13, 14, 15], [10, 11, 99, 13, 14, 15], 3, 6)
+    assert [s["start"] for s in steps] == [0, 3] and stats.accepted_per_step == [2, 2]
+    assert steps[0]["drafts"] == [10, 11, 99] and stats.drafted == 3 + 2  # the last step drafts min(3, 6 - 3 - 1)
+    assert stats.emitted == 6 and stats.steps == 2
+
+
+def test_replay_equals_real_serving_and_updates_never_run_the_target(tiny_target, copy_of_target, tmp_path):
+    """The frozen arm's per-request counts in replay mode equal real serving's; the spot checks agree; during an
+    update the target never runs (what it learns from was stored at verification)."""
+    phases = two_phases(tmp_path)
+    common = dict(stream=phases, init_from=str(copy_of_target), gamma=3, max_new_tokens=10, max_prompt_tokens=64,
+                  max_seq_len=128, baselines=("frozen",), schedule=ScheduleSettings(every_requests=2, steps=1,
+                                                                                    batch_size=2),
+                  publish=PublishSettings(heldout_every=3, window=2, min_window=1), moving_window=2, plots=False)
+    calls = []
+    hook = tiny_target.model.register_forward_hook(lambda *a: calls.append(1))
+    original = ArmState.update
+
+    def guarded(self, index):
+        before = len(calls)
+        line = original(self, index)
+        assert len(calls) == before, "an update ran the target"
+        return line
+
+    ArmState.update = guarded
+    try:
+        served = run_stage(stage_run(tmp_path, tiny_target, "serve"), OnlineSettings(mode="serve", **common), FKL)
+        replay = run_stage(stage_run(tmp_path, tiny_target, "replay"),
+                           OnlineSettings(mode="replay", spot_check_every=1, **common), FKL)
+    finally:
+        ArmState.update = original
+        hook.remove()
+    keys = ("index", "phase", "drafted", "accepted", "steps", "emitted")
+    for arm in ("frozen", "ours"):
+        real = [{k: l[k] for k in keys} for l in stream_lines(tmp_path / "serve", arm)]
+        assert real and real == [{k: l[k] for k in keys} for l in stream_lines(tmp_path / "replay", arm)]
+    assert served["ours_updates"] >= 2 and served["frozen_updates"] == 0
+    report = json.loads((tmp_path / "replay" / "online.partial" / "report.json").read_text())
+    assert report["arms"]["ours"]["spot_checks"] == 12 and report["arms"]["ours"]["replay_mismatches"] == 0
+    assert report["arms"]["frozen"]["lossless_checks"] == 0
+    served_report = json.loads((tmp_path / "serve" / "online.partial" / "report.json").read_text())
+    assert served_report["arms"]["frozen"]["lossless_checks"] == 12
+    assert set(report["phases"]["ours"]) == {"a", "b"} and "| ours |" in report["table_markdown"]
+    assert replay == served
+
+
+def test_a_harmful_update_is_rolled_back(tiny_target, copy_of_target, tmp_path):
+    """lr = 1 (Adam moves every weight by about 1 per step) wrecks a drafter that equals its target; the held-out
+    check sees τ fall and rolls back: the serving drafter keeps its weights and the trainer returns to them."""
+    settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(copy_of_target), mode="replay", gamma=3,
+                              max_new_tokens=10, max_prompt_tokens=64, max_seq_len=128, baselines=(),
+                              schedule=ScheduleSettings(every_requests=2, steps=2, batch_size=2),
+                              publish=PublishSettings(heldout_every=3, window=2, min_window=1),
+                              optim=OptimSettings(lr=1.0, warmup_steps=0, min_lr_ratio=1.0), plots=False,
+                              spot_check_every=0)
+    before = {k: v.clone() for k, v in tiny_target.model.state_dict().items()}
+    summary = run_stage(stage_run(tmp_path, tiny_target), settings, FKL)
+    assert summary["ours_updates"] >= 2 and summary["ours_rollbacks"] == summary["ours_updates"]
+    assert summary["ours_version"] == 0
+    updates = [json.loads(l) for l in (tmp_path / "run" / "online.partial" / "arms" / "ours" / "updates.jsonl")
+               .read_text().splitlines()]
+    assert all(u["candidate"] < u["serving"] and not u["published"] for u in updates)
+    from models.kinds import load_any
+    final = load_any(tmp_path / "run" / "online.partial" / "model", tiny_target)
+    for name, value in final.state_dict().items():
+        assert torch.equal(value, before[name]), name  # what served after every rollback is the original drafter
+    # the same update with a sane rate is published
+    sane = run_stage(stage_run(tmp_path, tiny_target, "sane"),
+                     OnlineSettings(**{**vars(settings), "optim": OptimSettings(lr=1e-6, warmup_steps=0,
+                                                                                 min_lr_ratio=1.0)}), FKL)
+    assert sane["ours_version"] >= 1
+
+
+def test_osd_arm_is_the_public_codes_online_path():
+    (frozen, osd, ours) = arms_for(OnlineSettings(stream={"a": StreamPhase(source=PromptSourceSpec(
+        name="x", format="jsonl", location="x"), count=1)}), FKL)
+    assert (frozen.learn, osd.learn, ours.learn) == (False, True, True)
+    assert osd.buffer.positions == "corrected" and osd.buffer.clear_after_update and osd.buffer.source == "teacher"
+    assert (osd.schedule.every_requests, osd.schedule.steps) == (8, 1) and not osd.publish.check
+    assert osd.optim.lr == 1e-4 and osd.optim.min_lr_ratio == 1.0 and list(osd.loss.terms) == ["fkl"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mode": "replay", "sampling": {"temperature": 1.0}}, "online.mode=replay replays greedy"),
+    ({"mode": "replay", "buffer": BufferSettings(source="student")}, "buffer.source=student"),
+    ({"baselines": ("frozen", "medusa")}, "unknown ['medusa']"),
+    ({"stream": {}}, "online.stream is empty"),
+    ({"max_seq_len": 100}, "online.max_seq_len=100 is shorter"),
+])
+def test_settings_that_cannot_work_are_refused(change, message):
+    phase = {"a": StreamPhase(source=PromptSourceSpec(name="x", format="jsonl", location="x"), count=1)}
+    with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        OnlineSettings(**({"stream": phase} | change))
+
+
+def test_domains_of_first_turns():
+    assert domain_of("Explain quantum computing in simple terms") == "english"
+    assert domain_of("알고 있는 것을 최대한 설명 해 줘서 고마워!") == "other_language"
+    assert domain_of("fix this:\n```python\nprint(1)\n```") == "code"
+    assert domain_of("import os\ndef main():\n    pass") == "code"
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_exactly(tiny_target, copy_of_target, tmp_path):
+    """kill -9 once ours has checkpointed, rerun: the logs, updates and final drafter equal an uninterrupted run's,
+    and no request is counted twice."""
+    a = prompts_file(tmp_path, "a", TINY_PROMPTS)
+    args = ["+experiment=smoke", "logger=none", "stages=[online]", f"online.init_from={copy_of_target}",
+            "~online.stream.other_languages", "~online.stream.code", "~online.stream.mtbench_math_code_reasoning",
+            "~online.stream.english_again", "online.stream.english.source.format=jsonl",
+            f"online.stream.english.source.location={a.location}", "online.stream.english.source.file=null",
+            "online.stream.english.source.shuffle_seed=null", "online.stream.english.source.offset=0", "online.stream.english.domain=any",
+            "online.stream.english.count=10", "online.max_new_tokens=24", "online.schedule.every_requests=1",
+            "online.schedule.steps=2", "online.schedule.batch_size=2", "online.publish.heldout_every=2",
+            "online.publish.min_window=1", "online.optim.lr=1e-4", "online.plots=false", "online.baselines=[]"]
+    env = dict(os.environ, DRAFTSMITH_CACHE=str(tmp_path / "cache"))
+
+    def command(root):
+        return [sys.executable, "train/run.py", *args, f"runs_root={root}"]
+
+    reference = subprocess.run(command(tmp_path / "reference"), cwd=REPO_ROOT, env=env, capture_output=True,
+                               text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    checkpoints = tmp_path / "killed" / "smoke" / "default" / "online.partial" / "arms" / "ours" / "checkpoints"
+    process = subprocess.Popen(command(tmp_path / "killed"), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(int(STEP_FOLDER.fullmatch(p.name).group(1)) >= 4
+                                             for p in checkpoints.glob("step-*")
+                                             if STEP_FOLDER.fullmatch(p.name) and (p / MANIFEST).exists()):
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_dir = tmp_path / "killed" / "smoke" / "default"
+    assert not (killed_dir / "online").exists(), "the kill must land mid-run"
+    resumed = subprocess.run(command(tmp_path / "killed"), cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[online] ours: resuming from" in resumed.stdout
+    reference_dir = tmp_path / "reference" / "smoke" / "default"
+
+    def logged(run_dir, name):
+        lines = [json.loads(l) for l in (run_dir / "online" / "arms" / "ours" / name).read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+
+    assert logged(killed_dir, "stream.jsonl") == logged(reference_dir, "stream.jsonl")
+    assert [l["index"] for l in logged(killed_dir, "stream.jsonl")] == list(range(10))  # each request once
+    assert logged(killed_dir, "updates.jsonl") == logged(reference_dir, "updates.jsonl")
+    assert len(logged(killed_dir, "updates.jsonl")) >= 4
+    from safetensors.torch import load_file
+    assert all(torch.equal(x, y) for x, y in zip(
+        load_file(killed_dir / "online" / "model" / "model.safetensors").values(),
+        load_file(reference_dir / "online" / "model" / "model.safetensors").values()))

@@ -1,0 +1,700 @@
+"""Stage `online`: online distillation (OSD, Liu et al. 2023, and better): the drafter learns from the traffic it serves.
+
+    python train/run.py +experiment=online_shift
+    python train/run.py +experiment=quickstart stages=[online] online.mode=serve loss=tvd
+
+A stream of requests (`data_gen/stream.py`, phases whose domain changes) is served by the embedded lossless
+decoder. What verification computed, the target's top-k log-probabilities at every drafted position, the accepted
+prefix and the correction, goes into a bounded replay buffer (`train/online_buffer.py`): the target never runs a
+second time for training. Every `schedule.every_requests` requests the trainer takes `schedule.steps` optimizer
+steps on batches from the buffer (recent rows, and a `replay_share` of older ones against forgetting), with any
+loss of the family (the `loss` group: fkl, rkl, jsd, tvd, tvdpp, ...) on the rows of the configured source.
+
+Safe publication: each update makes a candidate; every `publish.heldout_every`-th request is served as usual but
+kept out of the buffer, in a window of the `publish.window` most recent ones; the candidate replaces the serving
+drafter (version + 1) only if its acceptance on that window is not worse than the serving drafter's (`tau`: τ of
+greedy chain decoding, exact under greedy serving; `alpha`: expected acceptance Σ min(p, q) from the stored top-k).
+Otherwise it is rolled back: the trainer returns to the serving weights and optimizer state; counted and logged.
+
+Arms: the configured learner (`ours`) and `baselines` served on the same stream: `frozen` (never updates) and `osd`
+(OSD's public code: forward KL on the corrected positions, an update every 8 requests, one step, the buffer
+emptied, lr 1e-4 constant, no clipping, no check).
+
+Modes: `serve` runs the real decoder for every request (greedy output compared with plain decoding every
+`check_lossless_every` requests). `replay` (greedy, token drafters, teacher rows) decodes the stream once with the
+plain target (the trace: answers and top-k along them) and replays it: under greedy verification the accepted
+prefix is exactly the run of positions where the drafter's argmax, given the target's own prefix, equals the
+target's token, so acceptance follows from one drafter forward per request (ANCHORS.md §10). Every
+`spot_check_every`-th request is also served for real and must give the trace's tokens (lossless) and the replay's
+counts (mismatches are counted and reported).
+
+Resumable: each arm checkpoints after every `checkpoint_every` updates (serving and trainer weights, optimizer
+states, buffer, window, counters); kill -9 and rerun continues from the newest good checkpoint, the request logs
+are cut back to it and the requests after it are served again (once in the logs).
+
+Outputs: `arms/<arm>/stream.jsonl` (per request: phase, drafter version, drafted, accepted, τ), `updates.jsonl`,
+`model/` (ours's final serving drafter), `report.json`, `report.md` (per-phase table, recovery after each shift),
+`acceptance_stream.png`, W&B series.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from data_gen.chat import end_of_turn_ids, prompt_token_ids
+from data_gen.stream import StreamPhase, StreamRequest, build_stream
+from eval.decoder import DecodeSettings, VerificationRecorder, plain_generate, speculative_generate
+from eval.metrics import DecodeStats
+from eval.speculative import LosslessnessError
+from infra.settings import SettingsError, at_least, check_fields, one_of
+from infra.stage import StageRun
+from losses.kl import forward_kl
+from losses.mix import LossMix
+from losses.tvd import expected_acceptance
+from models.drafter import TokenDraft, check_same_vocabulary, save_drafter, to_draft_vocabulary
+from models.kinds import kind_of, load_any
+from models.sampling import SamplingSettings, as_sampling
+from train import checkpoint
+from train.distill import draft_vocabulary, offline_teacher_logits
+from train.engine import logits_at
+from train.online_buffer import BufferSettings, ReplayBuffer, Served, rows_from
+from train.optim import OptimSettings, build_optimizer
+from train.rows import Row, collate
+
+MODES = ("serve", "replay")
+METRICS = ("auto", "tau", "alpha")
+BASELINES = ("frozen", "osd")
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    SECTION: ClassVar[str] = "online.schedule"
+    every_requests: int = 8   # an update after this many buffered requests
+    steps: int = 4            # optimizer steps per update
+    batch_size: int = 8       # rows per optimizer step
+    LIMITS: ClassVar[dict] = {"every_requests": at_least(1), "steps": at_least(1), "batch_size": at_least(1)}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    SECTION: ClassVar[str] = "online.publish"
+    check: bool = True        # false: every update is published unchecked (OSD)
+    heldout_every: int = 4    # every k-th request is held out of the buffer for the check
+    window: int = 8           # the most recent held-out requests the check uses
+    min_window: int = 2       # updates wait until the window holds this many
+    tolerance: float = 0.0    # published when candidate >= serving - tolerance
+    metric: str = "auto"      # auto: tau under greedy serving, else alpha
+    LIMITS: ClassVar[dict] = {"heldout_every": at_least(2), "window": at_least(1), "min_window": at_least(1),
+                              "tolerance": at_least(0), "metric": one_of(*METRICS)}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class OnlineSettings:
+    SECTION: ClassVar[str] = "online"
+    stream: dict = field(default_factory=dict)  # {phase name: StreamPhase}, served in order
+    mode: str = "serve"
+    init_from: str | None = None  # the drafter to start from; default: this run's distill output, else pretrain's
+    gamma: int = 4
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    max_new_tokens: int = 64
+    batch_size: int = 1           # requests decoded together (serve mode)
+    top_k: int = 20               # target log-probabilities kept per position
+    max_prompt_tokens: int = 384  # longer prompts are passed over when the stream is built (counted)
+    max_seq_len: int = 512
+    buffer: BufferSettings = field(default_factory=BufferSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    publish: PublishSettings = field(default_factory=PublishSettings)
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-4, warmup_steps=0, min_lr_ratio=1.0))
+    baselines: tuple[str, ...] = BASELINES
+    check_lossless_every: int = 1  # serve mode: plain decoding of every k-th request compared (0: never)
+    spot_check_every: int = 16     # replay mode: every k-th request also served for real (0: never)
+    checkpoint_every: int = 1      # updates between checkpoints
+    moving_window: int = 16        # requests in the reports' moving averages
+    seed: int = 0
+    plots: bool = True
+    LIMITS: ClassVar[dict] = {"mode": one_of(*MODES), "gamma": at_least(1), "max_new_tokens": at_least(2),
+                              "batch_size": at_least(1), "top_k": at_least(1), "max_prompt_tokens": at_least(1),
+                              "max_seq_len": at_least(2),
+                              "check_lossless_every": at_least(0), "spot_check_every": at_least(0),
+                              "checkpoint_every": at_least(1), "moving_window": at_least(1)}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sampling", as_sampling(self.sampling))
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        object.__setattr__(self, "stream", {name: phase if isinstance(phase, StreamPhase) else StreamPhase(**{
+            k: v for k, v in phase.items() if k != "_target_"}) for name, phase in self.stream.items()})
+        check_fields(self)
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise SettingsError(f"online.baselines={list(self.baselines)}: unknown {unknown}; choose from "
+                                f"{list(BASELINES)}")
+        if not self.stream:
+            raise SettingsError("online.stream is empty: name at least one phase, e.g. "
+                                "online.stream.chat={source: ..., count: 32}")
+        if self.max_seq_len < self.max_prompt_tokens + self.max_new_tokens:
+            raise SettingsError(f"online.max_seq_len={self.max_seq_len} is shorter than max_prompt_tokens + "
+                                f"max_new_tokens = {self.max_prompt_tokens + self.max_new_tokens}: served requests "
+                                f"would be cut in training; raise max_seq_len")
+        if self.mode == "replay" and not self.sampling.greedy:
+            raise SettingsError("online.mode=replay replays greedy verification (acceptance follows from the drafter's "
+                                "argmax along the target's greedy answer); with sampling use online.mode=serve")
+        if self.mode == "replay" and self.buffer.source != "teacher":
+            raise SettingsError(f"online.buffer.source={self.buffer.source}: the drafter's own proposals after a "
+                                f"rejection are scored only by a real verification; use online.mode=serve, or "
+                                f"buffer.source=teacher with mode=replay")
+
+    @property
+    def decode(self) -> DecodeSettings:
+        return DecodeSettings(gamma=self.gamma, sampling=self.sampling, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.batch_size, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of serving the stream: learning or not, and how."""
+    name: str
+    learn: bool
+    buffer: BufferSettings
+    schedule: ScheduleSettings
+    publish: PublishSettings
+    optim: OptimSettings
+    loss: LossMix | None
+
+
+def arms_for(settings: OnlineSettings, loss: LossMix) -> list[Arm]:
+    """The reference arms first (frozen, osd), then ours."""
+    arms = []
+    if "frozen" in settings.baselines:
+        arms.append(Arm("frozen", False, settings.buffer, settings.schedule, settings.publish, settings.optim, None))
+    if "osd" in settings.baselines:  # LiuXiaoxuanPKU/OSD distill_trainer.py online path, as read (ANCHORS.md §10)
+        arms.append(Arm("osd", True, BufferSettings(capacity=10 ** 6, positions="corrected", source="teacher",
+                                                    replay_share=0.0, clear_after_update=True),
+                        ScheduleSettings(every_requests=8, steps=1, batch_size=8), PublishSettings(check=False),
+                        OptimSettings(lr=1e-4, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0, grad_clip=1e9),
+                        LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})))
+    arms.append(Arm("ours", True, settings.buffer, settings.schedule, settings.publish, settings.optim, loss))
+    return arms
+
+
+# ---------------------------------------------------------------- greedy replay (exact under greedy verification)
+
+@torch.no_grad()
+def answer_logits(model: torch.nn.Module, items: list[tuple[list[int], list[int]]], max_seq_len: int,
+                  pad_id: int) -> list[torch.Tensor]:
+    """Per (prompt, answer): the model's logits [len(answer), V] at the positions that predict the answer tokens."""
+    rows = [Row(id=str(i), input_ids=p + a, loss_mask=[0] * len(p) + [1] * len(a), prompt_ids=p)
+            for i, (p, a) in enumerate(items)]
+    if any(len(r.input_ids) > max_seq_len for r in rows):
+        raise ValueError(f"a request of {max(len(r.input_ids) for r in rows)} tokens is longer than "
+                         f"online.max_seq_len={max_seq_len}; raise it")
+    input_ids, attention, positions, _ = collate(rows, pad_id, max_seq_len, next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    logits = logits_at(model, input_ids, attention, positions)[0]
+    model.train(was_training)
+    return list(logits.split([len(a) for _, a in items]))
+
+
+def replay_steps(answer: list[int], guesses: list[int], gamma: int, max_new_tokens: int) -> tuple[list[dict], DecodeStats]:
+    """Greedy chain decoding replayed: `guesses[t]` is the drafter's argmax given the prompt and answer[:t]. The
+    steps (start, drafts as far as they are determined) and the counters the decoder would record."""
+    stats, steps, t = DecodeStats(depth=gamma), [], 0
+    while t < len(answer):
+        proposed = min(gamma, max_new_tokens - t - 1)
+        accepted = 0
+        while accepted < proposed and t + accepted < len(answer) and guesses[t + accepted] == answer[t + accepted]:
+            accepted += 1
+        emitted = min(accepted + 1, len(answer) - t)
+        drafts = answer[t: t + accepted] + ([guesses[t + accepted]] if accepted < proposed and
+                                            t + accepted < len(answer) else [])
+        steps.append({"start": t, "drafts": drafts, "accepted": accepted})
+        stats.record_step(proposed, min(accepted, emitted), emitted)
+        t += emitted
+    return steps, stats
+
+
+# ---------------------------------------------------------------- one arm: serving drafter, trainer, buffer, window
+
+class ArmState:
+    """The serving drafter (a published version), the trainer (its copy being updated), optimizer states, buffer,
+    held-out window and counters of one arm; `save`/`load` are its checkpoint (train/checkpoint.py's engine role)."""
+
+    def __init__(self, arm: Arm, drafter: torch.nn.Module, settings: OnlineSettings, target, pad_id: int,
+                 out_dir: Path) -> None:
+        self.arm, self.settings, self.target, self.pad_id, self.out_dir = arm, settings, target, pad_id, out_dir
+        self.serving = drafter.eval()
+        self.trainer = copy.deepcopy(drafter).train() if arm.learn else None
+        self.d2t = draft_vocabulary(drafter)
+        if arm.learn:
+            self.optimizer, _ = build_optimizer(self.trainer, arm.optim, 1)
+            self.published_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        self.buffer = ReplayBuffer(arm.buffer, settings.seed)
+        self.window: list[Served] = []
+        self.counters = {"served": 0, "version": 0, "updates": 0, "rollbacks": 0, "published": 0,
+                         "pending_requests": 0, "train_seconds": 0.0, "serve_seconds": 0.0, "tokens": 0,
+                         "skipped_steps": 0, "stream_lines": 0, "update_lines": 0, "replay_mismatches": 0,
+                         "spot_checks": 0, "lossless_checks": 0}
+
+    # ---- checkpoint role
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_model
+
+        save_model(self.serving, str(folder / "serving.safetensors"))
+        if self.arm.learn:
+            save_model(self.trainer, str(folder / "trainer.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "published": self.published_optimizer},
+                       folder / "optimizer.pt")
+        torch.save({"buffer": self.buffer.state(), "window": [vars(s) for s in self.window]}, folder / "buffer.pt")
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.serving, str(folder / "serving.safetensors"))
+        if self.arm.learn:
+            load_model(self.trainer, str(folder / "trainer.safetensors"))
+            state = torch.load(folder / "optimizer.pt", weights_only=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.published_optimizer = state["published"]
+        state = torch.load(folder / "buffer.pt", weights_only=True)
+        self.buffer.load(state["buffer"])
+        self.window = [Served(**s) for s in state["window"]]
+
+    # ---- learning
+    def heldout(self, served: Served) -> bool:
+        publish = self.arm.publish
+        return self.arm.learn and publish.check and served.index % publish.heldout_every == publish.heldout_every - 1
+
+    def observe(self, served: Served) -> dict | None:
+        """Take one served request in; returns the update's log line when it triggered one."""
+        if not self.arm.learn:
+            return None
+        if self.heldout(served):
+            self.window = (self.window + [served])[-self.arm.publish.window:]
+        else:
+            self.buffer.add(rows_from(served, self.arm.buffer, self.settings.seed), tag=served.key)
+            self.counters["pending_requests"] += 1
+        ready = self.counters["pending_requests"] >= self.arm.schedule.every_requests and len(self.buffer)
+        if ready and (not self.arm.publish.check or len(self.window) >= self.arm.publish.min_window):
+            return self.update(served.index)
+        return None
+
+    def train_step(self, rows: list[Row]) -> float | None:
+        device = next(self.trainer.parameters()).device
+        vocab = self.target.config.vocab_size
+        input_ids, attention, positions, labels = collate(rows, self.pad_id, self.settings.max_seq_len, device)
+        teacher = offline_teacher_logits(rows, self.settings.max_seq_len, vocab, device)
+        student = logits_at(self.trainer, input_ids, attention, positions)
+        targets = labels[positions].unsqueeze(0)
+        keep = torch.ones_like(targets, dtype=torch.bool)
+        if self.d2t is not None:
+            teacher, targets, keep = to_draft_vocabulary(teacher, targets, self.d2t, vocab)
+        total, _ = self.arm.loss(student, teacher, keep, targets)
+        if not torch.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.counters["skipped_steps"] += 1
+            return None
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainer.parameters(), self.arm.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total.detach())
+
+    def update(self, request_index: int) -> dict:
+        started = time.perf_counter()
+        number = self.counters["updates"]
+        losses = [self.train_step(self.buffer.batch(self.arm.schedule.batch_size, tag=f"{number}:{step}"))
+                  for step in range(self.arm.schedule.steps)]
+        self.buffer.updated()
+        self.counters["pending_requests"] = 0
+        self.counters["updates"] += 1
+        line = {"update": number, "after_request": request_index, "losses": losses,
+                "buffer_rows": len(self.buffer), "window": len(self.window)}
+        if self.arm.publish.check:
+            metric = self.check_metric()
+            candidate = window_metric(self.trainer, self.window, metric, self.settings, self.pad_id, self.target)
+            serving = window_metric(self.serving, self.window, metric, self.settings, self.pad_id, self.target)
+            publish = candidate >= serving - self.arm.publish.tolerance
+            line |= {"metric": metric, "candidate": candidate, "serving": serving}
+        else:
+            publish = True
+        if publish:
+            self.serving.load_state_dict(self.trainer.state_dict())
+            self.published_optimizer = copy.deepcopy(self.optimizer.state_dict())
+            self.counters["version"] += 1
+            self.counters["published"] += 1
+        else:
+            self.trainer.load_state_dict(self.serving.state_dict())
+            self.optimizer.load_state_dict(copy.deepcopy(self.published_optimizer))
+            self.counters["rollbacks"] += 1
+        seconds = time.perf_counter() - started
+        self.counters["train_seconds"] += seconds
+        return line | {"published": publish, "version": self.counters["version"], "seconds": seconds}
+
+    def check_metric(self) -> str:
+        chosen = self.arm.publish.metric
+        return ("tau" if self.settings.sampling.greedy else "alpha") if chosen == "auto" else chosen
+
+
+def window_metric(model: torch.nn.Module, window: list[Served], metric: str, settings: OnlineSettings, pad_id: int,
+                  target) -> float:
+    """The drafter's acceptance on the held-out window: `tau` (greedy chain decoding replayed on the served tokens,
+    exact when serving is greedy) or `alpha` (mean Σ min(p, q) over every generated position, p from the stored
+    top-k, the rest of its mass spread evenly)."""
+    items = [(s.prompt_ids, s.tokens) for s in window]
+    logits = answer_logits(model, items, settings.max_seq_len, pad_id)
+    if metric == "tau":
+        d2t = draft_vocabulary(model)
+        total = DecodeStats(depth=settings.gamma)
+        for (prompt, answer), values in zip(items, logits):
+            guesses = values.argmax(-1) if d2t is None else d2t[values.argmax(-1)]
+            total.merge(replay_steps(answer, guesses.tolist(), settings.gamma, settings.max_new_tokens)[1])
+        return total.metrics()["block_efficiency"]
+    rows = []
+    for served in window:
+        path = {at: (served.steps[number]["topk_ids"][j], served.steps[number]["topk_logprobs"][j])
+                for at, number, j, _ in served.path_positions()}
+        order = sorted(path)
+        rows.append(Row(id=served.key, input_ids=served.prompt_ids + served.tokens,
+                        loss_mask=[0] * len(served.prompt_ids) + [1] * len(served.tokens),
+                        prompt_ids=served.prompt_ids, topk_ids=[path[a][0] for a in order],
+                        topk_logprobs=[path[a][1] for a in order]))
+    teacher = offline_teacher_logits(rows, settings.max_seq_len, target.config.vocab_size, logits[0].device)
+    student = torch.cat(logits).unsqueeze(0)
+    return float(expected_acceptance(student, teacher, torch.ones(student.shape[:2], dtype=torch.bool),
+                                     draft_vocabulary(model)))
+
+
+# ---------------------------------------------------------------- serving an arm over the stream
+
+@dataclass
+class Trace:
+    """The stream decoded once by the plain target (replay mode): answers and top-k along them."""
+    answers: list[list[int]]
+    topk_ids: list[list[list[int]]]
+    topk_logprobs: list[list[list[float]]]
+
+
+@torch.no_grad()
+def make_trace(target, prompts: list[list[int]], keys: list[str], settings: OnlineSettings, stop_ids: list[int],
+               pad_id: int) -> Trace:
+    decode = replace(settings.decode, batch_size=8)
+    answers, ids, values = [], [], []
+    for first in tqdm(range(0, len(prompts), 8), desc="online: target trace", unit="batch"):
+        chunk = slice(first, first + 8)
+        outputs = plain_generate(target, prompts[chunk], decode, stop_ids, keys[chunk])
+        logits = answer_logits(target, list(zip(prompts[chunk], outputs)), settings.max_seq_len, pad_id)
+        for output, scores in zip(outputs, logits):
+            top = torch.log_softmax(scores.float(), -1).topk(settings.top_k, -1)
+            answers.append(output)
+            ids.append(top.indices.tolist())
+            values.append(top.values.tolist())
+    return Trace(answers, ids, values)
+
+
+def replayed(request: StreamRequest, prompt: list[int], trace: Trace, state: ArmState) -> Served:
+    """The request as greedy serving with the arm's serving drafter would have gone (exact: see the docstring)."""
+    index, settings = request.index, state.settings
+    answer = trace.answers[index]
+    logits = answer_logits(state.serving, [(prompt, answer)], settings.max_seq_len, state.pad_id)[0]
+    d2t = draft_vocabulary(state.serving)
+    guesses = (logits.argmax(-1) if d2t is None else d2t[logits.argmax(-1)]).tolist()
+    steps, stats = replay_steps(answer, guesses, settings.gamma, settings.max_new_tokens)
+    for step in steps:
+        on_path = range(step["start"], min(step["start"] + step.pop("accepted") + 1, len(answer)))
+        step["topk_ids"] = [trace.topk_ids[index][at] for at in on_path]
+        step["topk_logprobs"] = [trace.topk_logprobs[index][at] for at in on_path]
+    return Served(request.key, index, request.phase, prompt, answer, steps, _counts(stats))
+
+
+def _counts(stats: DecodeStats) -> dict:
+    return {"drafted": stats.drafted, "accepted": stats.accepted, "steps": stats.steps, "emitted": stats.emitted}
+
+
+def serve_arm(state: ArmState, requests: list[StreamRequest], prompts: list[list[int]], trace: Trace | None,
+              stop_ids: list[int], run: StageRun, arm_dir: Path, start: int) -> None:
+    """Serve requests[start:] with the arm, learning as configured; checkpoints after updates."""
+    settings, counters = state.settings, state.counters
+    stream_log, update_log = arm_dir / "stream.jsonl", arm_dir / "updates.jsonl"
+    step = settings.batch_size if settings.mode == "serve" else 1
+    progress = tqdm(total=len(requests), initial=start, desc=f"online: {state.arm.name}", unit="request")
+    for first in range(start, len(requests), step):
+        chunk = list(range(first, min(first + step, len(requests))))
+        started = time.perf_counter()
+        if trace is None:
+            served = served_for_real(state, [requests[i] for i in chunk], [prompts[i] for i in chunk], stop_ids)
+        else:
+            served = [replayed(requests[i], prompts[i], trace, state) for i in chunk]
+            spot_check(state, served, stop_ids)
+        counters["serve_seconds"] += time.perf_counter() - started
+        for one in served:
+            counts = one.stats
+            line = {"index": one.index, "phase": one.phase, "version": counters["version"],
+                    "heldout": state.heldout(one), **counts,
+                    "acceptance": counts["accepted"] / max(1, counts["drafted"]),
+                    "tau": counts["emitted"] / max(1, counts["steps"])}
+            _append(stream_log, line)
+            counters["stream_lines"] += 1
+            counters["served"] = one.index + 1
+            counters["tokens"] += counts["emitted"]
+            run.tracker.log({f"online/{state.arm.name}/acceptance": line["acceptance"],
+                             f"online/{state.arm.name}/tau": line["tau"],
+                             f"online/{state.arm.name}/version": counters["version"]}, step=None)
+            update = state.observe(one)
+            if update is not None:
+                _append(update_log, update)
+                counters["update_lines"] += 1
+                verdict = "published" if update["published"] else "ROLLED BACK"
+                detail = (f" ({update['metric']} {update['candidate']:.3f} vs serving {update['serving']:.3f})"
+                          if "candidate" in update else "")
+                progress.write(f"[online] {state.arm.name}: update {update['update']} after request {one.index}: "
+                               f"{verdict}{detail}")
+                if counters["updates"] % settings.checkpoint_every == 0:
+                    save_checkpoint(state, arm_dir, run)
+        progress.update(len(chunk))
+    progress.close()
+
+
+def served_for_real(state: ArmState, requests: list[StreamRequest], prompts: list[list[int]],
+                    stop_ids: list[int]) -> list[Served]:
+    settings = state.settings
+    recorder = VerificationRecorder(len(requests), settings.top_k)
+    keys = [r.key for r in requests]
+    generations = speculative_generate(state.target, TokenDraft(state.serving), prompts, settings.decode, stop_ids,
+                                       keys, recorder=recorder)
+    every = settings.check_lossless_every
+    checked = [i for i, r in enumerate(requests) if every and r.index % every == 0]
+    if checked and settings.sampling.greedy:
+        plain = plain_generate(state.target, [prompts[i] for i in checked], settings.decode, stop_ids,
+                               [keys[i] for i in checked])
+        for i, reference in zip(checked, plain):
+            if generations[i].tokens != reference:
+                raise LosslessnessError(f"online: request {requests[i].key} served by {state.arm.name} version "
+                                        f"{state.counters['version']} differs from plain greedy decoding")
+        state.counters["lossless_checks"] += len(checked)
+    return [Served(r.key, r.index, r.phase, p, g.tokens, steps, _counts(g.stats))
+            for r, p, g, steps in zip(requests, prompts, generations, recorder.steps)]
+
+
+def spot_check(state: ArmState, served: list[Served], stop_ids: list[int]) -> None:
+    """Replay mode: serve every `spot_check_every`-th request for real; tokens must equal the trace (lossless) and
+    the counters should equal the replay's (a difference is counted: fp32 near-ties of the drafter's top-2)."""
+    every = state.settings.spot_check_every
+    for one in served:
+        if not every or one.index % every:
+            continue
+        generation = speculative_generate(state.target, TokenDraft(state.serving), [one.prompt_ids],
+                                          replace(state.settings.decode, batch_size=1), stop_ids, [one.key])[0]
+        if generation.tokens != one.tokens:
+            raise LosslessnessError(f"online: request {one.key} served for real by {state.arm.name} differs from the "
+                                    f"plain target's answer in the trace")
+        state.counters["spot_checks"] += 1
+        if _counts(generation.stats) != one.stats:
+            state.counters["replay_mismatches"] += 1
+            print(f"[online] replay differs from serving on {one.key}: {one.stats} vs {_counts(generation.stats)}",
+                  flush=True)
+
+
+def _append(path: Path, line: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+def _cut(path: Path, lines: int) -> None:
+    """Keep the first `lines` lines: what the checkpoint had logged (the rest is served again)."""
+    kept = path.read_text().splitlines()[:lines] if path.exists() else []
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_checkpoint(state: ArmState, arm_dir: Path, run: StageRun) -> None:
+    checkpoint.save(state, arm_dir / "checkpoints", state.counters["served"], {"counters": state.counters}, keep=2,
+                    provenance=run.provenance)
+
+
+def resume_arm(state: ArmState, arm_dir: Path, resume: str) -> int:
+    """Load the arm's newest good checkpoint (resume=auto) and cut its logs back to it; the request to start at."""
+    found = checkpoint.newest_good(arm_dir / "checkpoints", "online") if resume == "auto" else None
+    if found is None:
+        shutil.rmtree(arm_dir, ignore_errors=True)
+        arm_dir.mkdir(parents=True)
+        return 0
+    folder, saved = found
+    checkpoint.load(state, folder, saved)
+    state.counters = saved["counters"]
+    _cut(arm_dir / "stream.jsonl", state.counters["stream_lines"])
+    _cut(arm_dir / "updates.jsonl", state.counters["update_lines"])
+    print(f"[online] {state.arm.name}: resuming from {folder} (request {state.counters['served']}, drafter version "
+          f"{state.counters['version']})", flush=True)
+    return state.counters["served"]
+
+
+# ---------------------------------------------------------------- reports
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def moving_average(values: list[float], width: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - width] if i >= width else 0.0)
+        out.append(total / min(i + 1, width))
+    return out
+
+
+def phase_table(logs: dict[str, list[dict]], phases: list[str], width: int) -> dict:
+    """Per arm and phase: acceptance and τ (pooled over the phase's requests), the moving acceptance at the phase's
+    end, and recovery: requests into the phase until the arm's moving acceptance (over that phase's requests only)
+    first reaches the phase's threshold, halfway from frozen's phase acceptance to the best arm's phase-end value."""
+    table = {arm: {} for arm in logs}
+    for phase in phases:
+        for arm, lines in logs.items():
+            own = [line for line in lines if line["phase"] == phase]
+            drafted, accepted = sum(l["drafted"] for l in own), sum(l["accepted"] for l in own)
+            average = moving_average([l["acceptance"] for l in own], width)
+            table[arm][phase] = {"requests": len(own), "acceptance": accepted / max(1, drafted),
+                                 "tau": sum(l["emitted"] for l in own) / max(1, sum(l["steps"] for l in own)),
+                                 "end_moving_acceptance": average[-1] if average else float("nan"),
+                                 "moving": average}
+        base = table.get("frozen", {}).get(phase, {}).get("acceptance")
+        best = max(table[arm][phase]["end_moving_acceptance"] for arm in logs)
+        threshold = best if base is None else base + 0.5 * (best - base)
+        for arm in logs:
+            moving = table[arm][phase].pop("moving")
+            table[arm][phase]["recovery_threshold"] = threshold
+            table[arm][phase]["recovery_requests"] = next((i + 1 for i, v in enumerate(moving) if v >= threshold),
+                                                          None)
+    return table
+
+
+def markdown(table: dict, phases: list[str], counters: dict[str, dict]) -> str:
+    lines = ["| arm | " + " | ".join(f"{p}: acceptance / τ / recovery" for p in phases) +
+             " | updates (rolled back) | training s per served token |",
+             "|---|" + "---|" * len(phases) + "---|---|"]
+    for arm, by_phase in table.items():
+        cells = []
+        for phase in phases:
+            cell = by_phase[phase]
+            recovery = cell["recovery_requests"]
+            cells.append(f"{cell['acceptance']:.3f} / {cell['tau']:.3f} / "
+                         f"{recovery if recovery is not None else 'never'}")
+        c = counters[arm]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {c['updates']} ({c['rollbacks']}) | "
+                     f"{c['train_seconds'] / max(1, c['tokens']):.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(logs: dict[str, list[dict]], updates: dict[str, list[dict]], phases: list[str], width: int,
+         path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    for arm, lines in logs.items():
+        x = [line["index"] for line in lines]
+        for axis, key in zip(axes, ("acceptance", "tau")):
+            axis.plot(x, moving_average([line[key] for line in lines], width), label=arm)
+        for update in updates.get(arm, []):
+            if not update["published"]:
+                axes[0].axvline(update["after_request"], color="red", alpha=0.3, linewidth=0.8)
+    boundaries = [next(l["index"] for l in next(iter(logs.values())) if l["phase"] == p) for p in phases]
+    for axis in axes:
+        for at, phase in zip(boundaries, phases):
+            axis.axvline(at, color="grey", linestyle="--", linewidth=0.7)
+            axis.text(at + 0.5, axis.get_ylim()[1], phase, va="top", fontsize=8, rotation=90)
+        axis.legend(loc="lower right")
+    axes[0].set(ylabel=f"acceptance (moving avg, {width} requests)")
+    axes[1].set(ylabel="τ (moving avg)", xlabel="request in the stream (red: a rolled-back update)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- the stage
+
+def starting_drafter(run: StageRun, settings: OnlineSettings, target) -> tuple[Path, torch.nn.Module]:
+    candidates = [Path(settings.init_from)] if settings.init_from else [
+        folder / "model" for folder in (run.output("distill"), run.output("pretrain")) if folder is not None]
+    if not candidates:
+        raise SettingsError("online needs a drafter to start from: this run has no distill or pretrain output; add "
+                            "them to stages, or set online.init_from=/path/to/drafter")
+    drafter = load_any(candidates[0], target)
+    if kind_of(drafter).trains_on_features:
+        raise SettingsError(f"online.init_from={candidates[0]}: a {kind_of(drafter).name} drafter reads the target's "
+                            f"features; online distillation is implemented for standalone (token) drafters")
+    check_same_vocabulary(drafter, target.model)
+    return candidates[0], drafter
+
+
+def run_stage(run: StageRun, settings: OnlineSettings, loss: LossMix) -> dict:
+    """Serve the stream with every arm, then write the reports (module docstring)."""
+    if not isinstance(loss, LossMix):
+        raise SettingsError(f"online trains a token drafter with a token loss (loss=fkl, tvd, tvdpp, ...), not "
+                            f"{type(loss).__name__}")
+    target = run.target()
+    path, first = starting_drafter(run, settings, target)
+    tokenizer, model = target.tokenizer, target.model
+    requests, stream_report = build_stream(
+        settings.stream, run.cache_dir,
+        lambda c: len(prompt_token_ids(tokenizer, c.first_turn_prompt())) > settings.max_prompt_tokens)
+    print(f"[online] stream of {len(requests)} requests:\n{stream_report.summary()}", flush=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = [prompt_token_ids(tokenizer, r.conversation.first_turn_prompt()) for r in requests]
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
+    trace = None
+    if settings.mode == "replay":
+        trace_path = run.out_dir / "trace.pt"
+        if trace_path.exists():
+            trace = Trace(**torch.load(trace_path, weights_only=True))
+        else:
+            trace = make_trace(model, prompts, [r.key for r in requests], settings, stop_ids, pad_id)
+            torch.save(asdict(trace), trace_path.with_suffix(".tmp"))
+            trace_path.with_suffix(".tmp").replace(trace_path)
+    arms = arms_for(settings, loss)
+    logs, updates, counters = {}, {}, {}
+    for arm in arms:
+        arm_dir = run.out_dir / "arms" / arm.name
+        done = arm_dir / "done.json"
+        if done.exists():
+            counters[arm.name] = json.loads(done.read_text())
+        else:
+            state = ArmState(arm, copy.deepcopy(first), settings, model, pad_id, arm_dir)
+            start = resume_arm(state, arm_dir, run.resume)
+            serve_arm(state, requests, prompts, trace, stop_ids, run, arm_dir, start)
+            if arm.name == "ours":
+                save_drafter(state.serving, tokenizer, run.out_dir / "model")
+            counters[arm.name] = state.counters
+            done.write_text(json.dumps(state.counters, indent=2))
+        logs[arm.name] = read_lines(arm_dir / "stream.jsonl")
+        updates[arm.name] = read_lines(arm_dir / "updates.jsonl")
+    phases = list(settings.stream)
+    table = phase_table(logs, phases, settings.moving_window)
+    report = {"drafter": str(path), "mode": settings.mode, "stream": stream_report.phases, "arms": counters,
+              "phases": table, "table_markdown": markdown(table, phases, counters)}
+    (run.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run.out_dir / "report.md").write_text(report["table_markdown"])
+    if settings.plots:
+        plot(logs, updates, phases, settings.moving_window, run.out_dir / "acceptance_stream.png")
+    run.tracker.table("online/phases", ["arm", "phase", "acceptance", "tau", "recovery_requests"],
+                      [[a, p, c["acceptance"], c["tau"], c["recovery_requests"]]
+                       for a, by in table.items() for p, c in by.items()])
+    print(report["table_markdown"], flush=True)
+    summary = {f"{arm}_acceptance": sum(l["accepted"] for l in lines) / max(1, sum(l["drafted"] for l in lines))
+               for arm, lines in logs.items()}
+    return summary | {f"{arm}_{key}": c[key] for arm, c in counters.items()
+                      for key in ("updates", "rollbacks", "version")} | {"requests": len(requests)}
