@@ -33,7 +33,7 @@ from data_gen.shards import load_records
 from data_gen.sources import PromptSourceSpec, load_conversations
 from eval.decoder import DecodeSettings, plain_generate, speculative_generate, verification_seconds
 from eval.metrics import DecodeStats, median_interval, speed_model
-from infra.settings import at_least, check_fields
+from infra.settings import SettingsError, at_least, check_fields
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from models.drafter import DrafterSpec
@@ -366,7 +366,8 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     return ["acceptance_per_position.png", "tau_per_category.png"]
 
 
-def check_held_out(conversations, data_gen_dir: Path | None) -> None:
+def check_held_out(conversations, data_gen_dir: Path | None, what: str = "eval prompts",
+                   key: str = "eval_data.offset") -> None:
     """An eval prompt seen in training inflates acceptance: refuse eval prompts that are in this run's data."""
     if data_gen_dir is None:
         return
@@ -374,8 +375,8 @@ def check_held_out(conversations, data_gen_dir: Path | None) -> None:
     seen = set(zip(records["source"], records["conversation_id"]))
     overlap = sorted(c.id for c in conversations if (c.source, c.id) in seen)
     if overlap:
-        raise ValueError(f"{len(overlap)} eval prompts are in this run's training data ({overlap[:5]}); "
-                         f"choose another eval_data slice (eval_data.offset) so results stay held out")
+        raise SettingsError(f"{len(overlap)} {what} are in this run's training data ({overlap[:5]}); "
+                         f"choose another slice ({key}) so results stay held out")
 
 
 def training_free(target, specs: dict, data_gen_dir: Path | None) -> tuple[dict, dict[str, str]]:

@@ -54,7 +54,7 @@ from data_gen.chat import end_of_turn_ids, prompt_token_ids
 from data_gen.stream import StreamPhase, StreamRequest, build_stream
 from eval.decoder import DecodeSettings, VerificationRecorder, plain_generate, speculative_generate
 from eval.metrics import DecodeStats
-from eval.speculative import LosslessnessError
+from eval.speculative import LosslessnessError, check_held_out
 from infra.settings import SettingsError, at_least, check_fields, one_of
 from infra.stage import StageRun
 from losses.kl import forward_kl
@@ -78,10 +78,12 @@ BASELINES = ("frozen", "osd")
 @dataclass(frozen=True)
 class ScheduleSettings:
     SECTION: ClassVar[str] = "online.schedule"
-    every_requests: int = 8   # an update after this many buffered requests
+    every_requests: int = 8   # an update after this many buffered requests...
+    every_tokens: int = 0     # ...or, when > 0, after this many buffered generated tokens instead
     steps: int = 4            # optimizer steps per update
     batch_size: int = 8       # rows per optimizer step
-    LIMITS: ClassVar[dict] = {"every_requests": at_least(1), "steps": at_least(1), "batch_size": at_least(1)}
+    LIMITS: ClassVar[dict] = {"every_requests": at_least(1), "every_tokens": at_least(0), "steps": at_least(1),
+                              "batch_size": at_least(1)}
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -96,6 +98,7 @@ class PublishSettings:
     min_window: int = 2       # updates wait until the window holds this many
     tolerance: float = 0.0    # published when candidate >= serving - tolerance
     metric: str = "auto"      # auto: tau under greedy serving, else alpha
+    fallback_to_base: bool = False  # serve the starting drafter again when it beats both candidate and serving one
     LIMITS: ClassVar[dict] = {"heldout_every": at_least(2), "window": at_least(1), "min_window": at_least(1),
                               "tolerance": at_least(0), "metric": one_of(*METRICS)}
 
@@ -238,17 +241,19 @@ class ArmState:
                  out_dir: Path) -> None:
         self.arm, self.settings, self.target, self.pad_id, self.out_dir = arm, settings, target, pad_id, out_dir
         self.serving = drafter.eval()
-        self.trainer = copy.deepcopy(drafter).train() if arm.learn else None
+        self.trainer = copy.deepcopy(drafter).train().requires_grad_(True) if arm.learn else None
         self.d2t = draft_vocabulary(drafter)
         if arm.learn:
             self.optimizer, _ = build_optimizer(self.trainer, arm.optim, 1)
             self.published_optimizer = copy.deepcopy(self.optimizer.state_dict())
+            self.base = copy.deepcopy(drafter).eval() if arm.publish.fallback_to_base and arm.publish.check else None
+            self.base_optimizer = copy.deepcopy(self.published_optimizer)
         self.buffer = ReplayBuffer(arm.buffer, settings.seed)
         self.window: list[Served] = []
         self.counters = {"served": 0, "version": 0, "updates": 0, "rollbacks": 0, "published": 0,
-                         "pending_requests": 0, "train_seconds": 0.0, "serve_seconds": 0.0, "tokens": 0,
+                         "pending_requests": 0, "pending_tokens": 0, "train_seconds": 0.0, "serve_seconds": 0.0, "tokens": 0,
                          "skipped_steps": 0, "stream_lines": 0, "update_lines": 0, "replay_mismatches": 0,
-                         "spot_checks": 0, "lossless_checks": 0}
+                         "spot_checks": 0, "lossless_checks": 0, "reverted_to_base": 0}
 
     # ---- checkpoint role
     def save(self, folder: Path) -> None:
@@ -288,7 +293,10 @@ class ArmState:
         else:
             self.buffer.add(rows_from(served, self.arm.buffer, self.settings.seed), tag=served.key)
             self.counters["pending_requests"] += 1
-        ready = self.counters["pending_requests"] >= self.arm.schedule.every_requests and len(self.buffer)
+            self.counters["pending_tokens"] += len(served.tokens)
+        schedule = self.arm.schedule
+        ready = len(self.buffer) and (self.counters["pending_tokens"] >= schedule.every_tokens if schedule.every_tokens
+                                      else self.counters["pending_requests"] >= schedule.every_requests)
         if ready and (not self.arm.publish.check or len(self.window) >= self.arm.publish.min_window):
             return self.update(served.index)
         return None
@@ -320,27 +328,36 @@ class ArmState:
         losses = [self.train_step(self.buffer.batch(self.arm.schedule.batch_size, tag=f"{number}:{step}"))
                   for step in range(self.arm.schedule.steps)]
         self.buffer.updated()
-        self.counters["pending_requests"] = 0
+        self.counters["pending_requests"] = self.counters["pending_tokens"] = 0
         self.counters["updates"] += 1
         line = {"update": number, "after_request": request_index, "losses": losses,
                 "buffer_rows": len(self.buffer), "window": len(self.window)}
+        publish, revert = True, False
         if self.arm.publish.check:
-            metric = self.check_metric()
-            candidate = window_metric(self.trainer, self.window, metric, self.settings, self.pad_id, self.target)
-            serving = window_metric(self.serving, self.window, metric, self.settings, self.pad_id, self.target)
-            publish = candidate >= serving - self.arm.publish.tolerance
+            metric, tolerance = self.check_metric(), self.arm.publish.tolerance
+            check = WindowCheck(self.window, metric, self.settings, self.pad_id, self.target.config.vocab_size)
+            candidate, serving = check.score(self.trainer), check.score(self.serving)
+            publish = candidate >= serving - tolerance
             line |= {"metric": metric, "candidate": candidate, "serving": serving}
-        else:
-            publish = True
+            if self.base is not None:  # the domain may have come back to what the starting drafter knew
+                line["base"] = check.score(self.base)
+                revert = line["base"] > max(candidate, serving) + tolerance
+                publish &= not revert
         if publish:
             self.serving.load_state_dict(self.trainer.state_dict())
             self.published_optimizer = copy.deepcopy(self.optimizer.state_dict())
             self.counters["version"] += 1
             self.counters["published"] += 1
         else:
+            self.counters["rollbacks"] += 1
+            if revert:
+                self.serving.load_state_dict(self.base.state_dict())
+                self.published_optimizer = copy.deepcopy(self.base_optimizer)
+                self.counters["version"] += 1
+                self.counters["reverted_to_base"] += 1
+                line["reverted_to_base"] = True
             self.trainer.load_state_dict(self.serving.state_dict())
             self.optimizer.load_state_dict(copy.deepcopy(self.published_optimizer))
-            self.counters["rollbacks"] += 1
         seconds = time.perf_counter() - started
         self.counters["train_seconds"] += seconds
         return line | {"published": publish, "version": self.counters["version"], "seconds": seconds}
@@ -350,33 +367,41 @@ class ArmState:
         return ("tau" if self.settings.sampling.greedy else "alpha") if chosen == "auto" else chosen
 
 
-def window_metric(model: torch.nn.Module, window: list[Served], metric: str, settings: OnlineSettings, pad_id: int,
-                  target) -> float:
-    """The drafter's acceptance on the held-out window: `tau` (greedy chain decoding replayed on the served tokens,
+class WindowCheck:
+    """A drafter's acceptance on the held-out window: `tau` (greedy chain decoding replayed on the served tokens,
     exact when serving is greedy) or `alpha` (mean Σ min(p, q) over every generated position, p from the stored
-    top-k, the rest of its mass spread evenly)."""
-    items = [(s.prompt_ids, s.tokens) for s in window]
-    logits = answer_logits(model, items, settings.max_seq_len, pad_id)
-    if metric == "tau":
+    top-k, the rest of its mass spread evenly). The target's side is built once per update, for every drafter
+    compared."""
+
+    def __init__(self, window: list[Served], metric: str, settings: OnlineSettings, pad_id: int, vocab_size: int):
+        self.metric, self.settings, self.pad_id = metric, settings, pad_id
+        self.items = [(s.prompt_ids, s.tokens) for s in window]
+        self.teacher = None
+        if metric == "alpha":
+            rows = []
+            for served in window:
+                path = {at: (served.steps[number]["topk_ids"][j], served.steps[number]["topk_logprobs"][j])
+                        for at, number, j, _ in served.path_positions()}
+                order = sorted(path)
+                rows.append(Row(id=served.key, input_ids=served.prompt_ids + served.tokens,
+                                loss_mask=[0] * len(served.prompt_ids) + [1] * len(served.tokens),
+                                prompt_ids=served.prompt_ids, topk_ids=[path[a][0] for a in order],
+                                topk_logprobs=[path[a][1] for a in order]))
+            self.teacher = offline_teacher_logits(rows, settings.max_seq_len, vocab_size, torch.device("cpu"))
+
+    def score(self, model: torch.nn.Module) -> float:
+        settings = self.settings
+        logits = answer_logits(model, self.items, settings.max_seq_len, self.pad_id)
         d2t = draft_vocabulary(model)
-        total = DecodeStats(depth=settings.gamma)
-        for (prompt, answer), values in zip(items, logits):
-            guesses = values.argmax(-1) if d2t is None else d2t[values.argmax(-1)]
-            total.merge(replay_steps(answer, guesses.tolist(), settings.gamma, settings.max_new_tokens)[1])
-        return total.metrics()["block_efficiency"]
-    rows = []
-    for served in window:
-        path = {at: (served.steps[number]["topk_ids"][j], served.steps[number]["topk_logprobs"][j])
-                for at, number, j, _ in served.path_positions()}
-        order = sorted(path)
-        rows.append(Row(id=served.key, input_ids=served.prompt_ids + served.tokens,
-                        loss_mask=[0] * len(served.prompt_ids) + [1] * len(served.tokens),
-                        prompt_ids=served.prompt_ids, topk_ids=[path[a][0] for a in order],
-                        topk_logprobs=[path[a][1] for a in order]))
-    teacher = offline_teacher_logits(rows, settings.max_seq_len, target.config.vocab_size, logits[0].device)
-    student = torch.cat(logits).unsqueeze(0)
-    return float(expected_acceptance(student, teacher, torch.ones(student.shape[:2], dtype=torch.bool),
-                                     draft_vocabulary(model)))
+        if self.metric == "tau":
+            total = DecodeStats(depth=settings.gamma)
+            for (prompt, answer), values in zip(self.items, logits):
+                guesses = values.argmax(-1) if d2t is None else d2t[values.argmax(-1)]
+                total.merge(replay_steps(answer, guesses.tolist(), settings.gamma, settings.max_new_tokens)[1])
+            return total.metrics()["block_efficiency"]
+        student = torch.cat(logits).unsqueeze(0)
+        return float(expected_acceptance(student, self.teacher.to(student.device),
+                                         torch.ones(student.shape[:2], dtype=torch.bool), d2t))
 
 
 # ---------------------------------------------------------------- serving an arm over the stream
@@ -451,14 +476,17 @@ def serve_arm(state: ArmState, requests: list[StreamRequest], prompts: list[list
             counters["stream_lines"] += 1
             counters["served"] = one.index + 1
             counters["tokens"] += counts["emitted"]
-            run.tracker.log({f"online/{state.arm.name}/acceptance": line["acceptance"],
+            run.tracker.log({f"online/{state.arm.name}/request": one.index,
+                             f"online/{state.arm.name}/acceptance": line["acceptance"],
                              f"online/{state.arm.name}/tau": line["tau"],
                              f"online/{state.arm.name}/version": counters["version"]}, step=None)
             update = state.observe(one)
             if update is not None:
                 _append(update_log, update)
                 counters["update_lines"] += 1
-                verdict = "published" if update["published"] else "ROLLED BACK"
+                verdict = "published" if update["published"] else "ROLLED BACK" + (
+                    f", the starting drafter serves again ({update['base']:.3f})" if update.get("reverted_to_base")
+                    else "")
                 detail = (f" ({update['metric']} {update['candidate']:.3f} vs serving {update['serving']:.3f})"
                           if "candidate" in update else "")
                 progress.write(f"[online] {state.arm.name}: update {update['update']} after request {one.index}: "
@@ -581,6 +609,32 @@ def phase_table(logs: dict[str, list[dict]], phases: list[str], width: int) -> d
     return table
 
 
+def per_version_table(lines: list[dict]) -> dict:
+    """Per drafter version of an arm: requests it served (first and last), acceptance and τ pooled over them."""
+    out = {}
+    for line in lines:
+        entry = out.setdefault(str(line["version"]), {"first": line["index"], "last": line["index"], "requests": 0,
+                                                      "drafted": 0, "accepted": 0, "emitted": 0, "steps": 0})
+        entry["last"] = line["index"]
+        entry["requests"] += 1
+        for key in ("drafted", "accepted", "emitted", "steps"):
+            entry[key] += line[key]
+    for entry in out.values():
+        entry["acceptance"] = entry["accepted"] / max(1, entry["drafted"])
+        entry["tau"] = entry["emitted"] / max(1, entry["steps"])
+    return out
+
+
+def version_markdown(per_version: dict[str, dict], arm: str = "ours") -> str:
+    """The versions of one arm (every arm's are in report.json)."""
+    lines = ["| arm | drafter version | requests served (first-last) | acceptance | τ |", "|---|---|---|---|---|"]
+    for arm, versions in ((arm, per_version[arm]),) if arm in per_version else ():
+        for version, entry in versions.items():
+            lines.append(f"| {arm} | {version} | {entry['requests']} ({entry['first']}-{entry['last']}) | "
+                         f"{entry['acceptance']:.3f} | {entry['tau']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(table: dict, phases: list[str], counters: dict[str, dict]) -> str:
     lines = ["| arm | " + " | ".join(f"{p}: acceptance / τ / recovery" for p in phases) +
              " | updates (rolled back) | training s per served token |",
@@ -652,6 +706,8 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss: LossMix) -> dict:
     requests, stream_report = build_stream(
         settings.stream, run.cache_dir,
         lambda c: len(prompt_token_ids(tokenizer, c.first_turn_prompt())) > settings.max_prompt_tokens)
+    check_held_out([r.conversation for r in requests], run.output("data_gen"), "online stream requests",
+                   "online.stream.<phase>.source.offset")
     print(f"[online] stream of {len(requests)} requests:\n{stream_report.summary()}", flush=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [prompt_token_ids(tokenizer, r.conversation.first_turn_prompt()) for r in requests]
@@ -684,8 +740,10 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss: LossMix) -> dict:
         updates[arm.name] = read_lines(arm_dir / "updates.jsonl")
     phases = list(settings.stream)
     table = phase_table(logs, phases, settings.moving_window)
+    per_version = {arm: per_version_table(lines) for arm, lines in logs.items()}
     report = {"drafter": str(path), "mode": settings.mode, "stream": stream_report.phases, "arms": counters,
-              "phases": table, "table_markdown": markdown(table, phases, counters)}
+              "phases": table, "per_version": per_version,
+              "table_markdown": markdown(table, phases, counters) + "\n" + version_markdown(per_version)}
     (run.out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (run.out_dir / "report.md").write_text(report["table_markdown"])
     if settings.plots:
