@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 
-def _needs_teacher(fn: Callable) -> bool:
+def needs_teacher(fn: Callable) -> bool:
+    """Whether a loss reads the teacher's logits (every divergence does; cross-entropy reads labels only)."""
     return getattr(getattr(fn, "func", fn), "needs_teacher", True)  # functools.partial hides the attribute
 
 
@@ -30,7 +31,7 @@ class LossMix:
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
                 raise ValueError(f"loss.terms.{name}.weight={weight!r}: must be a number ≥ 0")
             self.terms[name] = (term["fn"], float(weight))
-        self.needs_teacher = any(_needs_teacher(fn) for fn, _ in self.terms.values())
+        self.needs_teacher = any(needs_teacher(fn) for fn, _ in self.terms.values())
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, mask: torch.Tensor,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

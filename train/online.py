@@ -58,7 +58,7 @@ from eval.speculative import LosslessnessError, check_held_out
 from infra.settings import SettingsError, at_least, check_fields, one_of
 from infra.stage import StageRun
 from losses.kl import forward_kl
-from losses.mix import LossMix
+from losses.mix import LossMix, needs_teacher
 from losses.tvd import expected_acceptance
 from models.drafter import TokenDraft, check_same_vocabulary, save_drafter, to_draft_vocabulary
 from models.kinds import kind_of, load_any
@@ -700,6 +700,11 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss: LossMix) -> dict:
     if not isinstance(loss, LossMix):
         raise SettingsError(f"online trains a token drafter with a token loss (loss=fkl, tvd, tvdpp, ...), not "
                             f"{type(loss).__name__}")
+    label_terms = [name for name, (fn, _) in loss.terms.items() if not needs_teacher(fn)]
+    if label_terms and settings.buffer.source != "teacher":
+        raise SettingsError(f"loss terms {label_terms} learn the next token of the row, and with online.buffer.source="
+                            f"{settings.buffer.source} rows hold the drafter's own proposals; use a loss against the "
+                            f"target's distribution (fkl, rkl, jsd, tvd, tvdpp), or buffer.source=teacher")
     target = run.target()
     path, first = starting_drafter(run, settings, target)
     tokenizer, model = target.tokenizer, target.model

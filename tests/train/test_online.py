@@ -338,3 +338,10 @@ def test_a_rejected_candidate_falls_back_to_the_starting_drafter_when_that_is_be
 
 def two_phases_stub():
     return {"a": StreamPhase(source=PromptSourceSpec(name="x", format="jsonl", location="x"), count=1)}
+
+
+def test_a_label_loss_with_the_drafters_own_proposals_is_refused(tiny_target, tmp_path):
+    from losses.ce import cross_entropy
+    settings = OnlineSettings(stream=two_phases_stub(), buffer=BufferSettings(source="mixed_request"))
+    with pytest.raises(SettingsError, match=r"loss terms \['ce'\] learn the next token"):
+        run_stage(stage_run(tmp_path, tiny_target), settings, LossMix({"ce": {"fn": cross_entropy, "weight": 1.0}}))
