@@ -189,10 +189,12 @@ def make_plan(tokenizer: PreTrainedTokenizerBase, conversations: list[Conversati
     return Plan(jobs=jobs, skipped=skipped, flagged=flagged)
 
 
-def estimated_bytes(plan: Plan, settings: GenerationSettings) -> int:
-    """Upper bound on the records' size: every turn runs to max_new_tokens; prompts of later turns to the cap."""
+def estimated_bytes(plan: Plan, settings: GenerationSettings, provenance_bytes: int = 0) -> int:
+    """Upper bound on the records' size: every turn runs to max_new_tokens; prompts of later turns to the cap. Each
+    shard also carries the run's provenance (`provenance_bytes` of JSON: the resolved config grows with every
+    config section) twice, in the schema at its start and again in its footer."""
     shards = -(-len(plan.jobs) // settings.shard_size)
-    total = shards * SHARD_OVERHEAD + len(plan.jobs) * RECORD_OVERHEAD
+    total = shards * (SHARD_OVERHEAD + 2 * provenance_bytes) + len(plan.jobs) * RECORD_OVERHEAD
     for job in plan.jobs:
         turns = len(job.user_turns)
         tokens = (settings.max_prompt_tokens if turns > 1 else job.first_prompt_len) + settings.max_new_tokens
@@ -354,7 +356,7 @@ def generate(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, 
         raise RuntimeError(f"data_gen has nothing to generate from {len(conversations)} conversations: "
                            f"{dict(plan.skipped)}")
     shards = [plan.jobs[i: i + settings.shard_size] for i in range(0, len(plan.jobs), settings.shard_size)]
-    estimate = estimated_bytes(plan, settings)
+    estimate = estimated_bytes(plan, settings, len(json.dumps(provenance, default=str)) if provenance else 0)
     disk_line = check_disk(out_dir, estimate, settings.disk_headroom)
     print(f"[data_gen] plan: {len(conversations)} conversations -> {len(plan.jobs)} jobs in {len(shards)} shards; "
           f"skipped {dict(plan.skipped)}; flagged {dict(plan.flagged)}\n[data_gen] {disk_line}", flush=True)
