@@ -117,8 +117,8 @@ def test_a_lossy_decoder_fails_the_eval(tiny_target, tmp_path, monkeypatch):
     import eval.decoder as decoder
     original = decoder._chain_step
 
-    def lossy(target, draft, sequences, budgets, settings, rng):
-        results, fed = original(target, draft, sequences, budgets, settings, rng)
+    def lossy(target, draft, sequences, budgets, settings, rng, recorder=None):
+        results, fed = original(target, draft, sequences, budgets, settings, rng, recorder)
         return [(p, n, emitted[:-1] + [(emitted[-1] + 1) % 200]) for p, n, emitted in results], fed
 
     monkeypatch.setattr(decoder, "_chain_step", lossy)
