@@ -367,10 +367,10 @@ class _TimedDraft:
 class VerificationRecorder:
     """What verification computed, kept for learning from it (the `online` stage): per prompt and chain step, the
     step's first generated position, the tokens the drafter proposed, and the target's top-k log-probabilities
-    (and the log of the mass outside them) at every block position: position j scores the token after the last
+    at every block position: position j scores the token after the last
     committed token and the first j drafts. Costs one top-k and one host transfer per step; nothing is recomputed.
 
-    `steps[prompt]` lists dicts {start, drafts, topk_ids, topk_logprobs, rest_logprob}; the accepted count follows
+    `steps[prompt]` lists dicts {start, drafts, topk_ids, topk_logprobs}; the accepted count follows
     from the generation (a draft is accepted where it equals the generated token at its position)."""
 
     def __init__(self, prompts: int, top_k: int) -> None:
@@ -384,12 +384,11 @@ class VerificationRecorder:
     def verified(self, block: torch.Tensor, logits: torch.Tensor, proposed: torch.Tensor) -> None:
         log_probs = torch.log_softmax(logits.float(), -1)
         values, ids = log_probs.topk(min(self.top_k, log_probs.shape[-1]), -1)
-        rest = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-7))
-        for row, (count, drafts, top_ids, top_values, left) in enumerate(zip(
-                proposed.tolist(), block[:, 1:].tolist(), ids.tolist(), values.tolist(), rest.tolist())):
+        for row, (count, drafts, top_ids, top_values) in enumerate(zip(
+                proposed.tolist(), block[:, 1:].tolist(), ids.tolist(), values.tolist())):
             self.steps[self.live[row]].append({
                 "start": self.starts[row], "drafts": drafts[:count], "topk_ids": top_ids[: count + 1],
-                "topk_logprobs": top_values[: count + 1], "rest_logprob": left[: count + 1]})
+                "topk_logprobs": top_values[: count + 1]})
 
 
 @torch.inference_mode()

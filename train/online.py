@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -237,9 +236,8 @@ class ArmState:
     """The serving drafter (a published version), the trainer (its copy being updated), optimizer states, buffer,
     held-out window and counters of one arm; `save`/`load` are its checkpoint (train/checkpoint.py's engine role)."""
 
-    def __init__(self, arm: Arm, drafter: torch.nn.Module, settings: OnlineSettings, target, pad_id: int,
-                 out_dir: Path) -> None:
-        self.arm, self.settings, self.target, self.pad_id, self.out_dir = arm, settings, target, pad_id, out_dir
+    def __init__(self, arm: Arm, drafter: torch.nn.Module, settings: OnlineSettings, target, pad_id: int) -> None:
+        self.arm, self.settings, self.target, self.pad_id = arm, settings, target, pad_id
         self.serving = drafter.eval()
         self.trainer = copy.deepcopy(drafter).train().requires_grad_(True) if arm.learn else None
         self.d2t = draft_vocabulary(drafter)
@@ -377,16 +375,8 @@ class WindowCheck:
         self.metric, self.settings, self.pad_id = metric, settings, pad_id
         self.items = [(s.prompt_ids, s.tokens) for s in window]
         self.teacher = None
-        if metric == "alpha":
-            rows = []
-            for served in window:
-                path = {at: (served.steps[number]["topk_ids"][j], served.steps[number]["topk_logprobs"][j])
-                        for at, number, j, _ in served.path_positions()}
-                order = sorted(path)
-                rows.append(Row(id=served.key, input_ids=served.prompt_ids + served.tokens,
-                                loss_mask=[0] * len(served.prompt_ids) + [1] * len(served.tokens),
-                                prompt_ids=served.prompt_ids, topk_ids=[path[a][0] for a in order],
-                                topk_logprobs=[path[a][1] for a in order]))
+        if metric == "alpha":  # the target's distribution at every generated position, as the buffer stores it
+            rows = [rows_from(served, BufferSettings(positions="all"), settings.seed)[0] for served in window]
             self.teacher = offline_teacher_logits(rows, settings.max_seq_len, vocab_size, torch.device("cpu"))
 
     def score(self, model: torch.nn.Module) -> float:
@@ -734,7 +724,7 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss: LossMix) -> dict:
         if done.exists():
             counters[arm.name] = json.loads(done.read_text())
         else:
-            state = ArmState(arm, copy.deepcopy(first), settings, model, pad_id, arm_dir)
+            state = ArmState(arm, copy.deepcopy(first), settings, model, pad_id)
             start = resume_arm(state, arm_dir, run.resume)
             serve_arm(state, requests, prompts, trace, stop_ids, run, arm_dir, start)
             if arm.name == "ours":

@@ -323,7 +323,7 @@ def test_a_rejected_candidate_falls_back_to_the_starting_drafter_when_that_is_be
     arm = Arm("ours", True, BufferSettings(), ScheduleSettings(every_requests=1, steps=2, batch_size=2),
               PublishSettings(metric="tau", fallback_to_base=True, min_window=1),
               OptimSettings(lr=1.0, warmup_steps=0, min_lr_ratio=1.0), FKL)
-    state = ArmState(arm, copy.deepcopy(model), settings, model, tiny_target.tokenizer.eos_token_id, None)
+    state = ArmState(arm, copy.deepcopy(model), settings, model, tiny_target.tokenizer.eos_token_id)
     with torch.no_grad():
         for parameter in list(state.serving.parameters()) + list(state.trainer.parameters()):
             parameter.copy_(torch.randn_like(parameter))
