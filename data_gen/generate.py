@@ -33,6 +33,7 @@ from data_gen.backends import BACKENDS, Completion, HFBackend, Request, VLLMBack
 from data_gen.chat import assistant_token_mask, end_of_turn_ids, prompt_token_ids
 from data_gen.shards import MANIFEST, complete_shards, read_shard, shard_path, write_shard
 from data_gen.sources import Conversation, PromptSourceSpec, load_conversations
+from infra import preemption
 from infra.rundir import NotEnoughSpace, RunLocked, exclusive
 from infra.settings import at_least, between, check_fields, one_of
 from infra.stage import StageRun
@@ -386,6 +387,9 @@ def generate(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, 
             write_shard(shard_path(out_dir, index), records, settings.top_k_logprobs, stats, provenance)
             tracker.log({"data_gen/shard": index, "data_gen/records": stats["records"],
                          "data_gen/tokens_per_s": stats["generated_tokens"] / max(stats["seconds"], 1e-9)})
+            if preemption.requested() and index != mine[-1]:
+                raise preemption.Preempted(f"data_gen stopped after shard {index} on the warning signal; its committed "
+                                           f"shards are kept and a rerun makes the rest")
     missing = sorted(set(range(len(shards))) - complete_shards(out_dir, len(shards)))
     if missing:
         raise ShardsPending(f"worker {worker.rank}/{worker.world_size} is done; shards {missing[:10]}"

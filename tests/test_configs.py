@@ -13,7 +13,7 @@ from tests.conftest import REPO_ROOT
 CONF = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUPS = ["target", "drafter", "data", "corpus", "eval_data", "data_gen", "pretrain", "distill", "loss", "deepspeed", "eval",
-          "export", "logger"]
+          "export", "logger", "cluster"]
 # Options that need a value the user must supply (`???`).
 NEEDS_USER_VALUE = {("target", "local_dir"): ["target.location=/some/dir"], ("data", "jsonl"): ["data.location=x"],
                     ("data", "hf"): ["data.location=x"], ("corpus", "text"): ["corpus.location=x"],
@@ -82,3 +82,11 @@ def test_pretrain_and_distill_take_their_optimizer_from_the_optim_group():
     default = compose_config([])
     assert default.distill.optim.lr == shared.lr and default.pretrain.optim.lr == 3.0e-3  # pretrain's own rate
     assert compose_config(["distill.optim.lr=0.5"]).distill.optim.lr == 0.5
+
+
+def test_the_gpu_recipe_asks_for_what_its_comment_says():
+    config = compose_config(["+experiment=llama8b_eagle3"])
+    assert config.target.kind == "hub" and config.data_gen.backend == "vllm"
+    assert config.data_gen.vllm.tensor_parallel_size == config.cluster.data_gen.gpus == 8
+    assert config.deepspeed.enabled and config.deepspeed.bf16 and config.deepspeed.stage == 2
+    assert config.cluster.train.nodes * config.cluster.train.processes_per_node == 16

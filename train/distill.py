@@ -38,7 +38,7 @@ from data_gen.backends import HFBackend, Request
 from data_gen.chat import document_token_ids, end_of_turn_ids
 from data_gen.shards import load_records
 from data_gen.sources import PromptSourceSpec, load_conversations
-from infra import distributed
+from infra import distributed, preemption
 from infra.settings import at_least, between, check_fields, one_of
 from infra.stage import StageRun
 from infra.tracking import Tracker
@@ -385,10 +385,14 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
         done = step + 1
         if done == total_steps or (settings.eval_every and done % settings.eval_every == 0):
             evaluate_proxy(done)
-        if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < total_steps:
-            checkpoint.save(engine, checkpoints, done, {"best": best, "proxy_history": history,
-                                                        "data_position": {"epoch": epoch, "batch": index + 1}},
-                            settings.keep_checkpoints, provenance)
+        stopping = done < total_steps and preemption.requested()
+        if stopping or (settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < total_steps):
+            saved = checkpoint.save(engine, checkpoints, done, {"best": best, "proxy_history": history,
+                                                                "data_position": {"epoch": epoch, "batch": index + 1}},
+                                    settings.keep_checkpoints, provenance)
+        if stopping:
+            raise preemption.Preempted(f"distill stopped after step {done} of {total_steps} on the warning "
+                                       f"signal; resumes from {saved}")
     progress.close()
     model.eval()
     save_weights(engine, out_dir / "last", objective.save)

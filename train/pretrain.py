@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data_gen.chat import document_token_ids
 from data_gen.sources import PromptSourceSpec, load_conversations
-from infra import distributed
+from infra import distributed, preemption
 from infra.settings import at_least, check_fields
 from infra.stage import StageRun
 from infra.tracking import Tracker
@@ -166,9 +166,14 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
                          "pretrain/tokens_per_s": distributed.all_sum([tokens_seen])[0]
                          / (time.perf_counter() - started)}, step=step)
         done = step + 1
-        if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
-            checkpoint.save(engine, checkpoints, done, {"data_position": {"block_offset": done * settings.batch_size}},
-                            settings.keep_checkpoints, provenance)
+        stopping = done < settings.steps and preemption.requested()
+        if stopping or (settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps):
+            saved = checkpoint.save(engine, checkpoints, done,
+                                    {"data_position": {"block_offset": done * settings.batch_size}},
+                                    settings.keep_checkpoints, provenance)
+        if stopping:
+            raise preemption.Preempted(f"pretrain stopped after step {done} of {settings.steps} on the warning "
+                                       f"signal; resumes from {saved}")
     progress.close()
     model.eval()
     save_weights(engine, out_dir / "model", lambda model, folder: save_drafter(model, tokenizer, folder))

@@ -32,7 +32,7 @@ import train.distill
 import train.online
 import train.pretrain
 from data_gen.generate import ShardsPending, WorkerSettings
-from infra import distributed
+from infra import distributed, preemption
 from infra.rundir import NotEnoughSpace, RunLocked, StageDir, StageMismatchError
 from infra.settings import SettingsError, check_config, integer, one_of, shown
 from infra.stage import StageRun
@@ -88,15 +88,17 @@ TOP_LEVEL_RULES = {"resume": one_of("auto", "never"), "seed": integer, "prefligh
                    "overwrite": one_of(True, False)}
 
 
-def check_settings(config: DictConfig) -> tuple[list[str], Path]:
+def check_settings(config: DictConfig, launched: bool | None = None) -> tuple[list[str], Path]:
     """Every setting the run will use, checked before anything loads or is written: the stages' sections (types,
     ranges, unknown keys: infra.settings), the top-level keys, and combinations that cannot work. Returns the
-    stages in running order and the run directory (inside runs_root, writable)."""
+    stages in running order and the run directory (inside runs_root, writable). `launched`: whether the training
+    stages will run under a distributed launcher (default: whether this process was; slurm/pipeline.py's jobs
+    are)."""
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise SettingsError(f"stages={list(config.stages)}: unknown {unknown}; choose from {list(STAGES)}")
     stages = sorted(config.stages, key=list(STAGES).index)
-    sections = {section for stage in STAGES.values() for section in stage.sections} | {"logger"}
+    sections = {section for stage in STAGES.values() for section in stage.sections} | {"logger", "cluster"}
     extra = sorted(set(config) - TOP_LEVEL - sections)
     if extra:
         raise SettingsError(f"{extra[0]} is not a setting (top-level keys: {sorted(TOP_LEVEL)}, sections: "
@@ -108,7 +110,8 @@ def check_settings(config: DictConfig) -> tuple[list[str], Path]:
         WorkerSettings(**config.worker)
     except (SettingsError, ValueError, TypeError) as error:
         raise SettingsError(f"worker: {error}") from None
-    check_config(config, sorted({s for stage in stages for s in STAGES[stage].sections} | {"target", "logger"}))
+    check_config(config, sorted({s for stage in stages for s in STAGES[stage].sections} | {"target", "logger",
+                                                                                            "cluster"}))
     runs_root = Path(config.runs_root).resolve()
     run_dir = runs_root / config.experiment / config.run_name
     for key in ("experiment", "run_name"):
@@ -119,7 +122,8 @@ def check_settings(config: DictConfig) -> tuple[list[str], Path]:
     if "export" in stages and (Path(config.export.name).name != config.export.name or config.export.name in (
             "", ".", "..")):
         raise SettingsError(f"export.name={config.export.name!r}: must be a plain folder name (no '/' or '..')")
-    if config.deepspeed.enabled and set(stages) & set(DISTRIBUTED_STAGES) and not distributed.launched():
+    launched = distributed.launched() if launched is None else launched
+    if config.deepspeed.enabled and set(stages) & set(DISTRIBUTED_STAGES) and not launched:
         raise SettingsError(f"deepspeed.enabled=true (ZeRO stage {config.deepspeed.stage}) trains through a "
                             f"distributed launcher, and this process was started without one. Run "
                             f"`torchrun --nproc_per_node=N train/run.py {' '.join(sys.argv[1:])}` (N processes; N=1 "
@@ -196,6 +200,9 @@ def run(config: DictConfig) -> dict[str, Path]:
                 tracker.finish({})
                 print(f"[draftsmith] {stage}: not complete: {pending}", flush=True)
                 return outputs
+            except preemption.Preempted:
+                tracker.finish({})
+                raise
             tracker.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             if distributed.is_main():
                 stage_dir.commit(settings, resolved, identity.as_dict(), summary)
@@ -220,9 +227,15 @@ DISK_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUO
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(config: DictConfig) -> None:
-    """A refused setting, a busy run folder or a read-only / full disk is one line and exit status 2."""
+    """A refused setting, a busy run folder or a read-only / full disk is one line and exit status 2; a stop on the
+    cluster's warning signal (infra/preemption.py), after its checkpoint, is one line and exit status 3."""
+    preemption.install()
     try:
         run(config)
+    except preemption.Preempted as stopped:
+        say(f"[draftsmith] preempted: {stopped}")
+        preemption.mark(str(stopped))
+        sys.exit(preemption.EXIT_CODE)
     except REFUSALS as error:
         refuse(str(error))
     except OSError as error:
