@@ -84,6 +84,22 @@ def test_pretrain_and_distill_take_their_optimizer_from_the_optim_group():
     assert compose_config(["distill.optim.lr=0.5"]).distill.optim.lr == 0.5
 
 
+@pytest.mark.parametrize("launcher", ["slurm", "local"])
+def test_the_sweep_launchers_compose_from_the_cluster_settings(launcher):
+    """hydra/launcher=slurm|local: the plugin's schema with its sizes taken from conf/cluster/ (here the GPU example
+    with a partition set on the command line)."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        config = compose("config", overrides=[f"hydra/launcher={launcher}", "+experiment=llama8b_eagle3",
+                                              "cluster.partition=h100"], return_hydra_config=True)
+    node = OmegaConf.to_container(config.hydra.launcher, resolve=False)
+    assert node["_target_"].endswith("SlurmLauncher" if launcher == "slurm" else "LocalLauncher")
+    resolved = {key: OmegaConf.select(config, f"hydra.launcher.{key}") for key in ("timeout_min", "gpus_per_node",
+                                                                                     "mem_gb", "cpus_per_task")}
+    assert resolved == {"timeout_min": 240, "gpus_per_node": 1, "mem_gb": 128, "cpus_per_task": 16}
+    if launcher == "slurm":
+        assert config.hydra.launcher.partition == "h100" and config.hydra.launcher.signal_delay_s == 180
+
+
 def test_the_gpu_recipe_asks_for_what_its_comment_says():
     config = compose_config(["+experiment=llama8b_eagle3"])
     assert config.target.kind == "hub" and config.data_gen.backend == "vllm"

@@ -43,6 +43,7 @@ from models.loading import DamagedWeightsError, load_target, resolve_device, res
 from train.checkpoint import DamagedCheckpointError
 from train.engine import UnsafeCheckpointError
 from train.preflight import check_run
+from train.sweep import record_point, sweep_point
 
 
 @dataclass(frozen=True)
@@ -230,18 +231,28 @@ def main(config: DictConfig) -> None:
     """A refused setting, a busy run folder or a read-only / full disk is one line and exit status 2; a stop on the
     cluster's warning signal (infra/preemption.py), after its checkpoint, is one line and exit status 3."""
     preemption.install()
+    point = sweep_point(config)  # a point of a sweep (-m): its own run folder, recorded for the comparison
+    outputs: dict = {}
     try:
-        run(config)
+        outputs = run(config)
     except preemption.Preempted as stopped:
+        record_point(point, config, f"preempted: {stopped}")
         say(f"[draftsmith] preempted: {stopped}")
         preemption.mark(str(stopped))
         sys.exit(preemption.EXIT_CODE)
     except REFUSALS as error:
+        record_point(point, config, f"refused: {error}")
         refuse(str(error))
     except OSError as error:
         if error.errno not in DISK_ERRORS and not isinstance(error, NotEnoughSpace):
             raise
+        record_point(point, config, f"refused: {error}")
         refuse(f"{error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
+    except BaseException as error:
+        record_point(point, config, f"failed: {type(error).__name__}: {error}")
+        raise
+    missing = [stage for stage in config.stages if stage not in outputs]
+    record_point(point, config, f"not complete: {missing} did not finish (see its log)" if missing else "done")
 
 
 def refuse(message: str) -> None:
