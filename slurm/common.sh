@@ -4,9 +4,15 @@
 #  - preemption: the scripts ask for SIGUSR1 before the time limit (--signal=USR1@180) and --requeue. The training
 #    stages then checkpoint at the next step boundary and exit (data_gen between shards); the Python side leaves
 #    $DRAFTSMITH_PREEMPT_MARK, and `finish` requeues the job, which resumes from that checkpoint (resume=auto).
+#  - DRAFTSMITH_ENV=vllm (data_gen=vllm; slurm/pipeline.py sets it) uses .venv-vllm, vLLM's own environment
 cd "${SLURM_SUBMIT_DIR:?run this script through sbatch, from the repository root}"
-flock .ci/.setup.lock .ci/setup
-python=.venv/bin/python
+if [ "${DRAFTSMITH_ENV:-}" = vllm ]; then
+  flock .ci/.setup.lock .ci/setup-vllm
+  python=.venv-vllm/bin/python
+else
+  flock .ci/.setup.lock .ci/setup
+  python=.venv/bin/python
+fi
 export DRAFTSMITH_PREEMPT_MARK="${TMPDIR:-/tmp}/draftsmith-preempted-${SLURM_JOB_ID}"
 rm -f "$DRAFTSMITH_PREEMPT_MARK"
 echo "[draftsmith] job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) on ${SLURM_JOB_NODELIST:-?}, start $((${SLURM_RESTART_COUNT:-0} + 1)), $(date -Is)"

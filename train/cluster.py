@@ -112,7 +112,7 @@ def user_overrides(overrides: list[str]) -> list[str]:
 
 
 def plan(stages: list[str], cluster: ClusterSettings, overrides: list[str], run_dir: Path, name: str,
-         deepspeed_enabled: bool) -> list[Job]:
+         deepspeed_enabled: bool, vllm: bool = False) -> list[Job]:
     """The jobs for `stages` (in running order), each waiting for the one before it."""
     logs, jobs, previous = run_dir / "slurm", [], None
     passed = user_overrides(overrides)
@@ -125,6 +125,8 @@ def plan(stages: list[str], cluster: ClusterSettings, overrides: list[str], run_
         command = ["sbatch", "--parsable", f"--job-name={name}-{kind}", f"--output={log}", "--kill-on-invalid-dep=yes",
                    f"--signal=USR1@{cluster.signal_seconds}", *cluster.common_options(), *spec.sbatch_options()]
         if kind == "data_gen":
+            if vllm:  # vLLM lives in its own environment (.venv-vllm): slurm/common.sh
+                command.append("--export=ALL,DRAFTSMITH_ENV=vllm")
             command += [f"--array=0-{spec.workers - 1}", JOB_SCRIPTS[kind], *passed]
         elif kind == "train":
             processes = spec.nodes * spec.processes_per_node
@@ -281,7 +283,8 @@ def main(argv: list[str]) -> int:
         stages, run_dir = check_settings(config, launched=True)
         cluster = instantiate(config.cluster, _convert_="all")
         name = f"draftsmith-{config.experiment}-{config.run_name}".replace("/", "-")
-        jobs = plan(stages, cluster, overrides, run_dir, name, bool(config.deepspeed.enabled))
+        jobs = plan(stages, cluster, overrides, run_dir, name, bool(config.deepspeed.enabled),
+                    config.data_gen.backend == "vllm")
     except SettingsError as error:
         print(f"[pipeline] error: {error}", file=sys.stderr)
         return 2

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -74,11 +74,13 @@ def test_bad_settings_submit_nothing(slurm_env, tmp_path):
 
 def test_a_dry_run_prints_the_sbatch_lines(tmp_path):
     """No cluster needed: what would be submitted, with the cluster settings bound (the GPU example)."""
-    result = run([sys.executable, "slurm/pipeline.py", "+experiment=smoke", f"runs_root={tmp_path}", "cluster=gpu8",
-                  "deepspeed=zero2", "cluster.partition=h100", "--dry-run"], {**__import__("os").environ})
+    result = run([sys.executable, "slurm/pipeline.py", "+experiment=llama8b_eagle3", f"runs_root={tmp_path}",
+                  "cluster.partition=h100", "--dry-run"], dict(os.environ))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "[pipeline] dry run: nothing submitted"
     assert "--array=0-3" in lines[0] and "--gres=gpu:8" in lines[0] and "--partition=h100" in lines[0]
+    assert "--export=ALL,DRAFTSMITH_ENV=vllm" in lines[0]  # data_gen=vllm runs in .venv-vllm
     assert "--nodes=2" in lines[1] and "slurm/train.sbatch 8" in lines[1] and "afterok: the data_gen job" in lines[1]
-    assert not Path(tmp_path / "smoke").exists()
+    assert "stages=[distill]" in lines[1] and "stages=[eval,export]" in lines[2]  # the recipe has no pretrain
+    assert not (tmp_path / "llama8b_eagle3").exists()
