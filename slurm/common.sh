@@ -7,10 +7,10 @@
 #  - DRAFTSMITH_ENV=vllm (data_gen=vllm; slurm/pipeline.py sets it) uses .venv-vllm, vLLM's own environment
 cd "${SLURM_SUBMIT_DIR:?run this script through sbatch, from the repository root}"
 if [ "${DRAFTSMITH_ENV:-}" = vllm ]; then
-  flock .ci/.setup.lock .ci/setup-vllm
+  flock .ci/.setup.lock .ci/setup-vllm || { echo "[draftsmith] error: .ci/setup-vllm failed" >&2; exit 1; }
   python=.venv-vllm/bin/python
 else
-  flock .ci/.setup.lock .ci/setup
+  flock .ci/.setup.lock .ci/setup || { echo "[draftsmith] error: .ci/setup failed" >&2; exit 1; }
   python=.venv/bin/python
 fi
 export DRAFTSMITH_PREEMPT_MARK="${TMPDIR:-/tmp}/draftsmith-preempted-${SLURM_JOB_ID}"
