@@ -1,4 +1,5 @@
-"""A real one-node SLURM cluster for the tests: munged, slurmctld and slurmd started by hand, no systemd, no /etc.
+"""A real SLURM cluster for the tests: munged, slurmctld and two slurmd (two nodes, n1 and n2, on this one host)
+started by hand, no systemd, no /etc.
 
     python -m tests.slurm.cluster up /tmp/cluster     # prints `export SLURM_CONF=...`; then sbatch, squeue, ...
     python -m tests.slurm.cluster down /tmp/cluster
@@ -20,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DAEMONS = ("slurmctld", "slurmd")
 NEEDED = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged", "munge", "unmunge")
 
 
@@ -28,12 +28,11 @@ def missing_programs() -> list[str]:
     return [name for name in NEEDED if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()]
 
 
-def config_text(folder: Path, node: str, cpus: int, memory_mb: int, port: int) -> str:
+def config_text(folder: Path, host: str, nodes: list[str], cpus: int, memory_mb: int, port: int) -> str:
     return "\n".join([
         "ClusterName=draftsmith-ci",
-        f"SlurmctldHost={node}(127.0.0.1)",
+        f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={port}",
-        f"SlurmdPort={port + 1}",
         "SlurmUser=root", "SlurmdUser=root",
         "AuthType=auth/munge", "CredType=cred/munge", "MpiDefault=none",
         # a job credential lives 10 s (default 120): a requeued job may start again that soon after it stopped
@@ -45,12 +44,14 @@ def config_text(folder: Path, node: str, cpus: int, memory_mb: int, port: int) -
         "MinJobAge=3600",  # finished jobs stay visible to `scontrol show job` (no accounting database here)
         "AccountingStorageType=accounting_storage/none",
         "JobCompType=jobcomp/filetxt", f"JobCompLoc={folder}/log/jobcomp.txt",
-        f"StateSaveLocation={folder}/state", f"SlurmdSpoolDir={folder}/spool",
-        f"SlurmctldPidFile={folder}/slurmctld.pid", f"SlurmdPidFile={folder}/slurmd.pid",
-        f"SlurmctldLogFile={folder}/log/slurmctld.log", f"SlurmdLogFile={folder}/log/slurmd.log",
-        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} Boards=1 SocketsPerBoard=1 CoresPerSocket={cpus} "
-        f"ThreadsPerCore=1 RealMemory={memory_mb} State=UNKNOWN",
-        f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
+        f"StateSaveLocation={folder}/state", f"SlurmdSpoolDir={folder}/spool/%n",
+        f"SlurmctldPidFile={folder}/slurmctld.pid", f"SlurmdPidFile={folder}/slurmd-%n.pid",
+        f"SlurmctldLogFile={folder}/log/slurmctld.log", f"SlurmdLogFile={folder}/log/slurmd-%n.log",
+        # several nodes on this one host, each its own slurmd (-N NAME) on its own port (Debian's build allows it)
+        *[f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port + 1 + i} CPUs={cpus} Boards=1 "
+          f"SocketsPerBoard=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={memory_mb} State=UNKNOWN"
+          for i, node in enumerate(nodes)],
+        f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         "",
     ])
 
@@ -61,23 +62,28 @@ def _munge_answers() -> bool:
                                                       capture_output=True).returncode == 0
 
 
-def _free_port_pair() -> int:
+def _free_ports(count: int) -> int:
+    """The first of `count` adjacent free TCP ports (slurmctld, then one per slurmd)."""
     for _ in range(50):
-        with socket.socket() as a, socket.socket() as b:
-            try:
-                a.bind(("127.0.0.1", 0))
-                port = a.getsockname()[1]
-                b.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no two adjacent free TCP ports for slurmctld and slurmd")
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            sockets[0].bind(("127.0.0.1", 0))
+            port = sockets[0].getsockname()[1]
+            for offset, extra in enumerate(sockets[1:], start=1):
+                extra.bind(("127.0.0.1", port + offset))
+            return port
+        except OSError:
+            continue
+        finally:
+            for opened in sockets:
+                opened.close()
+    raise RuntimeError(f"no {count} adjacent free TCP ports for slurmctld and the slurmd daemons")
 
 
 @dataclass
 class Cluster:
     folder: Path
-    node: str
+    nodes: list[str]
     started_munge: bool
 
     @property
@@ -95,18 +101,19 @@ class Cluster:
         self.run("scancel", "--full", "--user", os.environ.get("USER", "root"), check=False)
 
 
-def up(folder: Path, cpus: int | None = None, memory_mb: int = 20000, timeout: float = 60.0) -> Cluster:
-    """Start munged (if none answers), slurmctld and slurmd on a fresh configuration in `folder`; return when the
-    node is idle. Raises RuntimeError naming the log to read when a daemon does not come up."""
+def up(folder: Path, nodes: int = 2, cpus: int = 2, memory_mb: int = 12000, timeout: float = 60.0) -> Cluster:
+    """Start munged (if none answers), slurmctld and one slurmd per node (`nodes` nodes named n1, n2, ..., all on
+    this host, each declaring `cpus` CPUs and `memory_mb` of memory) on a fresh configuration in `folder`; return
+    when every node is idle. Raises RuntimeError naming the logs to read when a daemon does not come up."""
     missing = missing_programs()
     if missing:
         raise RuntimeError(f"SLURM is not installed here (missing {missing}): run .ci/setup-slurm")
     folder = folder.resolve()
-    for sub in ("state", "spool", "log"):
+    names = [f"n{i + 1}" for i in range(nodes)]
+    for sub in ("state", "log", *[f"spool/{name}" for name in names]):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    node = socket.gethostname().split(".")[0]
-    cpus = cpus or os.cpu_count() or 1
-    (folder / "slurm.conf").write_text(config_text(folder, node, cpus, memory_mb, _free_port_pair()))
+    host = socket.gethostname().split(".")[0]
+    (folder / "slurm.conf").write_text(config_text(folder, host, names, cpus, memory_mb, _free_ports(1 + nodes)))
     started_munge = False
     if not _munge_answers():
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
@@ -118,19 +125,20 @@ def up(folder: Path, cpus: int | None = None, memory_mb: int = 20000, timeout: f
             if time.monotonic() > deadline:
                 raise RuntimeError("munged did not answer within 10 s (munge -n | unmunge)")
             time.sleep(0.2)
-    cluster = Cluster(folder, node, started_munge)
+    cluster = Cluster(folder, names, started_munge)
     env = dict(os.environ, **cluster.env)
-    for daemon in DAEMONS:
-        subprocess.run([f"/usr/sbin/{daemon}"], env=env, check=True)
+    subprocess.run(["/usr/sbin/slurmctld"], env=env, check=True)
+    for name in names:
+        subprocess.run(["/usr/sbin/slurmd", "-N", name], env=env, check=True)
     deadline = time.monotonic() + timeout
     while True:
-        state = cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-        if state == "idle":
+        states = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+        if states == ["idle"] * nodes:
             return cluster
         if time.monotonic() > deadline:
             down(cluster)
-            raise RuntimeError(f"the SLURM node is {state or 'not known'} after {timeout:.0f} s: see "
-                               f"{folder}/log/slurmctld.log and slurmd.log")
+            raise RuntimeError(f"the SLURM nodes are {states or 'not known'} after {timeout:.0f} s: see "
+                               f"{folder}/log/slurmctld.log and slurmd-*.log")
         time.sleep(0.3)
 
 
@@ -155,8 +163,9 @@ def _stop(pid_file: Path) -> None:
 def down(cluster: Cluster) -> None:
     """Cancel every job, stop both daemons (and munged when `up` started it)."""
     cluster.cancel_all()
-    for daemon in reversed(DAEMONS):
-        _stop(cluster.folder / f"{daemon}.pid")
+    for name in cluster.nodes:
+        _stop(cluster.folder / f"slurmd-{name}.pid")
+    _stop(cluster.folder / "slurmctld.pid")
     if cluster.started_munge:
         _stop(Path("/run/munge/munged.pid"))
 
@@ -169,7 +178,8 @@ def main() -> None:
         print(f"export SLURM_CONF={cluster.folder}/slurm.conf")
     elif action == "down":
         started = (folder / "munge-started").read_text().strip() == "1" if (folder / "munge-started").exists() else False
-        down(Cluster(folder.resolve(), socket.gethostname().split(".")[0], started))
+        nodes = sorted(p.name.removeprefix("slurmd-").removesuffix(".pid") for p in folder.glob("slurmd-*.pid"))
+        down(Cluster(folder.resolve(), nodes, started))
     else:
         raise SystemExit(__doc__)
 

@@ -21,7 +21,8 @@ def pipeline(env: dict, *arguments: str):
 
 def test_one_command_runs_every_stage_as_dependent_jobs(slurm_env, tmp_path):
     result = pipeline(slurm_env, *SMOKE, f"runs_root={tmp_path}", "cluster.data_gen.workers=2",
-                      "data_gen.shard_size=4", "--wait")
+                      "data_gen.shard_size=4", "cluster.train.nodes=2", "cluster.train.cpus=1", "deepspeed=zero2",
+                      "--wait")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "smoke" / "default"
     plan = json.loads((run_dir / "slurm" / "pipeline.json").read_text())
@@ -39,6 +40,9 @@ def test_one_command_runs_every_stage_as_dependent_jobs(slurm_env, tmp_path):
     for task in (0, 1):  # each array task made its own shards; the last to finish wrote the manifest
         assert f"data_gen shards (worker {task}/2)" in (run_dir / "slurm" / logs[task]).read_text()
     assert len(json.loads((run_dir / "data_gen" / "manifest.json").read_text())["shards"]) == 4  # 13 records
+    train_log = (run_dir / "slurm" / f"train-{plan[1]['job_id']}.out").read_text()
+    assert "2 node(s) (n[1-2]) x 1 process(es)" in train_log  # pretrain and distill data-parallel on both nodes
+    assert json.loads((run_dir / "distill" / "meta.json").read_text())["summary"]["processes"] == 2
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert {"pretrained", "distilled"} <= set(report["drafters"])
     assert all(d["lossless"] for d in report["drafters"].values())

@@ -1,5 +1,6 @@
-"""Training as SLURM jobs: slurm/train.sbatch across two "nodes" (two srun tasks on this machine, each running
-torchrun for its node, the first host as master), ZeRO-2 over gloo, against one process; and the warning signal
+"""Training as SLURM jobs: slurm/train.sbatch across the test cluster's two nodes (two slurmd on this machine; one
+task per node runs torchrun for it, the first node is the master), ZeRO-2 over gloo, against one process; and the
+warning signal
 before a time limit: every rank checkpoints at the same step, the job requeues itself, and the requeued job
 finishes with the loss curve of an uninterrupted run."""
 from __future__ import annotations
@@ -29,11 +30,11 @@ def trained_once(slurm_env, tmp_path_factory):
 
 
 def two_node_job(slurm_env, root, run_name: str, tmp_path) -> tuple[str, object]:
-    """slurm/train.sbatch with 2 tasks acting as 2 nodes of 1 process each, on a copy of the reference data."""
+    """slurm/train.sbatch on 2 nodes of 1 process each, on a copy of the reference data."""
     (root / "smoke" / run_name).mkdir(parents=True)
     shutil.copytree(root / "smoke" / "single" / "data_gen", root / "smoke" / run_name / "data_gen")
     log = tmp_path / "train.out"
-    job = sbatch(slurm_env, "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=8G", f"--output={log}",
+    job = sbatch(slurm_env, "--nodes=2", "--cpus-per-task=1", "--mem=4G", f"--output={log}",
                  "slurm/train.sbatch", "1", *ARGS, f"runs_root={root}", f"run_name={run_name}", "deepspeed=zero2")
     return job, log
 
@@ -42,7 +43,7 @@ def test_two_nodes_of_zero2_train_as_one_process_does(slurm_env, trained_once, t
     job, log = two_node_job(slurm_env, trained_once, "two_nodes", tmp_path)
     ended = wait_until(slurm_env, job, finished, log=log)
     assert ended.state == "COMPLETED", log.read_text()[-3000:]
-    assert "2 node(s) x 1 process(es)" in log.read_text()
+    assert "2 node(s) (n[1-2]) x 1 process(es), master n1 at 127.0.0.1" in log.read_text()
     meta = (trained_once / "smoke" / "two_nodes" / "distill" / "meta.json").read_text()
     assert '"processes": 2' in meta and '"deepspeed_stage": 2' in meta
     single, two = curve(trained_once / "smoke" / "single"), curve(trained_once / "smoke" / "two_nodes")
