@@ -46,6 +46,14 @@ def cluster(tmp_path_factory):
         os.environ["SLURM_CONF"] = before
 
 
+@pytest.fixture(autouse=True)
+def no_jobs_left_behind(request):
+    """Whatever a test submitted is cancelled when it ends, passed or failed (the daemons stay for the next)."""
+    yield
+    if "cluster" in request.fixturenames:
+        request.getfixturevalue("cluster").cancel_all()
+
+
 @pytest.fixture(scope="session")
 def slurm_env(cluster, tmp_path_factory) -> dict[str, str]:
     """The environment jobs and clients get: the cluster's SLURM_CONF, one cache for all tests here, one thread
