@@ -101,7 +101,7 @@ class Cluster:
         self.run("scancel", "--full", "--user", os.environ.get("USER", "root"), check=False)
 
 
-def up(folder: Path, nodes: int = 2, cpus: int = 2, memory_mb: int = 12000, timeout: float = 60.0) -> Cluster:
+def up(folder: Path, nodes: int = 2, cpus: int = 2, memory_mb: int = 20000, timeout: float = 60.0) -> Cluster:
     """Start munged (if none answers), slurmctld and one slurmd per node (`nodes` nodes named n1, n2, ..., all on
     this host, each declaring `cpus` CPUs and `memory_mb` of memory) on a fresh configuration in `folder`; return
     when every node is idle. Raises RuntimeError naming the logs to read when a daemon does not come up."""
