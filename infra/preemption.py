@@ -4,8 +4,9 @@ The SLURM scripts (slurm/*.sbatch) ask for `--signal=USR1@<seconds>`: SIGUSR1 th
 `scancel --signal=USR1 JOB` sends the same by hand). `install()` turns the signal into a flag; the training loops
 ask `requested()` at every step boundary, save a checkpoint there and raise `Preempted`; `train/run.py` exits with
 `EXIT_CODE` and, on rank 0, touches the file named by DRAFTSMITH_PREEMPT_MARK (set by slurm/common.sh; torchrun
-turns its workers' exit codes into its own), on which the script runs `scontrol requeue`. The requeued job resumes from that checkpoint
-(`resume=auto`) exactly as from any other. data_gen stops between shards (committed shards are kept).
+turns its workers' exit codes into its own), on which the script runs `scontrol requeue`. The requeued job resumes
+from that checkpoint (`resume=auto`) exactly as from any other. data_gen stops between shards (committed shards
+are kept).
 
 In a multi-process launch the ranks must stop at the same step, so the flag is OR-ed over ranks (one small
 collective per step). Without the signal nothing here changes what a run computes.
@@ -43,10 +44,6 @@ def requested() -> bool:
     """Whether any rank got the warning signal. Every rank must call this at the same step."""
     local = 1.0 if _flag["requested"] else 0.0
     return distributed.all_sum([local])[0] > 0
-
-
-def reset() -> None:
-    _flag["requested"] = False
 
 
 def mark(message: str) -> None:

@@ -169,7 +169,8 @@ def read_plan(plan_file: Path) -> list[Job]:
     try:
         return [Job(**job) for job in json.loads(plan_file.read_text())]
     except (OSError, json.JSONDecodeError, TypeError) as error:
-        raise SettingsError(f"{plan_file}: no readable pipeline plan ({error}); submit with slurm/pipeline.py") from None
+        raise SettingsError(f"{plan_file}: no readable pipeline plan ({error}); submit with slurm/pipeline.py"
+                            ) from None
 
 
 @dataclass
@@ -213,9 +214,9 @@ def failure_line(log_pattern: str, job_id: str) -> str:
     return f"{chosen.strip()}  (log: {pattern})"
 
 
-def report(jobs: list[Job]) -> tuple[bool, list[str]]:
-    """(all done, one line per job); a failed job's line quotes its error, a cancelled dependent names the job
-    whose failure stopped it."""
+def report(jobs: list[Job]) -> tuple[bool, bool, list[str]]:
+    """(all done, all completed, one line per job); a failed job's line quotes its error, a cancelled dependent
+    names the job whose failure stopped it."""
     states = {job.name: job_state(job.job_id) for job in jobs if job.job_id}
     lines, failed = [], None
     for job in jobs:
@@ -223,30 +224,31 @@ def report(jobs: list[Job]) -> tuple[bool, list[str]]:
         what = f"{job.name:<8} job {job.job_id or '-':<8} {'+'.join(job.stages):<24} {state.state}"
         if state.tasks > 1:
             what += f" ({state.tasks} tasks)"
-        if state.state not in ACTIVE | {"COMPLETED"} and failed is None and state.state != "UNKNOWN" and not (
-                state.state == "CANCELLED" and "Dependency" in state.reason):
+        stopped_by_dependency = state.state == "CANCELLED" and "Dependency" in state.reason
+        if state.state not in ACTIVE | {"COMPLETED", "UNKNOWN"} and failed is None and not stopped_by_dependency:
             failed = job
             what += f", exit {state.exit_code}: {failure_line(job.log, job.job_id)}"
-        elif state.state == "CANCELLED" and "Dependency" in state.reason:
+        elif stopped_by_dependency:
             stopped_by = failed or next((j for j in jobs if j.name == job.after), None)
             what += f": not run, because {stopped_by.name} (job {stopped_by.job_id}) did not succeed"
         elif state.state == "PENDING" and state.reason not in ("", "None"):
             what += f" ({state.reason})"
         lines.append(what)
     done = not any(s.active for s in states.values())
-    return done, lines
+    completed = all(job.name in states and states[job.name].state == "COMPLETED" for job in jobs)
+    return done, completed, lines
 
 
 def watch(jobs: list[Job], every: float = 5.0) -> bool:
     """Print the jobs' states as they change until none is pending or running; True when every job completed."""
     shown = None
     while True:
-        done, lines = report(jobs)
+        done, completed, lines = report(jobs)
         if lines != shown:
             print(f"[pipeline] {time.strftime('%H:%M:%S')}\n  " + "\n  ".join(lines), flush=True)
             shown = lines
         if done:
-            return all(" COMPLETED" in line for line in lines)
+            return completed
         time.sleep(every)
 
 
@@ -309,6 +311,6 @@ def main(argv: list[str]) -> int:
 
 
 def print_report(jobs: list[Job]) -> bool:
-    done, lines = report(jobs)
+    done, completed, lines = report(jobs)
     print("  " + "\n  ".join(lines))
-    return done and all(" COMPLETED" in line for line in lines)
+    return done and completed

@@ -177,7 +177,8 @@ def main() -> None:
         (folder / "munge-started").write_text("1" if cluster.started_munge else "0")
         print(f"export SLURM_CONF={cluster.folder}/slurm.conf")
     elif action == "down":
-        started = (folder / "munge-started").read_text().strip() == "1" if (folder / "munge-started").exists() else False
+        marker = folder / "munge-started"
+        started = marker.exists() and marker.read_text().strip() == "1"
         nodes = sorted(p.name.removeprefix("slurmd-").removesuffix(".pid") for p in folder.glob("slurmd-*.pid"))
         down(Cluster(folder.resolve(), nodes, started))
     else:
