@@ -42,6 +42,14 @@ def init(timeout_minutes: int = 60) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
+def shutdown() -> None:
+    """Leave the process group (if this process joined one) before the interpreter exits, so no communication
+    thread is torn down by the exit itself: a gloo rank once aborted there (`terminate called without an active
+    exception`, exit -6) after its work was done and saved."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -402,15 +402,17 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
         shutil.copytree(chosen, out_dir / "model")
     distributed.barrier()
     elapsed = time.perf_counter() - started
-    return {"steps": total_steps, "resumed_at": start_step, "epochs": settings.epochs, "records": len(train_rows),
-            "heldout_records": len(heldout), "final_loss": round(losses.get("loss", float("nan")), 4),
-            **objective.summary(model), "selected": settings.select,
-            "best_step": best["step"], "best_acceptance_proxy": round(best["proxy"], 4),
-            **({"best_block_efficiency": round(best["score"], 4)} if settings.select == "decoder" else {}),
-            "acceptance_proxy": history, "loss_tokens_this_run": loss_tokens, "seconds": round(elapsed, 1),
-            "prepare_seconds": round(prepare_seconds, 1),
-            "loss_tokens_per_s": round(loss_tokens / max(elapsed, 1e-9)), "processes": world,
-            "lora": settings.lora is not None, "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}
+    summary = {"steps": total_steps, "resumed_at": start_step, "epochs": settings.epochs, "records": len(train_rows),
+               "heldout_records": len(heldout), "final_loss": round(losses.get("loss", float("nan")), 4),
+               **objective.summary(model), "selected": settings.select,
+               "best_step": best["step"], "best_acceptance_proxy": round(best["proxy"], 4),
+               **({"best_block_efficiency": round(best["score"], 4)} if settings.select == "decoder" else {}),
+               "acceptance_proxy": history, "loss_tokens_this_run": loss_tokens, "seconds": round(elapsed, 1),
+               "prepare_seconds": round(prepare_seconds, 1),
+               "loss_tokens_per_s": round(loss_tokens / max(elapsed, 1e-9)), "processes": world,
+               "lora": settings.lora is not None, "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}
+    engine.close()
+    return summary
 
 
 def corpus_rows(tokenizer: PreTrainedTokenizerBase, corpus: PromptSourceSpec, cache_dir: Path, count: int,

@@ -138,6 +138,9 @@ class PlainEngine:
         """Context in which every parameter is whole (a no-op here; ZeRO-3 gathers)."""
         return contextlib.nullcontext()
 
+    def close(self) -> None:
+        """Nothing to release (DeepSpeed's engine has hooks and buffers; see DeepSpeedEngine.close)."""
+
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file that would need arbitrary code to unpickle."""
@@ -197,6 +200,12 @@ class DeepSpeedEngine:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def close(self) -> None:
+        """Release ZeRO's hooks, buffers and optimizer state now, while the process group still exists, rather than
+        leaving them to interpreter exit (a ZeRO-3 rank once aborted there: `terminate called without an active
+        exception`)."""
+        self.engine.destroy()
 
 
 # The only non-tensor types DeepSpeed's ZeRO checkpoints pickle (torch.serialization.get_unsafe_globals_in_checkpoint

@@ -178,9 +178,11 @@ def pretrain(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docum
     model.eval()
     save_weights(engine, out_dir / "model", lambda model, folder: save_drafter(model, tokenizer, folder))
     elapsed = time.perf_counter() - started
-    return {"steps": settings.steps, "resumed_at": start_step, "final_loss": round(loss_value, 4),
-            "blocks": len(blocks), "tokens_seen_this_run": tokens_seen * world, "seconds": round(elapsed, 1),
-            "tokens_per_s": round(tokens_seen * world / max(elapsed, 1e-9)), "document_mask": settings.document_mask}
+    summary = {"steps": settings.steps, "resumed_at": start_step, "final_loss": round(loss_value, 4),
+               "blocks": len(blocks), "tokens_seen_this_run": tokens_seen * world, "seconds": round(elapsed, 1),
+               "tokens_per_s": round(tokens_seen * world / max(elapsed, 1e-9)), "document_mask": settings.document_mask}
+    engine.close()
+    return summary
 
 
 def corpus_documents(tokenizer: PreTrainedTokenizerBase, conversations, settings: PretrainSettings) -> list[list[int]]:

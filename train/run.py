@@ -234,7 +234,10 @@ def main(config: DictConfig) -> None:
     point = sweep_point(config)  # a point of a sweep (-m): its own run folder, recorded for the comparison
     outputs: dict = {}
     try:
-        outputs = run(config)
+        try:
+            outputs = run(config)
+        finally:
+            distributed.shutdown()
     except preemption.Preempted as stopped:
         record_point(point, config, f"preempted: {stopped}")
         say(f"[draftsmith] preempted: {stopped}")
