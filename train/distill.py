@@ -313,15 +313,17 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
     checkpoints, curve_path = out_dir / "checkpoints", out_dir / "curve.jsonl"
     state = checkpoint.resume_or_clear(engine, checkpoints, curve_path, resume, "distill", total_steps)
     start_step, best, history = 0, {"proxy": float("-inf"), "score": float("-inf"), "step": None}, []
+    scored_before = 0  # loss positions scored by earlier runs of this training (a resume continues the count)
     if state:
         start_step, best, history = state["step"], state["best"], state["proxy_history"]
+        scored_before = state.get("loss_tokens", 0)
     elif distributed.is_main():
         shutil.rmtree(out_dir / "best", ignore_errors=True)
 
-    def evaluate_proxy(step: int) -> None:
+    def evaluate_proxy(step: int, scored: int) -> None:
         model.eval()
         proxy = objective.proxy(model, heldout, micro_batch or 1)
-        entry, score = {"step": step, "proxy": round(proxy, 6)}, proxy
+        entry, score = {"step": step, "loss_tokens": scored, "proxy": round(proxy, 6)}, proxy
         if settings.select == "decoder":  # what serving will see: τ of the lossless decoder on held-out prompts
             score = decoder_block_efficiency(objective.draft(model), target, heldout, settings, stop_ids)
             entry["block_efficiency"] = round(score, 6)
@@ -335,7 +337,7 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
                 save_weights(engine, out_dir / "best", objective.save)
 
     if start_step == 0:
-        evaluate_proxy(0)  # the starting drafter is a candidate too: training may not improve acceptance
+        evaluate_proxy(0, 0)  # the starting drafter is a candidate too: training may not improve acceptance
     batches: dict[int, list[list[int]]] = {}
     started, tokens, loss_tokens, losses = time.perf_counter(), 0, 0, {}
     progress = tqdm(total=total_steps, initial=start_step, desc=f"distill ({kind.name})", unit="step",
@@ -384,10 +386,11 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
                          "distill/peak_memory_mib": peak_memory_mib()}, step=step)
         done = step + 1
         if done == total_steps or (settings.eval_every and done % settings.eval_every == 0):
-            evaluate_proxy(done)
+            evaluate_proxy(done, scored_before + loss_tokens)
         stopping = done < total_steps and preemption.requested()
         if stopping or (settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < total_steps):
             saved = checkpoint.save(engine, checkpoints, done, {"best": best, "proxy_history": history,
+                                                                "loss_tokens": scored_before + loss_tokens,
                                                                 "data_position": {"epoch": epoch, "batch": index + 1}},
                                     settings.keep_checkpoints, provenance)
         if stopping:

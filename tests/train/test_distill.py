@@ -76,6 +76,8 @@ def test_select_decoder_keeps_the_weights_with_the_best_measured_tau(tiny_target
                      select_gamma=3, select_max_new_tokens=12)
     taus = [entry["block_efficiency"] for entry in summary["acceptance_proxy"]]
     assert len(taus) == 5 and all(tau >= 1.0 for tau in taus)  # steps 0, 6, 12, 18, 24
+    scored = [entry["loss_tokens"] for entry in summary["acceptance_proxy"]]  # the x axis of bench/tau_vs_tokens.py
+    assert scored[0] == 0 and scored == sorted(set(scored)) and scored[-1] == summary["loss_tokens_this_run"]
     assert summary["best_block_efficiency"] == pytest.approx(max(taus), abs=1e-4)
     _, heldout = split_heldout(read_rows(records_dir, "online"), 2)
     selected = load_drafter(tmp_path / "model", tiny_target.model, tiny_target.tokenizer)
