@@ -234,10 +234,7 @@ def main(config: DictConfig) -> None:
     point = sweep_point(config)  # a point of a sweep (-m): its own run folder, recorded for the comparison
     outputs: dict = {}
     try:
-        try:
-            outputs = run(config)
-        finally:
-            distributed.shutdown()
+        outputs = run(config)
     except preemption.Preempted as stopped:
         record_point(point, config, f"preempted: {stopped}")
         say(f"[draftsmith] preempted: {stopped}")
@@ -254,6 +251,8 @@ def main(config: DictConfig) -> None:
     except BaseException as error:
         record_point(point, config, f"failed: {type(error).__name__}: {error}")
         raise
+    finally:
+        distributed.shutdown()  # leave the process group while every rank is alive, not in exit's destructors
     missing = [stage for stage in config.stages if stage not in outputs]
     record_point(point, config, f"not complete: {missing} did not finish (see its log)" if missing else "done")
 
