@@ -87,6 +87,7 @@ class DistillSettings:
     teacher: str = "online"           # online: frozen target forward | offline: data_gen's top-k log-probs
     train_on: str = "answers"         # which next tokens are scored: the answers, or all (prompts too)
     feature_cache: bool = False       # feature drafters: the target's features computed once, stored (fp16)
+    feature_cache_dir: str | None = None  # a folder runs share their feature caches in (default: the run's own)
     corpus_records: int = 0           # more training rows: this many conversations of `corpus`, every token scored
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
     log_every: int = 5
@@ -210,6 +211,9 @@ class TokenObjective:
         if self.settings.feature_cache:
             refused.append("distill.feature_cache=True (false: a token drafter reads tokens, not the target's "
                            "features)")
+        if self.settings.feature_cache_dir:
+            refused.append(f"distill.feature_cache_dir={self.settings.feature_cache_dir!r} (null: a token drafter "
+                           f"has no feature cache)")
         return refused
 
     def prepare_rows(self, rows: list[Row], out_dir: Path) -> None:

@@ -10,7 +10,9 @@ top-1 token (which positions a draft vocabulary can score), in fp16/int32 safete
 `distill/features/`. Every epoch then reads them instead of running the target, so epochs cost only the drafter.
 The disk needed is printed, and checked against free space, before the prefill starts; a run killed while
 writing leaves `features.partial/`, which the next run discards; a finished cache whose fingerprint (records,
-layers, lengths, target) matches is reused. fp16 rounding of the stored features is the only difference from
+layers, lengths, target) matches is reused. With `distill.feature_cache_dir=DIR` the cache lives in
+`DIR/<fingerprint>/` instead, made once (under a lock) and reused by every run over the same records and target,
+such as the points of a loss sweep. fp16 rounding of the stored features is the only difference from
 the online teacher.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ from transformers import PreTrainedModel
 
 from data_gen.generate import human_bytes
 from infra import distributed
+from infra.rundir import exclusive
 from models.cache import captured_layers
 from train.rows import Row, collate
 
@@ -66,19 +70,29 @@ def fingerprint(rows: list[Row], layers: tuple[int, ...] | None, max_seq_len: in
         digest.update(str(row.input_ids[:max_seq_len]).encode())
     digest.update(json.dumps([list(layers or []), max_seq_len, target.config.to_diff_dict()], sort_keys=True,
                              default=str).encode())
+    parameters = list(target.parameters())
+    for weight in (parameters[0], parameters[len(parameters) // 2], parameters[-1]):  # a sample of the weights:
+        digest.update(weight.detach().flatten()[:4096].float().cpu().numpy().tobytes())  # same config != same model
     return digest.hexdigest()
 
 
 def build_or_load(target: PreTrainedModel, rows: list[Row], layers: tuple[int, ...] | None, max_seq_len: int,
-                  pad_id: int, folder: Path, batch_size: int = 8, headroom: float = 0.05) -> FeatureCache:
-    """The cache for `rows` in `folder` (made by the main process; the others wait, then read it)."""
+                  pad_id: int, folder: Path, batch_size: int = 8, headroom: float = 0.05,
+                  shared: Path | None = None) -> FeatureCache:
+    """The cache for `rows` in `folder`, or in `shared/<fingerprint>` when a folder shared between runs is given
+    (made by the main process; the others wait, then read it)."""
     expected = fingerprint(rows, layers, max_seq_len, target)
+    if shared is not None:
+        folder = shared / expected[:16]
     if distributed.is_main():
-        manifest = folder / MANIFEST
-        if not (manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == expected):
-            _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, headroom, expected)
-        else:
-            print(f"[distill] feature cache: reusing {folder}", flush=True)
+        # another run sharing the folder may be making this very cache: wait for it, then reuse what it made
+        lock = exclusive(shared / ".locks" / f"{folder.name}.lock", str(folder), wait=True) if shared else nullcontext()
+        with lock:
+            manifest = folder / MANIFEST
+            if not (manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == expected):
+                _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, headroom, expected)
+            else:
+                print(f"[distill] feature cache: reusing {folder}", flush=True)
     distributed.barrier()
     return _load(folder)
 

@@ -120,7 +120,9 @@ class FeatureObjective:
         return [f"distill.{key}={value!r} ({allowed})" for key, value, allowed, ok in (
             ("teacher", settings.teacher, "online: it learns from the target's features", settings.teacher == "online"),
             ("on_policy.ratio", settings.on_policy.ratio, "0: a feature drafter cannot answer prompts on its own",
-             not settings.on_policy.ratio)) if not ok]
+             not settings.on_policy.ratio),
+            ("feature_cache_dir", settings.feature_cache_dir, "null, or set distill.feature_cache=true to use it",
+             settings.feature_cache or not settings.feature_cache_dir)) if not ok]
 
     def prepare(self, drafter: torch.nn.Module) -> None:
         self.feature_layers = drafter.feature_layers
@@ -128,8 +130,10 @@ class FeatureObjective:
     def prepare_rows(self, rows: list[Row], out_dir: Path) -> None:
         """With `distill.feature_cache`, the target's features for `rows` (training and held-out), once."""
         if self.settings.feature_cache:
+            shared = self.settings.feature_cache_dir
             self.cache = build_or_load(self.target, rows, self.feature_layers, self.settings.max_seq_len,
-                                       self.tokenizer.pad_token_id, out_dir / "features")
+                                       self.tokenizer.pad_token_id, out_dir / "features",
+                                       shared=Path(shared).expanduser() if shared else None)
 
     def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
         return FeatureTraining(model, self.loss.unroll)

@@ -199,6 +199,22 @@ def test_the_feature_cache_trains_as_the_target_in_the_loop_does(tiny_target, re
     assert manifest.stat().st_mtime_ns == stamp  # reused
 
 
+def test_runs_sharing_a_feature_cache_folder_make_it_once(tiny_target, records_dir, tmp_path):
+    """distill.feature_cache_dir: the second run over the same records and target reuses the first run's cache;
+    the folder is keyed by that fingerprint, and the setting is refused where no cache is made."""
+    shared = tmp_path / "shared"
+    _, first, _ = run(tiny_target, records_dir, tmp_path / "a", feature_cache=True, feature_cache_dir=str(shared),
+                      epochs=1)
+    caches = [path for path in shared.iterdir() if path.name != ".locks"]
+    assert len(caches) == 1 and not (tmp_path / "a" / "features").exists()
+    stamp = (caches[0] / "manifest.json").stat().st_mtime_ns
+    _, second, _ = run(tiny_target, records_dir, tmp_path / "b", feature_cache=True, feature_cache_dir=str(shared),
+                       epochs=1)
+    assert (caches[0] / "manifest.json").stat().st_mtime_ns == stamp and second["final_loss"] == first["final_loss"]
+    with pytest.raises(ValueError, match="feature_cache_dir=.*distill.feature_cache=true"):
+        run(tiny_target, records_dir, tmp_path / "c", feature_cache_dir=str(shared), epochs=1)
+
+
 def test_the_feature_cache_checks_the_disk_first_and_discards_a_partial_one(tiny_target, records_dir, tmp_path,
                                                                            monkeypatch):
     import shutil
