@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -27,8 +28,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def git_commit(repo_dir: Path = REPO_ROOT) -> str:
-    """HEAD of the draftsmith checkout, with `-dirty` when tracked files differ from it."""
+    """HEAD of the draftsmith checkout, with `-dirty` when tracked files differ from it, as it was at this
+    process's first call (`train/run.py` calls it at start): a commit made while a long run works is not the code
+    that run is running."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
                                 check=True).stdout.strip()

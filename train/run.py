@@ -33,7 +33,7 @@ import train.online
 import train.pretrain
 from data_gen.generate import ShardsPending, WorkerSettings
 from infra import distributed, preemption
-from infra.rundir import NotEnoughSpace, RunLocked, StageDir, StageMismatchError
+from infra.rundir import NotEnoughSpace, RunLocked, StageDir, StageMismatchError, git_commit
 from infra.settings import SettingsError, check_config, integer, one_of, shown
 from infra.stage import StageRun
 from infra.tracking import LoggerSettings, Tracker
@@ -153,6 +153,7 @@ def writable(folder: Path, key: str) -> None:
 def run(config: DictConfig) -> dict[str, Path]:
     """Run `config.stages` in order; returns each stage's output directory."""
     check_versions()
+    git_commit()  # pinned now: the stages' meta.json name the code this process loaded, not a later checkout
     stages, run_dir = check_settings(config)
     if distributed.world_size() > 1:
         outside = [s for s in stages if s not in DISTRIBUTED_STAGES]

@@ -11,17 +11,31 @@ def git(folder, *arguments) -> str:
     return subprocess.run(["git", *arguments], cwd=folder, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def commit_file(folder, text: str) -> str:
+    (folder / "a.txt").write_text(text)
+    git(folder, "add", "a.txt")
+    git(folder, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", text.strip())
+    return git(folder, "rev-parse", "HEAD")
+
+
 def test_commit_of_a_checkout_clean_and_dirty(tmp_path):
+    read = git_commit.__wrapped__  # what the checkout holds now (git_commit itself keeps its first answer)
     git(tmp_path, "init", "-q")
-    (tmp_path / "a.txt").write_text("one\n")
-    git(tmp_path, "add", "a.txt")
-    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
-    head = git(tmp_path, "rev-parse", "HEAD")
-    assert git_commit(tmp_path) == head
+    head = commit_file(tmp_path, "one\n")
+    assert read(tmp_path) == head
     (tmp_path / "untracked.txt").write_text("not part of the commit\n")
-    assert git_commit(tmp_path) == head  # untracked files do not change what ran
+    assert read(tmp_path) == head  # untracked files do not change what ran
     (tmp_path / "a.txt").write_text("two\n")
-    assert git_commit(tmp_path) == head + "-dirty"
+    assert read(tmp_path) == head + "-dirty"
+
+
+def test_the_commit_is_the_one_the_process_started_with(tmp_path):
+    """A commit made while a long run works must not be recorded as the code that run ran."""
+    git(tmp_path, "init", "-q")
+    first = commit_file(tmp_path, "one\n")
+    assert git_commit(tmp_path) == first
+    second = commit_file(tmp_path, "two\n")
+    assert git_commit(tmp_path) == first and git_commit.__wrapped__(tmp_path) == second
 
 
 def test_outside_a_checkout_the_commit_is_explicitly_unknown(tmp_path):
