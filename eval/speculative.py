@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -40,7 +40,7 @@ from models.drafter import DrafterSpec
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import draft_for, kind_of, kind_of_spec, load_any
 from models.loading import check_finite
-from models.lookup import baseline_specs
+from models.lookup import LookupFirstDraft, LookupSpec, baseline_specs
 from models.sampling import SamplingSettings, as_sampling, sampling_in
 
 
@@ -62,16 +62,30 @@ class EvalSettings:
     baselines: tuple[str, ...] = ("prompt_lookup", "ngram", "prompt_lookup+ngram", "token_recycling")
     plots: bool = True
     drafters: dict = field(default_factory=dict)  # extra drafters to compare: {name: checkpoint directory}
+    hybrid: tuple[str, ...] = ()  # training-free kinds put in front of every trained drafter: rows "NAME+KIND"
+    hybrid_min_ngram: int = 1     # the shortest match the lookup in front must find before it overrides
     LIMITS: ClassVar[dict] = {"max_new_tokens": at_least(1), "batch_size": at_least(1), "turns": at_least(1),
-                              "warmup_prompts": at_least(0), "tie_tolerance": at_least(0)}
+                              "warmup_prompts": at_least(0), "tie_tolerance": at_least(0),
+                              "hybrid_min_ngram": at_least(1)}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", tuple(self.tree))
         object.__setattr__(self, "sampling", as_sampling(self.sampling))
         object.__setattr__(self, "baselines", tuple(self.baselines))
+        object.__setattr__(self, "hybrid", tuple(self.hybrid))
         baseline_specs(self.baselines)  # validates the names
+        self.hybrid_specs  # validates
         check_fields(self)
         self.decode  # validates
+
+    @property
+    def hybrid_specs(self) -> dict[str, LookupSpec]:
+        try:
+            specs = baseline_specs(self.hybrid)
+        except ValueError as error:
+            raise ValueError(str(error).replace("eval.baselines", "eval.hybrid")) from None
+        return {name: replace(spec, min_ngram=min(self.hybrid_min_ngram, spec.max_ngram))
+                for name, spec in specs.items()}
 
     @property
     def decode(self) -> DecodeSettings:
@@ -173,10 +187,12 @@ def _aggregate(stats: list[DecodeStats], depth: int) -> dict:
 
 def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[EvalPrompt], stop_ids: list[int],
              settings: EvalSettings, out_dir: Path, tracker: Tracker, encode, parameters: dict[str, int],
-             drafter_paths: dict[str, str] | None = None, baselines: tuple[str, ...] = ()) -> dict:
+             drafter_paths: dict[str, str] | None = None, baselines: tuple[str, ...] = (),
+             hybrids: tuple[str, ...] = ()) -> dict:
     """Benchmark every drafter (name -> TokenDraft | FeatureDraft) on `prompts`; `encode(messages) -> ids` is the
     target's chat template; `parameters` holds parameter counts (target and drafters) for MBSU; `drafter_paths`
-    says where each drafter came from; `baselines` names the training-free ones (never "best"). Writes
+    says where each drafter came from; `baselines` names the training-free ones and `hybrids` the trained ones
+    behind a lookup (neither is ever "best": "best" is a checkpoint the export stage can ship). Writes
     report.json, report.md and plots to `out_dir`; returns the report."""
     decode = settings.decode
     half = next(target.parameters()).dtype in (torch.float16, torch.bfloat16)
@@ -196,7 +212,7 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
               "plain": {"tokens": sum(map(len, references)),
                         "tokens_per_second": sum(map(len, references)) / plain_total},
               "drafters": {}, "drafter_paths": drafter_paths or {}, "parameters": parameters,
-              "baselines": list(baselines), "stop_ids": list(stop_ids),
+              "baselines": list(baselines), "hybrids": list(hybrids), "stop_ids": list(stop_ids),
               # every prompt as decoded, with the target's plain answer: what a serving engine replays
               # (python -m eval.serving_check) to put its acceptance beside ours on exactly these tokens
               "prompts": [{"id": i["id"], "category": i["category"], "turn": i["turn"],
@@ -250,7 +266,7 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
         tracker.log({f"eval/{name}/block_efficiency": metrics["block_efficiency"],
                      f"eval/{name}/acceptance_rate": metrics["acceptance_rate"],
                      f"eval/{name}/speedup_median": median, f"eval/{name}/mbsu": metrics["mbsu"]})
-    learned = {n: m for n, m in report["drafters"].items() if n not in baselines}
+    learned = {n: m for n, m in report["drafters"].items() if n not in baselines and n not in hybrids}
     trained = {n: m for n, m in learned.items() if n != "untrained"}
     report["best"] = max(trained or learned or report["drafters"],
                          key=lambda n: report["drafters"][n]["block_efficiency"])
@@ -430,11 +446,22 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
     paths |= {name: f"skipped: {why}" for name, why in skipped.items()}
     parameters = {"target": sum(p.numel() for p in target.model.parameters())}
     parameters |= {name: kind_of(d).parameters_per_token(d, target.model) for name, d in drafters.items()}
+    drafts = {name: draft_for(d, target.model) for name, d in drafters.items()}
+    fronts, skipped = training_free(target, settings.hybrid_specs, run.output("data_gen"))
+    for name in candidates:  # the trained drafters, each behind each lookup kind (models.lookup.LookupFirstDraft)
+        for kind, front in fronts.items():
+            hybrid = f"{name}+{kind}"
+            drafts[hybrid] = LookupFirstDraft(draft_for(front, target.model), draft_for(drafters[name], target.model))
+            parameters[hybrid] = parameters[name]
+            paths[hybrid] = (f"{paths[name]}, behind training-free {kind} (its guess first where it matches "
+                             f"≥ {front.spec.min_ngram} tokens)")
+    paths |= {f"{name}+{kind}": f"skipped: {why}" for name in candidates for kind, why in skipped.items()}
     stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
-    report = evaluate(target.model, target.tokenizer, {n: draft_for(d, target.model) for n, d in drafters.items()},
+    report = evaluate(target.model, target.tokenizer, drafts,
                       prompts, stop_ids, settings, run.out_dir, run.tracker,
                       encode=lambda messages: prompt_token_ids(target.tokenizer, messages), parameters=parameters,
-                      drafter_paths=paths, baselines=tuple(baselines))
+                      drafter_paths=paths, baselines=tuple(baselines),
+                      hybrids=tuple(name for name, draft in drafts.items() if isinstance(draft, LookupFirstDraft)))
     print(report["table_markdown"])
     return {name: {k: m[k] for k in ("block_efficiency", "acceptance_rate", "mbsu", "speedup_median", "lossless")}
             for name, m in report["drafters"].items()} | {"best": report["best"], "num_prompts": len(prompts),

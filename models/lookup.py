@@ -44,9 +44,11 @@ class LookupSpec:
     name: str = "prompt-lookup"
     sources: tuple[str, ...] = ("prompt",)  # in priority order at equal n: prompt, corpus, or both
     max_ngram: int = 3                       # longest suffix matched (tokens)
+    min_ngram: int = 1                       # shortest suffix that counts as a match (vLLM's prompt_lookup_min)
     min_count: int = 1                       # corpus: continuations seen fewer times are dropped
     recycle_k: int = 8                       # recycled: candidates kept per token
-    LIMITS: ClassVar[dict] = {"max_ngram": at_least(1), "min_count": at_least(1), "recycle_k": at_least(1)}
+    LIMITS: ClassVar[dict] = {"max_ngram": at_least(1), "min_ngram": at_least(1), "min_count": at_least(1),
+                              "recycle_k": at_least(1)}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -54,6 +56,8 @@ class LookupSpec:
         if not self.sources or unknown:
             raise ValueError(f"lookup sources={list(self.sources)}: each must be one of {SOURCES}")
         check_fields(self)
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"lookup min_ngram={self.min_ngram} is above max_ngram={self.max_ngram}")
 
 
 # The training-free rows of every eval table (`eval.baselines`), by name.
@@ -191,7 +195,7 @@ class LookupDraft:
     def _scores(self, row: int, path: list[int]) -> dict[int, float]:
         context = self.sequences[row] + path
         spec = self.drafter.spec
-        for n in range(spec.max_ngram, 0, -1):
+        for n in range(spec.max_ngram, spec.min_ngram - 1, -1):
             for source in spec.sources:
                 if source == "recycled":
                     if n > 1:
@@ -240,3 +244,57 @@ class LookupDraft:
         self.indexed = [self.indexed[row] for row in rows]
         self.sequences = [self.sequences[row] for row in rows]
         self.frontier = [self.frontier[row] for row in rows]
+
+
+class LookupFirstDraft:
+    """A lookup drafter in front of a trained one (`eval.hybrid`): at every node where the lookup has a guess, its
+    candidates rank above everything the trained drafter proposes (in their own order); where it has none, the
+    trained drafter's distribution is used unchanged. Both see every committed and drafted token, so either can
+    take over at any node; the trained drafter runs its forwards at every node as it would alone, so the pair costs
+    what the trained drafter costs. Greedy drafting takes the lookup's guess when there is one, a tree's top-k mixes
+    both, and sampled decoding samples from the combined distribution (lossless: the acceptance rule holds for any
+    q). Prompt lookup is strongest where the answer repeats the prompt (code edits, summaries) and a trained
+    drafter where it does not, so the pair can beat both."""
+
+    abstains = False
+
+    def __init__(self, lookup: LookupDraft, trained) -> None:
+        self.lookup, self.trained = lookup, trained
+        self.needs_features = trained.needs_features
+        self.feature_layers = getattr(trained, "feature_layers", None)
+        self.networks = getattr(trained, "networks", ())  # the decoder's few-row kernels apply as they would alone
+        self.device = lookup.device
+        if hasattr(lookup, "observe"):
+            self.observe = lookup.observe
+
+    def reset(self) -> None:
+        for part in (self.lookup, self.trained):
+            if hasattr(part, "reset"):
+                part.reset()
+
+    @staticmethod
+    def _combine(guesses: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Lookup logits (log scores >= 0, -inf: no guess) placed above the trained drafter's best logit."""
+        guesses = guesses.to(logits.device)
+        floor = logits.max(-1, keepdim=True).values + 1.0
+        return torch.where(torch.isfinite(guesses), floor + guesses, logits)
+
+    def start(self, rows: int, capacity: int) -> None:
+        self.lookup.start(rows, capacity)
+        self.trained.start(rows, capacity)
+
+    def catch_up(self, sequences: list[list[int]], features: torch.Tensor | None) -> torch.Tensor:
+        return self._combine(self.lookup.catch_up(sequences, None), self.trained.catch_up(sequences, features))
+
+    def extend(self, tokens: torch.Tensor, parents: list[int], local: torch.Tensor, relative: torch.Tensor,
+               offset: int) -> torch.Tensor:
+        return self._combine(self.lookup.extend(tokens, parents, local, relative, offset),
+                             self.trained.extend(tokens, parents, local, relative, offset))
+
+    def commit(self, accepted: list[int], fed_drafts: int) -> None:
+        self.lookup.commit(accepted, fed_drafts)
+        self.trained.commit(accepted, fed_drafts)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.lookup.keep_rows(rows)
+        self.trained.keep_rows(rows)

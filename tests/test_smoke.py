@@ -144,15 +144,20 @@ def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_ru
     eagle = tmp_path / "runs" / "smoke" / name
     eagle.mkdir(parents=True)
     (eagle / "data_gen").symlink_to(default / "data_gen", target_is_directory=True)
-    run_cli(tmp_path, "logger=none", f"run_name={name}", "stages=[distill,eval]", *overrides, "eval.tree=[2,2]")
+    hybrids = ["distilled+prompt_lookup", "distilled+ngram"] if name == "eagle3" else []  # eval.hybrid rows too
+    run_cli(tmp_path, "logger=none", f"run_name={name}", "stages=[distill,eval]", *overrides, "eval.tree=[2,2]",
+            *(["eval.hybrid=[prompt_lookup,ngram]"] if hybrids else []))
     summary = json.loads((eagle / "distill" / "meta.json").read_text())["summary"]
     if name == "eagle3":
         assert summary["corpus_records"] == 4 and summary["feature_cache"] and summary["unroll"] == 2
         assert (eagle / "distill" / "features" / "manifest.json").exists()
     report = json.loads((eagle / "eval" / "report.json").read_text())
-    assert set(report["drafters"]) == {"untrained", "distilled", *report["baselines"]} and report["baselines"]
-    assert all(m["lossless"] is True for m in report["drafters"].values())  # trees: baselines included
+    assert set(report["drafters"]) == {"untrained", "distilled", *report["baselines"], *hybrids}
+    assert report["baselines"] and all(m["lossless"] is True for m in report["drafters"].values())  # trees: all rows
     assert report["drafter_paths"]["distilled"].endswith("distill/model")
+    assert report["hybrids"] == hybrids and report["best"] == "distilled"  # a hybrid is no checkpoint to export
+    for hybrid in hybrids:
+        assert "behind training-free" in report["drafter_paths"][hybrid]
 
 
 def test_preflight_checks_every_stage_before_the_first_one_runs(smoke_run):

@@ -113,6 +113,19 @@ def test_sampling_with_a_training_free_drafter_follows_the_target_distribution(p
     assert min(p_values.values()) > 1e-3, p_values
 
 
+@pytest.mark.parametrize("shape", [{"gamma": 3}, {"tree": (2, 1)}], ids=["chain", "tree"])
+def test_sampling_with_a_trained_drafter_behind_a_lookup_follows_the_target_distribution(pair, shape):
+    """eval.hybrid: the lookup's candidates lifted above the trained drafter's logits where it matches, the
+    trained drafter's distribution elsewhere: q changes from node to node, the output distribution may not."""
+    from models.lookup import LookupDraft, LookupFirstDraft, LookupSpec, build_lookup_drafter
+
+    target, drafter = pair
+    lookup = LookupDraft(build_lookup_drafter(LookupSpec(sources=("prompt",), max_ngram=2), VOCAB))
+    p_values = sampled_p_values(target, LookupFirstDraft(lookup, TokenDraft(drafter)),
+                                sampled(sampling=T(temperature=1.0), **shape))
+    assert min(p_values.values()) > 1e-3, p_values
+
+
 @pytest.mark.parametrize("bias", ["acceptance", "residual"])
 def test_negative_control_biased_rules_are_caught(pair, monkeypatch, bias):
     """The same chi-square tests must reject a decoder that is subtly wrong: one that accepts a little too

@@ -9,7 +9,8 @@ import torch
 
 from eval.decoder import DecodeSettings, plain_generate, speculative_generate
 from models.kinds import kind_of, kind_of_folder, kind_of_spec
-from models.lookup import BASELINES, LookupDraft, LookupSpec, baseline_specs, build_lookup_drafter
+from models.lookup import (BASELINES, LookupDraft, LookupFirstDraft, LookupSpec, baseline_specs,
+                           build_lookup_drafter)
 from models.sampling import SamplingSettings
 
 VOCAB = 20
@@ -102,3 +103,81 @@ def test_sampled_lookup_decoding_runs_and_is_reproducible(tiny_target):
     first = speculative_generate(model, draft(), [[5, 6, 7, 5, 6, 7, 5]], settings, [], ["k"])
     again = speculative_generate(model, draft(), [[5, 6, 7, 5, 6, 7, 5]], settings, [], ["k"])
     assert first[0].tokens == again[0].tokens and len(first[0].tokens) == 24
+
+
+def test_min_ngram_ignores_shorter_matches():
+    draft = draft_for(LookupSpec(max_ngram=3, min_ngram=2))
+    assert draft.catch_up([[4, 5, 9, 6, 5]], None).isinf().all()           # only 1 token (5) matches
+    assert draft.catch_up([[4, 5, 9, 6, 4, 5]], None).argmax(-1).tolist() == [9]  # 4 5 matches
+    with pytest.raises(ValueError, match="min_ngram=4 is above max_ngram=3"):
+        LookupSpec(min_ngram=4)
+
+
+class FixedDraft:
+    """A stand-in trained drafter: the same logits at every node, and a record of what it was shown."""
+
+    needs_features = False
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits, self.shown = logits, []
+
+    def start(self, rows, capacity):
+        self.shown.append(("start", rows))
+
+    def catch_up(self, sequences, features):
+        self.shown.append(("catch_up", [list(s) for s in sequences]))
+        return self.logits.expand(len(sequences), -1).clone()
+
+    def extend(self, tokens, parents, local, relative, offset):
+        self.shown.append(("extend", tokens.tolist()))
+        return self.logits.expand(tokens.shape[0], tokens.shape[1], -1).clone()
+
+    def commit(self, accepted, fed):
+        self.shown.append(("commit", accepted))
+
+    def keep_rows(self, rows):
+        self.shown.append(("keep_rows", rows))
+
+
+def test_the_lookup_in_front_overrides_the_trained_drafter_only_where_it_matches():
+    trained_logits = torch.arange(VOCAB, dtype=torch.float) / 10  # the trained drafter's argmax: VOCAB - 1
+    trained = FixedDraft(trained_logits)
+    pair = LookupFirstDraft(draft_for(LookupSpec(max_ngram=2)), trained)
+    pair.start(2, 64)
+    logits = pair.catch_up([[1, 2, 7, 3, 1, 2], [11, 12]], None)  # row 0: 1 2 -> 7; row 1: no match
+    assert logits.argmax(-1).tolist() == [7, VOCAB - 1]
+    assert torch.equal(logits[1], trained_logits)  # no guess: the trained drafter's distribution, unchanged
+    top2 = logits[0].topk(2).indices.tolist()
+    assert top2 == [7, VOCAB - 1]  # a tree's second child is the trained drafter's choice
+    assert torch.isfinite(logits).all()  # never abstains: the trained drafter always has a guess
+    extended = pair.extend(torch.tensor([[7], [19]]), [0], None, None, 0)[:, 0]  # row 0: ... 2 7 -> 3
+    assert extended.argmax(-1).tolist() == [3, VOCAB - 1]
+    pair.commit([1, 0], 1)
+    pair.keep_rows([1])
+    assert [event[0] for event in trained.shown] == ["start", "catch_up", "extend", "commit", "keep_rows"]
+
+
+@pytest.mark.parametrize("settings", [DecodeSettings(gamma=4, max_new_tokens=40),
+                                      DecodeSettings(tree=(2, 2), max_new_tokens=40),
+                                      DecodeSettings(gamma=3, max_new_tokens=40, batch_size=3)],
+                         ids=["chain", "tree", "batched"])
+@pytest.mark.parametrize("trained", ["token", "eagle3"])
+def test_a_trained_drafter_behind_prompt_lookup_decodes_losslessly(tiny_target, settings, trained):
+    from models.drafter import DrafterSpec, TokenDraft, build_drafter
+    from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter
+
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3, 4, 3, 4, 3], [10, 11, 12, 13, 14, 15]]
+    plain = plain_generate(model, prompts, settings, stop_ids=[])
+    if trained == "token":
+        spec = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
+        behind = TokenDraft(build_drafter(spec, model, tokenizer).eval())
+    else:
+        spec = FeatureDrafterSpec(feature_layers=(0, 1), draft_vocab_size=64, layout="eagle3")
+        behind = FeatureDraft(build_feature_drafter(spec, model, prompts).eval(), model)
+    lookup = LookupDraft(build_lookup_drafter(BASELINES["prompt_lookup"], model.config.vocab_size))
+    pair = LookupFirstDraft(lookup, behind)
+    assert pair.networks == behind.networks and pair.needs_features == behind.needs_features  # same kernels
+    generations = speculative_generate(model, pair, prompts, settings, stop_ids=[])
+    assert [g.tokens for g in generations] == plain
+    assert sum(g.stats.accepted for g in generations) > 0
