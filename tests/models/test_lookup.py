@@ -15,6 +15,13 @@ from models.sampling import SamplingSettings
 
 VOCAB = 20
 
+# chains, trees and batches of rows: every lossless check below runs all three
+EVERY_SHAPE = pytest.mark.parametrize("settings", [DecodeSettings(gamma=4, max_new_tokens=40),
+                                                   DecodeSettings(tree=(2, 2), max_new_tokens=40),
+                                                   DecodeSettings(gamma=3, max_new_tokens=40, batch_size=3)],
+                                      ids=["chain", "tree", "batched"])
+REPETITIVE = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3, 4, 3, 4, 3], [10, 11, 12, 13, 14, 15]]  # some repeat
+
 
 def draft_for(spec, token_lists=None, masks=None) -> LookupDraft:
     draft = LookupDraft(build_lookup_drafter(spec, VOCAB, token_lists, masks))
@@ -79,14 +86,11 @@ def test_token_recycling_proposes_the_targets_last_top_k_after_a_token():
     assert torch.isinf(draft.catch_up([[1, 4]], None)).all()
 
 
-@pytest.mark.parametrize("settings", [DecodeSettings(gamma=4, max_new_tokens=40),
-                                      DecodeSettings(tree=(2, 2), max_new_tokens=40),
-                                      DecodeSettings(gamma=3, max_new_tokens=40, batch_size=3)],
-                         ids=["chain", "tree", "batched"])
+@EVERY_SHAPE
 @pytest.mark.parametrize("name", ["prompt_lookup", "token_recycling"])
 def test_lookup_drafting_is_lossless_and_accepts_on_repetitive_text(tiny_target, settings, name):
     model = tiny_target.model
-    prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3, 4, 3, 4, 3], [10, 11, 12, 13, 14, 15]]
+    prompts = REPETITIVE
     plain = plain_generate(model, prompts, settings, stop_ids=[])
     draft = LookupDraft(build_lookup_drafter(BASELINES[name], model.config.vocab_size))
     generations = speculative_generate(model, draft, prompts, settings, stop_ids=[])
@@ -157,17 +161,14 @@ def test_the_lookup_in_front_overrides_the_trained_drafter_only_where_it_matches
     assert [event[0] for event in trained.shown] == ["start", "catch_up", "extend", "commit", "keep_rows"]
 
 
-@pytest.mark.parametrize("settings", [DecodeSettings(gamma=4, max_new_tokens=40),
-                                      DecodeSettings(tree=(2, 2), max_new_tokens=40),
-                                      DecodeSettings(gamma=3, max_new_tokens=40, batch_size=3)],
-                         ids=["chain", "tree", "batched"])
+@EVERY_SHAPE
 @pytest.mark.parametrize("trained", ["token", "eagle3"])
 def test_a_trained_drafter_behind_prompt_lookup_decodes_losslessly(tiny_target, settings, trained):
     from models.drafter import DrafterSpec, TokenDraft, build_drafter
     from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter
 
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
-    prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3, 4, 3, 4, 3], [10, 11, 12, 13, 14, 15]]
+    prompts = REPETITIVE
     plain = plain_generate(model, prompts, settings, stop_ids=[])
     if trained == "token":
         spec = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
