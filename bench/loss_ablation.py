@@ -37,7 +37,8 @@ MODES = {"greedy": [], "sampled": ["eval=sampled", "eval.baselines=[]"]}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", default="quickstart")
+    parser.add_argument("--experiment", default="standalone",
+                        help="the base experiment every recipe overrides (data, data_gen and eval settings)")
     parser.add_argument("--kind", default="eagle3", choices=list(KINDS))
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])

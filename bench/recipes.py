@@ -1,7 +1,7 @@
 """Recipe table on the real target: drafter kind × initialisation × loss × training data → τ, acceptance per
 position, wall speedup and training time, on the same held-out MT-Bench prompts, the training-free rows included.
 
-    python bench/recipes.py                                  # every recipe below, quickstart data and eval
+    python bench/recipes.py                                  # every recipe below, the quickstart's data and eval
     python bench/recipes.py --recipes standalone eagle3 --corpus-records 400 -- distill.epochs=4
 
 One data_gen output (the experiment's) is shared; each recipe is the pipeline's own stages (`train/run.py`) in a
@@ -40,7 +40,8 @@ RECIPES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", default="quickstart")
+    parser.add_argument("--experiment", default="standalone",
+                        help="the base experiment every recipe overrides (data, data_gen and eval settings)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--corpus-records", type=int, default=400)
     parser.add_argument("--eval-prompts", type=int, default=8, help="MT-Bench conversations (both turns decoded)")

@@ -395,19 +395,23 @@ def check_held_out(conversations, data_gen_dir: Path | None, what: str = "eval p
                          f"choose another slice ({key}) so results stay held out")
 
 
-def training_free(target, specs: dict, data_gen_dir: Path | None) -> tuple[dict, dict[str, str]]:
+def training_free(target, specs: dict, data_gen_dir: Path | None, records: dict | None = None
+                  ) -> tuple[dict, dict[str, str]]:
     """The baselines that can be built here ({name: drafter}), and the skipped ones with the reason: a corpus
-    table needs this run's data_gen records (the answers the trained drafters learned from)."""
-    built, skipped, records = {}, {}, None
+    table needs this run's data_gen records (the answers the trained drafters learned from). `records` (a dict,
+    filled on first use) lets a second call reuse the records the first one read."""
+    built, skipped = {}, {}
+    records = {} if records is None else records
     for name, spec in specs.items():
         if "corpus" in spec.sources and data_gen_dir is None:
             skipped[name] = "no data_gen output in this run to build its n-gram table from"
             print(f"[eval] baseline {name} skipped: {skipped[name]}", flush=True)
             continue
-        if "corpus" in spec.sources and records is None:
-            records = load_records(data_gen_dir).select_columns(["input_ids", "loss_mask"])
-        built[name] = kind_of_spec(spec).build(spec, target, token_lists=records["input_ids"] if records else None,
-                                               masks=records["loss_mask"] if records else None)
+        if "corpus" in spec.sources and not records:
+            columns = load_records(data_gen_dir).select_columns(["input_ids", "loss_mask"])
+            records.update(input_ids=columns["input_ids"], loss_mask=columns["loss_mask"])
+        built[name] = kind_of_spec(spec).build(spec, target, token_lists=records.get("input_ids"),
+                                               masks=records.get("loss_mask"))
     return built, skipped
 
 
@@ -440,14 +444,15 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
         drafters[name] = load_any(path, target)
         check_finite(drafters[name], f"drafter {name!r} ({path})")  # a NaN drafter is refused, never ranked
         paths[name] = str(path)
-    baselines, skipped = training_free(target, baseline_specs(settings.baselines), run.output("data_gen"))
+    corpus = {}  # data_gen's records, read once for the baselines and the hybrids' lookups alike
+    baselines, skipped = training_free(target, baseline_specs(settings.baselines), run.output("data_gen"), corpus)
     drafters |= baselines
     paths |= {name: f"training-free ({', '.join(d.spec.sources)})" for name, d in baselines.items()}
     paths |= {name: f"skipped: {why}" for name, why in skipped.items()}
     parameters = {"target": sum(p.numel() for p in target.model.parameters())}
     parameters |= {name: kind_of(d).parameters_per_token(d, target.model) for name, d in drafters.items()}
     drafts = {name: draft_for(d, target.model) for name, d in drafters.items()}
-    fronts, skipped = training_free(target, settings.hybrid_specs, run.output("data_gen"))
+    fronts, skipped = training_free(target, settings.hybrid_specs, run.output("data_gen"), corpus)
     for name in candidates:  # the trained drafters, each behind each lookup kind (models.lookup.LookupFirstDraft)
         for kind, front in fronts.items():
             hybrid = f"{name}+{kind}"

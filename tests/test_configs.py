@@ -50,10 +50,16 @@ def test_every_group_option_binds(group, option):
     bind(config[group])
 
 
-def test_quickstart_uses_real_target_and_small_drafter():
+def test_quickstart_trains_an_eagle3_drafter_for_the_real_target():
     config = compose_config(["+experiment=quickstart"])
     assert config.target.kind == "wheel_gguf" and config.target.name == "SmolLM2-135M-Instruct"
-    assert config.stages == ["data_gen", "pretrain", "distill", "eval", "export"]
+    assert config.stages == ["data_gen", "distill", "eval", "export"]
+    assert config.drafter._target_ == "models.feature_drafter.FeatureDrafterSpec" and config.drafter.layout == "eagle3"
+    assert config.distill.feature_cache and config.eval.hybrid == ["prompt_lookup"]
+    standalone = compose_config(["+experiment=standalone"])  # the previous default, kept as a recipe
+    assert standalone.stages == ["data_gen", "pretrain", "distill", "eval", "export"]
+    assert standalone.drafter._target_ == "models.drafter.DrafterSpec"
+    assert standalone.data == config.data and standalone.data_gen == config.data_gen  # the same answers
 
 
 def test_bad_key_is_a_clear_error():

@@ -1,7 +1,7 @@
 """Stage `distill`: fine-tune the drafter towards the frozen target on target-generated answers.
 
-    python train/run.py +experiment=quickstart stages=[distill] loss=tvdpp
-    torchrun --nproc_per_node 2 train/run.py +experiment=quickstart stages=[distill] deepspeed=zero2
+    python train/run.py +experiment=standalone stages=[distill] loss=tvdpp
+    torchrun --nproc_per_node 2 train/run.py +experiment=standalone stages=[distill] deepspeed=zero2
     python train/run.py +experiment=smoke stages=[data_gen,distill] drafter=fspad loss=fspad
 
 One loop for every drafter kind; what differs is the objective: `TokenObjective` below (a causal LM's logits) or

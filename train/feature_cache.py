@@ -1,6 +1,6 @@
 """The target's features for a feature drafter's training, computed once and stored (`distill.feature_cache=true`).
 
-    python train/run.py +experiment=quickstart drafter=eagle3 loss=eagle3 distill.feature_cache=true
+    python train/run.py +experiment=standalone drafter=eagle3 loss=eagle3 distill.feature_cache=true
 
 A feature drafter learns from the frozen target's hidden states. With the cache, one batched prefill (inference
 mode, length-sorted batches) runs the target over every training and held-out record once and keeps, per token,

@@ -1,7 +1,7 @@
 """Stage `online`: online distillation (OSD, Liu et al. 2023, and better): the drafter learns from the traffic it serves.
 
     python train/run.py +experiment=online_shift
-    python train/run.py +experiment=quickstart stages=[online] online.mode=serve loss=tvd
+    python train/run.py +experiment=standalone stages=[online] online.mode=serve loss=tvd
 
 A stream of requests (`data_gen/stream.py`, phases whose domain changes) is served by the embedded lossless
 decoder. What verification computed, the target's top-k log-probabilities at every drafted position, the accepted

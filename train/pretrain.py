@@ -1,8 +1,8 @@
 """Stage `pretrain` (FastDraft-style): next-token training of the drafter on text in the target's tokenizer.
 
-    python train/run.py +experiment=quickstart stages=[pretrain]
-    python train/run.py +experiment=quickstart stages=[pretrain] corpus=text corpus.location=/data/books/
-    torchrun --nproc_per_node 2 train/run.py +experiment=quickstart stages=[pretrain] deepspeed=zero2
+    python train/run.py +experiment=standalone stages=[pretrain]
+    python train/run.py +experiment=standalone stages=[pretrain] corpus=text corpus.location=/data/books/
+    torchrun --nproc_per_node 2 train/run.py +experiment=standalone stages=[pretrain] deepspeed=zero2
 
 Setup: documents (whole ShareGPT conversations in the target's chat template, or plain-text files) are packed
 back to back into fixed-length blocks; attention stays inside each document (a block-diagonal causal mask, with

@@ -70,12 +70,12 @@ def test_vllm_runs_every_export_format_losslessly_and_reports_acceptance_beside_
 
     def pipeline(run_name: str, drafter: str):
         done = subprocess.run(
-            [sys.executable, "train/run.py", "+experiment=quickstart", f"run_name={run_name}", f"runs_root={tmp_path}",
+            [sys.executable, "train/run.py", "+experiment=standalone", f"run_name={run_name}", f"runs_root={tmp_path}",
              "logger=none", "stages=[eval,export]", "eval.include_untrained=false", "eval.baselines=[]",
              f"+eval.drafters.{run_name}={drafter}", "eval_data.limit=2", "eval.max_new_tokens=24",
              "eval.plots=false"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
-        return tmp_path / "quickstart" / run_name
+        return tmp_path / "standalone" / run_name
 
     standalone = pipeline("standalone", str(copy))
     report = json.loads((standalone / "eval" / "report.json").read_text())
