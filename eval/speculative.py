@@ -12,7 +12,10 @@ logits or not (`classify_divergence`); sampled output is checked statistically b
 
 Reported per prompt, per category and overall (metrics in `eval/metrics.py`): acceptance rate, per-position
 acceptance (unconditional and conditional), block efficiency τ, c (by parameters and measured), MBSU, the
-predicted and the measured wall speedup (median of per-prompt ratios with a bootstrap interval). Outputs:
+predicted and the measured wall speedup (median of per-prompt ratios with a bootstrap interval). Wall times are
+taken interleaved: each prompt is decoded plainly and by every drafter in turn (the order rotating from prompt to
+prompt), so each ratio divides two times taken seconds apart and a machine whose speed drifts during the eval (by
+±15-25% on a shared CPU) biases no row; the drift itself is reported (`plain.drift`). Outputs:
 `report.json`, `report.md`, `acceptance_per_position.png`, `tau_per_category.png`, W&B tables.
 """
 from __future__ import annotations
@@ -142,6 +145,32 @@ def build_turns(target: PreTrainedModel, tokenizer, prompts: list[EvalPrompt], s
     return items, answers, seconds, total
 
 
+def decode_interleaved(target: PreTrainedModel, drafters: dict, items: list[dict], decode: DecodeSettings,
+                       stop_ids: list[int]) -> tuple[dict, dict, dict]:
+    """Every chunk of prompts decoded plainly (key None) and by every drafter, one after the other, the order
+    rotated from chunk to chunk: {name: outputs}, {name: seconds per item}, {name: total seconds}. A time is then
+    never compared with one taken minutes earlier, when the machine may have run faster or slower."""
+    names = [None, *drafters]
+    outputs = {name: [] for name in drafters}
+    seconds, totals = {name: [] for name in names}, {name: 0.0 for name in names}
+    chunks = range(0, len(items), decode.batch_size)
+    bar = tqdm(chunks, desc=f"eval: plain target and {len(drafters)} drafter(s), interleaved",
+               unit="batch" if decode.batch_size > 1 else "prompt")
+    for index, first in enumerate(bar):
+        chunk = items[first: first + decode.batch_size]
+        ids, keys = [i["prompt_ids"] for i in chunk], [i["id"] for i in chunk]
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if name is None:
+                _, elapsed = _timed(plain_generate, target, ids, decode, stop_ids, keys)
+            else:
+                decoded, elapsed = _timed(speculative_generate, target, drafters[name], ids, decode, stop_ids, keys)
+                outputs[name] += decoded
+            seconds[name] += [elapsed] * len(chunk)
+            totals[name] += elapsed
+    return outputs, seconds, totals
+
+
 def classify_divergence(target: PreTrainedModel, prompt_ids: list[int], reference: list[int], tokens: list[int],
                         tolerance: float) -> dict:
     """Where `tokens` first leaves `reference`: the target's top-2 logit gap there (one full forward, no cache)
@@ -206,11 +235,10 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
     for draft in drafters.values():
         if hasattr(draft, "reset"):  # what a learning baseline saw during the warm-up must not help it
             draft.reset()
-    items, references, plain_seconds, plain_total = build_turns(target, tokenizer, prompts, settings, stop_ids, encode)
+    items, references, _, plain_total = build_turns(target, tokenizer, prompts, settings, stop_ids, encode)
     report = {"settings": asdict(settings) | {"drafters": dict(settings.drafters)}, "num_prompts": len(prompts),
               "num_turns": len(items), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
-              "plain": {"tokens": sum(map(len, references)),
-                        "tokens_per_second": sum(map(len, references)) / plain_total},
+              "plain": {"tokens": sum(map(len, references))},
               "drafters": {}, "drafter_paths": drafter_paths or {}, "parameters": parameters,
               "baselines": list(baselines), "hybrids": list(hybrids), "stop_ids": list(stop_ids),
               # every prompt as decoded, with the target's plain answer: what a serving engine replays
@@ -219,16 +247,13 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
                            "prompt_ids": i["prompt_ids"], "reference_ids": r} for i, r in zip(items, references)]}
     verify_cost = measure_verify_cost(target, items[0]["prompt_ids"], decode.block_width)
     report["verify_cost"] = {"tokens": decode.block_width, "v_measured": verify_cost}
+    decoded, timed, totals = decode_interleaved(target, drafters, items, decode, stop_ids)
+    plain_seconds = timed[None]
+    report["plain"] |= {"tokens_per_second": report["plain"]["tokens"] / totals[None],
+                        # > 1: the machine ran slower while the drafters were timed than when the answers were made
+                        "drift": totals[None] / plain_total}
     for name, draft in drafters.items():
-        generations, seconds, elapsed_total = [], [], 0.0
-        for first in tqdm(range(0, len(items), decode.batch_size), desc=f"eval: {name}",
-                          unit="batch" if decode.batch_size > 1 else "prompt"):
-            chunk = items[first: first + decode.batch_size]
-            outputs, elapsed = _timed(speculative_generate, target, draft, [i["prompt_ids"] for i in chunk], decode,
-                                      stop_ids, [i["id"] for i in chunk])
-            generations += outputs
-            seconds += [elapsed] * len(chunk)
-            elapsed_total += elapsed
+        generations, seconds, elapsed_total = decoded[name], timed[name], totals[name]
         mismatches = []
         for item, generation, reference in zip(items, generations, references):
             if generation.tokens != reference:
@@ -344,6 +369,11 @@ def markdown_report(report: dict, label: str = "") -> str:
     shape = f"tree {settings['tree']}" if settings["tree"] else f"γ={settings['gamma']}"
     lines += ["", f"{report['num_turns']} prompts ({report['num_prompts']} conversations), {mode}, {shape}, "
                   f"up to {settings['max_new_tokens']} new tokens, {report['dtype']}."]
+    plain = report["plain"]
+    if "drift" in plain:  # reports written before wall times were interleaved have no drift
+        lines[-1] += (f" Wall times interleaved (each prompt decoded plainly and by every drafter in turn): plain "
+                      f"{plain['tokens_per_second']:.1f} tok/s, {plain['drift']:.2f}× the time of the first plain "
+                      f"pass.")
     return "\n".join(lines) + "\n"
 
 

@@ -102,6 +102,37 @@ def test_eval_replays_both_turns_on_the_targets_own_answers_and_writes_its_repor
     assert items[1]["prompt_ids"] == encode(history)
 
 
+def test_wall_times_are_interleaved_so_a_drifting_machine_biases_no_row(tiny_target, tmp_path, monkeypatch):
+    """Each prompt is timed plainly and with every drafter back to back (order rotating), so a machine that slows
+    down during the eval still gives each row the ratio of times taken side by side: here every plain decode
+    'takes' twice what a speculative one does on a clock that slows with every call. Timed plainly once at the
+    start and the drafters later, the same clock would report speedups far below 2."""
+    import eval.speculative as speculative
+    model = tiny_target.model
+    drafters = {"a": TokenDraft(model), "b": TokenDraft(model)}
+    calls = []
+
+    def slowing_clock(function, *args, **kwargs):
+        result = function(*args, **kwargs)
+        plain = function is speculative.plain_generate
+        calls.append((None if plain else next(n for n, d in drafters.items() if d is args[1]), tuple(args[-1])))
+        return result, (2.0 if plain else 1.0) * len(calls)  # each call on a slower machine than the one before
+
+    monkeypatch.setattr(speculative, "_timed", slowing_clock)
+    monkeypatch.setattr(speculative, "measure_cost_ratio", lambda *args: 0.1)  # times outside the decode loop
+    report = run_eval(tiny_target, tmp_path, drafters, tiny_settings(plots=False))
+    interleaved = calls[report["num_turns"]:]  # after the plain pass that made the answers
+    groups = [interleaved[i: i + 3] for i in range(0, len(interleaved), 3)]
+    assert len(groups) == report["num_turns"]
+    for index, group in enumerate(groups):
+        assert len({keys for _, keys in group}) == 1  # one prompt, timed by all three back to back
+        assert [name for name, _ in group] == [[None, "a", "b"][(index + k) % 3] for k in range(3)]  # rotating
+    for name in drafters:
+        assert 1.5 <= report["drafters"][name]["speedup_median"] <= 2.7
+    assert report["plain"]["drift"] > 1  # the slowing machine is reported
+    assert "Wall times interleaved" in report["table_markdown"]
+
+
 def test_eval_with_sampling_and_trees_runs_and_reports(tiny_target, tmp_path):
     model = tiny_target.model
     report = run_eval(tiny_target, tmp_path, {"self": TokenDraft(model)},
