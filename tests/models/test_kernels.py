@@ -31,3 +31,25 @@ def test_the_patch_covers_every_linear_and_is_undone():
     with few_row_linears(active=False):  # an explicit "off" holds for the blocks inside it
         with few_row_linears(model):
             assert not any("forward" in m.__dict__ for m in model)
+
+
+def test_a_draft_vocabulary_head_decodes_through_the_kernel_and_trains_through_f_linear(monkeypatch):
+    """The reduced head is no nn.Linear, so the patch cannot reach it: it asks for the kernel itself when nothing
+    needs gradients (decoding), and follows the same on/off switch."""
+    import models.kernels as kernels
+    from models.drafter import ReducedVocabHead
+    head = ReducedVocabHead(64, torch.arange(0, 600, 2), vocab_size=600)
+    torch.nn.init.normal_(head.weight)
+    x = torch.randn(1, 64)
+    calls = []
+    monkeypatch.setattr(kernels, "few_row_linear", lambda *args: calls.append(args) or few_row_linear(*args))
+    with torch.no_grad():
+        decoded = head.compact(x)
+        assert len(calls) == 1 and torch.allclose(decoded, F.linear(x, head.weight), atol=1e-5)
+        full = head(x)
+        assert torch.isinf(full[:, 1::2]).all() and torch.allclose(full[:, ::2], decoded, atol=1e-5)
+        with few_row_linears(active=False):  # the benchmark's "before" side
+            head.compact(x)
+    assert len(calls) == 2
+    head.compact(x).sum().backward()  # training: F.linear, gradients as ever
+    assert len(calls) == 2 and head.weight.grad is not None
