@@ -74,15 +74,19 @@ class StreamReport:
                          for p in self.phases)
 
 
-def build_stream(phases: dict[str, StreamPhase], cache_dir: Path, too_long: Callable[[Conversation], bool] = None
+def build_stream(phases: dict[str, StreamPhase], cache_dir: Path,
+                 too_long: Callable[[Conversation], bool] | None = None,
+                 trained_on: set[tuple[str, str | None, str]] = frozenset()
                  ) -> tuple[list[StreamRequest], StreamReport]:
     """The requests of every phase ({name: phase}, in order), and what each phase passed over and why; `too_long`
-    says which prompts exceed the server's prompt limit (passed over, counted)."""
+    says which prompts exceed the server's prompt limit, `trained_on` the (location, file, id) of conversations the
+    drafter learned from (a domain's scan can reach a corpus slice): both passed over, counted."""
     requests, report, used, loaded = [], StreamReport(), set(), {}
     for name, phase in phases.items():
         if phase.source not in loaded:
             loaded[phase.source] = load_conversations(phase.source, cache_dir)[0]
-        taken, passed = [], {"other domain": 0, "other category": 0, "too long": 0, "used by an earlier phase": 0}
+        taken, passed = [], {"other domain": 0, "other category": 0, "too long": 0, "used by an earlier phase": 0,
+                             "in the drafter's training data": 0}
         for conversation in loaded[phase.source]:
             if len(taken) == phase.count:
                 break
@@ -95,6 +99,8 @@ def build_stream(phases: dict[str, StreamPhase], cache_dir: Path, too_long: Call
                 passed["too long"] += 1
             elif phase.domain != "any" and domain_of(first) != phase.domain:
                 passed["other domain"] += 1
+            elif (phase.source.location, phase.source.file, conversation.id) in trained_on:
+                passed["in the drafter's training data"] += 1
             else:
                 taken.append(conversation)
                 used.add((conversation.source, conversation.id))

@@ -112,28 +112,19 @@ def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, head
         raise OSError(f"{line}. Not enough space: free some, lower distill.max_seq_len or the number of records, "
                       f"or set distill.feature_cache=false (the target then runs in the loop)")
     print(f"[distill] {line}", flush=True)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     started, shard, shard_index, tokens = time.perf_counter(), {}, 0, 0
-    head = target.get_output_embeddings()
-    with torch.inference_mode(), captured_layers(target, layers) as captured:
-        for start in tqdm(range(0, len(order), batch_size), desc="feature cache (target prefill)", unit="batch"):
-            chunk = [rows[i] for i in order[start: start + batch_size]]
-            input_ids, attention, _, _ = collate(chunk, pad_id, max_seq_len, target.device)
-            last = target.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
-            fused = last if captured[0] is None else captured[0]
-            top1 = head(last).argmax(-1)
-            for b, row in enumerate(chunk):
-                n = int(attention[b].sum())
-                key = str(len(shard))
-                if layers:  # else the fused features are the last hidden state: stored once
-                    shard[f"{key}.fused"] = fused[b, :n].half().cpu().contiguous()
-                shard[f"{key}.last"] = last[b, :n].half().cpu().contiguous()
-                shard[f"{key}.top1"] = top1[b, :n].int().cpu().contiguous()
-                shard[f"{key}.id"] = torch.tensor(list(row.id.encode()), dtype=torch.uint8)
-                tokens += n
-                if len(shard) // (4 if layers else 3) == SHARD_ROWS:
-                    save_file(shard, str(partial / f"shard-{shard_index:05d}.safetensors"))
-                    shard, shard_index = {}, shard_index + 1
+    for row, fused, last, top1 in target_features(target, rows, layers, max_seq_len, pad_id, batch_size,
+                                                  "feature cache (target prefill)"):
+        key = str(len(shard))
+        if layers:  # else the fused features are the last hidden state: stored once
+            shard[f"{key}.fused"] = fused.half().contiguous()
+        shard[f"{key}.last"] = last.half().contiguous()
+        shard[f"{key}.top1"] = top1.int().contiguous()
+        shard[f"{key}.id"] = torch.tensor(list(row.id.encode()), dtype=torch.uint8)
+        tokens += len(last)
+        if len(shard) // (4 if layers else 3) == SHARD_ROWS:
+            save_file(shard, str(partial / f"shard-{shard_index:05d}.safetensors"))
+            shard, shard_index = {}, shard_index + 1
     if shard:
         save_file(shard, str(partial / f"shard-{shard_index:05d}.safetensors"))
     seconds = time.perf_counter() - started
@@ -143,6 +134,25 @@ def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, head
     partial.rename(folder)
     print(f"[distill] feature cache: {tokens:,} tokens in {seconds:.0f} s ({tokens / max(seconds, 1e-9):.0f} "
           f"tokens/s) -> {folder}", flush=True)
+
+
+def target_features(target: PreTrainedModel, rows: list[Row], layers: tuple[int, ...] | None, max_seq_len: int,
+                    pad_id: int, batch_size: int = 8, desc: str = "target prefill"):
+    """Per row (length-sorted batches): (row, fused features [T, k·d], last hidden states [T, d], the teacher's
+    top-1 [T]) on the CPU, in the target's dtype; fused is the last hidden state itself without `layers`. Yields
+    outside the no-grad block, so the caller's own work between rows is not affected by it."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    head = target.get_output_embeddings()
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        chunk = [rows[i] for i in order[start: start + batch_size]]
+        with torch.no_grad(), captured_layers(target, layers) as captured:
+            input_ids, attention, _, _ = collate(chunk, pad_id, max_seq_len, target.device)
+            last = target.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            fused = last if captured[0] is None else captured[0]
+            top1 = head(last).argmax(-1)
+        for b, row in enumerate(chunk):
+            n = int(attention[b].sum())
+            yield row, fused[b, :n].cpu(), last[b, :n].cpu(), top1[b, :n].cpu()
 
 
 def _load(folder: Path) -> FeatureCache:

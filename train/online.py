@@ -14,17 +14,21 @@ Safe publication: each update makes a candidate; every `publish.heldout_every`-t
 kept out of the buffer, in a window of the `publish.window` most recent ones; the candidate replaces the serving
 drafter (version + 1) only if its acceptance on that window is not worse than the serving drafter's (`tau`: τ of
 greedy chain decoding, exact under greedy serving; `alpha`: expected acceptance Σ min(p, q) from the stored top-k).
-Otherwise it is rolled back: the trainer returns to the serving weights and optimizer state; counted and logged.
+Otherwise it is rolled back: the trainer returns to the serving weights and optimizer state (unless
+`publish.reset_trainer=false`: it keeps learning); counted and logged. `publish.check_on=next` holds nothing out:
+the candidate is judged on the requests served after it was made, before it trains on them (one update later), so
+the window is always the most recent traffic and every request trains.
 
 Arms: the configured learner (`ours`) and `baselines` served on the same stream: `frozen` (never updates) and `osd`
 (OSD's public code: forward KL on the corrected positions, an update every 8 requests, one step, the buffer
 emptied, lr 1e-4 constant, no clipping, no check).
 
 Modes: `serve` runs the real decoder for every request (greedy output compared with plain decoding every
-`check_lossless_every` requests). `replay` (greedy, token drafters, teacher rows) decodes the stream once with the
-plain target (the trace: answers and top-k along them) and replays it: under greedy verification the accepted
-prefix is exactly the run of positions where the drafter's argmax, given the target's own prefix, equals the
-target's token, so acceptance follows from one drafter forward per request (ANCHORS.md §10). Every
+`check_lossless_every` requests; token drafters). `replay` (greedy, teacher rows; token and feature drafters)
+decodes the stream once with the plain target (the trace: answers and top-k along them) and replays it: under
+greedy verification the accepted prefix is exactly the run of positions where the drafter's argmax, given the
+target's own prefix, equals the target's token, so acceptance follows from one drafter forward per request
+(ANCHORS.md §10; a feature drafter's deeper drafts read its own features: `train/online_learners.py`). Every
 `spot_check_every`-th request is also served for real and must give the trace's tokens (lossless) and the replay's
 counts (mismatches are counted and reported).
 
@@ -50,6 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_gen.chat import end_of_turn_ids, prompt_token_ids
+from data_gen.sources import PromptSourceSpec, load_conversations
 from data_gen.stream import StreamPhase, StreamRequest, build_stream
 from eval.decoder import DecodeSettings, VerificationRecorder, plain_generate, speculative_generate
 from eval.metrics import DecodeStats
@@ -58,16 +63,14 @@ from infra.settings import SettingsError, at_least, check_fields, one_of
 from infra.stage import StageRun
 from losses.kl import forward_kl
 from losses.mix import LossMix, needs_teacher
-from losses.tvd import expected_acceptance
-from models.drafter import TokenDraft, check_same_vocabulary, save_drafter, to_draft_vocabulary
+from models.drafter import check_same_vocabulary
 from models.kinds import kind_of, load_any
 from models.sampling import SamplingSettings, as_sampling
 from train import checkpoint
-from train.distill import draft_vocabulary, offline_teacher_logits
-from train.engine import logits_at
 from train.online_buffer import BufferSettings, ReplayBuffer, Served, rows_from
 from train.optim import OptimSettings, build_optimizer
-from train.rows import Row, collate
+from train.online_learners import answer_logits, learner_for
+from train.rows import Row
 
 MODES = ("serve", "replay")
 METRICS = ("auto", "tau", "alpha")
@@ -98,8 +101,12 @@ class PublishSettings:
     tolerance: float = 0.0    # published when candidate >= serving - tolerance
     metric: str = "auto"      # auto: tau under greedy serving, else alpha
     fallback_to_base: bool = False  # serve the starting drafter again when it beats both candidate and serving one
+    check_on: str = "heldout"  # heldout: a window of held-out requests | next: the requests served after the candidate
+    reset_trainer: bool = True  # a rejected candidate: the trainer returns to the serving weights (false: it keeps
+                                # learning from where it is, so steps add up until a candidate passes)
     LIMITS: ClassVar[dict] = {"heldout_every": at_least(2), "window": at_least(1), "min_window": at_least(1),
-                              "tolerance": at_least(0), "metric": one_of(*METRICS)}
+                              "tolerance": at_least(0), "metric": one_of(*METRICS),
+                              "check_on": one_of("heldout", "next")}
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -175,11 +182,15 @@ class Arm:
     schedule: ScheduleSettings
     publish: PublishSettings
     optim: OptimSettings
-    loss: LossMix | None
+    loss: object  # LossMix (token drafters), FeatureLoss (feature drafters); None: never trains
 
 
-def arms_for(settings: OnlineSettings, loss: LossMix) -> list[Arm]:
-    """The reference arms first (frozen, osd), then ours."""
+OSD_LOSS = LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})
+
+
+def arms_for(settings: OnlineSettings, loss, osd_loss=OSD_LOSS) -> list[Arm]:
+    """The reference arms first (frozen, osd), then ours; `osd_loss` is OSD's forward KL in the drafter kind's form
+    (a feature drafter's: `FeatureLearner.osd_loss`)."""
     arms = []
     if "frozen" in settings.baselines:
         arms.append(Arm("frozen", False, settings.buffer, settings.schedule, settings.publish, settings.optim, None))
@@ -188,41 +199,27 @@ def arms_for(settings: OnlineSettings, loss: LossMix) -> list[Arm]:
                                                     replay_share=0.0, clear_after_update=True),
                         ScheduleSettings(every_requests=8, steps=1, batch_size=8), PublishSettings(check=False),
                         OptimSettings(lr=1e-4, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0, grad_clip=1e9),
-                        LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})))
+                        osd_loss))
     arms.append(Arm("ours", True, settings.buffer, settings.schedule, settings.publish, settings.optim, loss))
     return arms
 
 
 # ---------------------------------------------------------------- greedy replay (exact under greedy verification)
 
-@torch.no_grad()
-def answer_logits(model: torch.nn.Module, items: list[tuple[list[int], list[int]]], max_seq_len: int,
-                  pad_id: int) -> list[torch.Tensor]:
-    """Per (prompt, answer): the model's logits [len(answer), V] at the positions that predict the answer tokens."""
-    rows = [Row(id=str(i), input_ids=p + a, loss_mask=[0] * len(p) + [1] * len(a), prompt_ids=p)
-            for i, (p, a) in enumerate(items)]
-    if any(len(r.input_ids) > max_seq_len for r in rows):
-        raise ValueError(f"a request of {max(len(r.input_ids) for r in rows)} tokens is longer than "
-                         f"online.max_seq_len={max_seq_len}; raise it")
-    input_ids, attention, positions, _ = collate(rows, pad_id, max_seq_len, next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    logits = logits_at(model, input_ids, attention, positions)[0]
-    model.train(was_training)
-    return list(logits.split([len(a) for _, a in items]))
-
-
-def replay_steps(answer: list[int], guesses: list[int], gamma: int, max_new_tokens: int) -> tuple[list[dict], DecodeStats]:
-    """Greedy chain decoding replayed: `guesses[t]` is the drafter's argmax given the prompt and answer[:t]. The
-    steps (start, drafts as far as they are determined) and the counters the decoder would record."""
+def replay_steps(answer: list[int], guesses: list[list[int]], gamma: int,
+                 max_new_tokens: int) -> tuple[list[dict], DecodeStats]:
+    """Greedy chain decoding replayed: `guesses[j][a]` is the drafter's argmax for answer[a] as the (j+1)-th draft
+    of a step that started at a - j on the target's own prefix (train/online_learners.py). The steps (start,
+    drafts as far as they are determined) and the counters the decoder would record."""
     stats, steps, t = DecodeStats(depth=gamma), [], 0
     while t < len(answer):
         proposed = min(gamma, max_new_tokens - t - 1)
         accepted = 0
-        while accepted < proposed and t + accepted < len(answer) and guesses[t + accepted] == answer[t + accepted]:
+        while (accepted < proposed and t + accepted < len(answer)
+               and guesses[accepted][t + accepted] == answer[t + accepted]):
             accepted += 1
         emitted = min(accepted + 1, len(answer) - t)
-        drafts = answer[t: t + accepted] + ([guesses[t + accepted]] if accepted < proposed and
+        drafts = answer[t: t + accepted] + ([guesses[accepted][t + accepted]] if accepted < proposed and
                                             t + accepted < len(answer) else [])
         steps.append({"start": t, "drafts": drafts, "accepted": accepted})
         stats.record_step(proposed, min(accepted, emitted), emitted)
@@ -236,11 +233,11 @@ class ArmState:
     """The serving drafter (a published version), the trainer (its copy being updated), optimizer states, buffer,
     held-out window and counters of one arm; `save`/`load` are its checkpoint (train/checkpoint.py's engine role)."""
 
-    def __init__(self, arm: Arm, drafter: torch.nn.Module, settings: OnlineSettings, target, pad_id: int) -> None:
-        self.arm, self.settings, self.target, self.pad_id = arm, settings, target, pad_id
+    def __init__(self, arm: Arm, drafter: torch.nn.Module, settings: OnlineSettings, learner, pad_id: int) -> None:
+        self.arm, self.settings, self.learner, self.pad_id = arm, settings, learner, pad_id
+        self.target = learner.target
         self.serving = drafter.eval()
         self.trainer = copy.deepcopy(drafter).train().requires_grad_(True) if arm.learn else None
-        self.d2t = draft_vocabulary(drafter)
         if arm.learn:
             self.optimizer, _ = build_optimizer(self.trainer, arm.optim, 1)
             self.published_optimizer = copy.deepcopy(self.optimizer.state_dict())
@@ -280,7 +277,8 @@ class ArmState:
     # ---- learning
     def heldout(self, served: Served) -> bool:
         publish = self.arm.publish
-        return self.arm.learn and publish.check and served.index % publish.heldout_every == publish.heldout_every - 1
+        return (self.arm.learn and publish.check and publish.check_on == "heldout"
+                and served.index % publish.heldout_every == publish.heldout_every - 1)
 
     def observe(self, served: Served) -> dict | None:
         """Take one served request in; returns the update's log line when it triggered one."""
@@ -289,6 +287,8 @@ class ArmState:
         if self.heldout(served):
             self.window = (self.window + [served])[-self.arm.publish.window:]
         else:
+            if self.arm.publish.check_on == "next":  # judges the pending candidate, which has not trained on it
+                self.window.append(served)
             self.buffer.add(rows_from(served, self.arm.buffer, self.settings.seed), tag=served.key)
             self.counters["pending_requests"] += 1
             self.counters["pending_tokens"] += len(served.tokens)
@@ -300,16 +300,7 @@ class ArmState:
         return None
 
     def train_step(self, rows: list[Row]) -> float | None:
-        device = next(self.trainer.parameters()).device
-        vocab = self.target.config.vocab_size
-        input_ids, attention, positions, labels = collate(rows, self.pad_id, self.settings.max_seq_len, device)
-        teacher = offline_teacher_logits(rows, self.settings.max_seq_len, vocab, device)
-        student = logits_at(self.trainer, input_ids, attention, positions)
-        targets = labels[positions].unsqueeze(0)
-        keep = torch.ones_like(targets, dtype=torch.bool)
-        if self.d2t is not None:
-            teacher, targets, keep = to_draft_vocabulary(teacher, targets, self.d2t, vocab)
-        total, _ = self.arm.loss(student, teacher, keep, targets)
+        total = self.learner.loss(self.trainer, rows, self.arm.loss)
         if not torch.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             self.counters["skipped_steps"] += 1
@@ -321,19 +312,39 @@ class ArmState:
         return float(total.detach())
 
     def update(self, request_index: int) -> dict:
+        """Train on the buffer and publish or roll back: the candidate is judged on the held-out window right after
+        training (`publish.check_on=heldout`), or (`next`) on the requests served after it was made, before it
+        trains on them: the candidate of update k is judged at update k + 1."""
         started = time.perf_counter()
         number = self.counters["updates"]
-        losses = [self.train_step(self.buffer.batch(self.arm.schedule.batch_size, tag=f"{number}:{step}"))
-                  for step in range(self.arm.schedule.steps)]
+        line = {"update": number, "after_request": request_index}
+        judge_next = self.arm.publish.check and self.arm.publish.check_on == "next"
+        if judge_next:
+            if self.counters.get("candidate"):
+                line |= self.judge()
+            self.window = []
+        line["losses"] = [self.train_step(self.buffer.batch(self.arm.schedule.batch_size, tag=f"{number}:{step}"))
+                          for step in range(self.arm.schedule.steps)]
         self.buffer.updated()
         self.counters["pending_requests"] = self.counters["pending_tokens"] = 0
         self.counters["updates"] += 1
-        line = {"update": number, "after_request": request_index, "losses": losses,
-                "buffer_rows": len(self.buffer), "window": len(self.window)}
-        publish, revert = True, False
+        line |= {"buffer_rows": len(self.buffer), "window": len(self.window)}
+        if judge_next:
+            self.counters["candidate"] = 1
+        else:
+            line |= self.judge()
+        seconds = time.perf_counter() - started
+        self.counters["train_seconds"] += seconds
+        return line | {"version": self.counters["version"], "seconds": seconds}
+
+    def judge(self) -> dict:
+        """Publish the trainer's weights as the next serving version, or keep the serving ones (the trainer returns
+        to them unless `reset_trainer` is off; with fallback_to_base the starting drafter serves again when it beats
+        both, and the trainer restarts from it); the log fields."""
+        line, publish, revert = {}, True, False
         if self.arm.publish.check:
             metric, tolerance = self.check_metric(), self.arm.publish.tolerance
-            check = WindowCheck(self.window, metric, self.settings, self.pad_id, self.target.config.vocab_size)
+            check = WindowCheck(self.window, metric, self.settings, self.learner)
             candidate, serving = check.score(self.trainer), check.score(self.serving)
             publish = candidate >= serving - tolerance
             line |= {"metric": metric, "candidate": candidate, "serving": serving}
@@ -354,11 +365,11 @@ class ArmState:
                 self.counters["version"] += 1
                 self.counters["reverted_to_base"] += 1
                 line["reverted_to_base"] = True
-            self.trainer.load_state_dict(self.serving.state_dict())
-            self.optimizer.load_state_dict(copy.deepcopy(self.published_optimizer))
-        seconds = time.perf_counter() - started
-        self.counters["train_seconds"] += seconds
-        return line | {"published": publish, "version": self.counters["version"], "seconds": seconds}
+            if self.arm.publish.reset_trainer or revert:
+                self.trainer.load_state_dict(self.serving.state_dict())
+                self.optimizer.load_state_dict(copy.deepcopy(self.published_optimizer))
+        self.counters["candidate"] = 0
+        return line | {"published": publish}
 
     def check_metric(self) -> str:
         chosen = self.arm.publish.metric
@@ -367,31 +378,23 @@ class ArmState:
 
 class WindowCheck:
     """A drafter's acceptance on the held-out window: `tau` (greedy chain decoding replayed on the served tokens,
-    exact when serving is greedy) or `alpha` (mean Σ min(p, q) over every generated position, p from the stored
-    top-k, the rest of its mass spread evenly). The target's side is built once per update, for every drafter
-    compared."""
+    exact when serving is greedy) or `alpha` (mean Σ min(p, q) over every generated position: the learner's). The
+    target's side is built once per update, for every drafter compared."""
 
-    def __init__(self, window: list[Served], metric: str, settings: OnlineSettings, pad_id: int, vocab_size: int):
-        self.metric, self.settings, self.pad_id = metric, settings, pad_id
-        self.items = [(s.prompt_ids, s.tokens) for s in window]
-        self.teacher = None
-        if metric == "alpha":  # the target's distribution at every generated position, as the buffer stores it
-            rows = [rows_from(served, BufferSettings(positions="all"), settings.seed)[0] for served in window]
-            self.teacher = offline_teacher_logits(rows, settings.max_seq_len, vocab_size, torch.device("cpu"))
+    def __init__(self, window: list[Served], metric: str, settings: OnlineSettings, learner) -> None:
+        self.metric, self.settings, self.learner = metric, settings, learner
+        self.items = [(s.key, s.prompt_ids, s.tokens) for s in window]
+        self.rows = [rows_from(served, BufferSettings(positions="all"), settings.seed)[0] for served in window
+                     ] if metric == "alpha" else []  # the stored top-k of every generated position
 
     def score(self, model: torch.nn.Module) -> float:
         settings = self.settings
-        logits = answer_logits(model, self.items, settings.max_seq_len, self.pad_id)
-        d2t = draft_vocabulary(model)
-        if self.metric == "tau":
-            total = DecodeStats(depth=settings.gamma)
-            for (prompt, answer), values in zip(self.items, logits):
-                guesses = values.argmax(-1) if d2t is None else d2t[values.argmax(-1)]
-                total.merge(replay_steps(answer, guesses.tolist(), settings.gamma, settings.max_new_tokens)[1])
-            return total.metrics()["block_efficiency"]
-        student = torch.cat(logits).unsqueeze(0)
-        return float(expected_acceptance(student, self.teacher.to(student.device),
-                                         torch.ones(student.shape[:2], dtype=torch.bool), d2t))
+        if self.metric == "alpha":
+            return self.learner.alpha(model, self.items, self.rows)
+        total = DecodeStats(depth=settings.gamma)
+        for (_, _, answer), guesses in zip(self.items, self.learner.guesses(model, self.items)):
+            total.merge(replay_steps(answer, guesses, settings.gamma, settings.max_new_tokens)[1])
+        return total.metrics()["block_efficiency"]
 
 
 # ---------------------------------------------------------------- serving an arm over the stream
@@ -412,7 +415,7 @@ def make_trace(target, prompts: list[list[int]], keys: list[str], settings: Onli
     for first in tqdm(range(0, len(prompts), 8), desc="online: target trace", unit="batch"):
         chunk = slice(first, first + 8)
         outputs = plain_generate(target, prompts[chunk], decode, stop_ids, keys[chunk])
-        logits = answer_logits(target, list(zip(prompts[chunk], outputs)), settings.max_seq_len, pad_id)
+        logits = answer_logits(target, list(zip(keys[chunk], prompts[chunk], outputs)), settings.max_seq_len, pad_id)
         for output, scores in zip(outputs, logits):
             top = torch.log_softmax(scores.float(), -1).topk(settings.top_k, -1)
             answers.append(output)
@@ -425,9 +428,7 @@ def replayed(request: StreamRequest, prompt: list[int], trace: Trace, state: Arm
     """The request as greedy serving with the arm's serving drafter would have gone (exact: see the docstring)."""
     index, settings = request.index, state.settings
     answer = trace.answers[index]
-    logits = answer_logits(state.serving, [(prompt, answer)], settings.max_seq_len, state.pad_id)[0]
-    d2t = draft_vocabulary(state.serving)
-    guesses = (logits.argmax(-1) if d2t is None else d2t[logits.argmax(-1)]).tolist()
+    guesses = state.learner.guesses(state.serving, [(request.key, prompt, answer)])[0]
     steps, stats = replay_steps(answer, guesses, settings.gamma, settings.max_new_tokens)
     for step in steps:
         on_path = range(step["start"], min(step["start"] + step.pop("accepted") + 1, len(answer)))
@@ -474,9 +475,10 @@ def serve_arm(state: ArmState, requests: list[StreamRequest], prompts: list[list
             if update is not None:
                 _append(update_log, update)
                 counters["update_lines"] += 1
-                verdict = "published" if update["published"] else "ROLLED BACK" + (
-                    f", the starting drafter serves again ({update['base']:.3f})" if update.get("reverted_to_base")
-                    else "")
+                verdict = ("trained (its candidate is judged at the next update)" if "published" not in update
+                           else "published" if update["published"] else "ROLLED BACK" + (
+                               f", the starting drafter serves again ({update['base']:.3f})"
+                               if update.get("reverted_to_base") else ""))
                 detail = (f" ({update['metric']} {update['candidate']:.3f} vs serving {update['serving']:.3f})"
                           if "candidate" in update else "")
                 progress.write(f"[online] {state.arm.name}: update {update['update']} after request {one.index}: "
@@ -492,8 +494,8 @@ def served_for_real(state: ArmState, requests: list[StreamRequest], prompts: lis
     settings = state.settings
     recorder = VerificationRecorder(len(requests), settings.top_k)
     keys = [r.key for r in requests]
-    generations = speculative_generate(state.target, TokenDraft(state.serving), prompts, settings.decode, stop_ids,
-                                       keys, recorder=recorder)
+    generations = speculative_generate(state.target, state.learner.draft(state.serving), prompts, settings.decode,
+                                       stop_ids, keys, recorder=recorder)
     every = settings.check_lossless_every
     checked = [i for i, r in enumerate(requests) if every and r.index % every == 0]
     if checked and settings.sampling.greedy:
@@ -515,7 +517,7 @@ def spot_check(state: ArmState, served: list[Served], stop_ids: list[int]) -> No
     for one in served:
         if not every or one.index % every:
             continue
-        generation = speculative_generate(state.target, TokenDraft(state.serving), [one.prompt_ids],
+        generation = speculative_generate(state.target, state.learner.draft(state.serving), [one.prompt_ids],
                                           replace(state.settings.decode, batch_size=1), stop_ids, [one.key])[0]
         if generation.tokens != one.tokens:
             raise LosslessnessError(f"online: request {one.key} served for real by {state.arm.name} differs from the "
@@ -654,7 +656,7 @@ def plot(logs: dict[str, list[dict]], updates: dict[str, list[dict]], phases: li
         for axis, key in zip(axes, ("acceptance", "tau")):
             axis.plot(x, moving_average([line[key] for line in lines], width), label=arm)
         for update in updates.get(arm, []):
-            if not update["published"]:
+            if update.get("published") is False:
                 axes[0].axvline(update["after_request"], color="red", alpha=0.3, linewidth=0.8)
     boundaries = [next(l["index"] for l in next(iter(logs.values())) if l["phase"] == p) for p in phases]
     for axis in axes:
@@ -678,29 +680,52 @@ def starting_drafter(run: StageRun, settings: OnlineSettings, target) -> tuple[P
         raise SettingsError("online needs a drafter to start from: this run has no distill or pretrain output; add "
                             "them to stages, or set online.init_from=/path/to/drafter")
     drafter = load_any(candidates[0], target)
-    if kind_of(drafter).trains_on_features:
-        raise SettingsError(f"online.init_from={candidates[0]}: a {kind_of(drafter).name} drafter reads the target's "
-                            f"features; online distillation is implemented for standalone (token) drafters")
-    check_same_vocabulary(drafter, target.model)
+    kind = kind_of(drafter)
+    if not kind.trainable:
+        raise SettingsError(f"online.init_from={candidates[0]}: a {kind.name} drafter has no weights to learn")
+    if kind.trains_on_features and settings.mode != "replay":
+        raise SettingsError(f"online.mode={settings.mode} with the {kind.name} drafter in {candidates[0]}: a feature "
+                            f"drafter learns online in online.mode=replay only (the verification recorder keeps the "
+                            f"target's top-k, not the hidden states this drafter trains on)")
+    check_same_vocabulary(drafter.layer_config if kind.trains_on_features else drafter, target.model)
     return candidates[0], drafter
 
 
-def run_stage(run: StageRun, settings: OnlineSettings, loss: LossMix) -> dict:
+def corpus_trained_on(run: StageRun) -> set[tuple[str, str | None, str]]:
+    """(location, file, id) of the corpus conversations this run's distill stage added to its data
+    (distill.corpus_records: the first N of the `corpus` source, as `train.distill.corpus_rows` takes them)."""
+    folder = run.output("distill")
+    if folder is None:
+        return set()
+    config = json.loads((folder / "meta.json").read_text()).get("config", {})
+    count = config.get("distill", {}).get("corpus_records", 0)
+    if not count:
+        return set()
+    spec = PromptSourceSpec(**{k: v for k, v in config["corpus"].items() if k != "_target_"})
+    return {(spec.location, spec.file, c.id) for c in load_conversations(spec, run.cache_dir)[0][:count]}
+
+
+def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
     """Serve the stream with every arm, then write the reports (module docstring)."""
-    if not isinstance(loss, LossMix):
-        raise SettingsError(f"online trains a token drafter with a token loss (loss=fkl, tvd, tvdpp, ...), not "
-                            f"{type(loss).__name__}")
-    label_terms = [name for name, (fn, _) in loss.terms.items() if not needs_teacher(fn)]
+    token = loss if isinstance(loss, LossMix) else getattr(loss, "token", None)
+    label_terms = [name for name, (fn, _) in (token.terms if token else {}).items() if not needs_teacher(fn)]
     if label_terms and settings.buffer.source != "teacher":
         raise SettingsError(f"loss terms {label_terms} learn the next token of the row, and with online.buffer.source="
                             f"{settings.buffer.source} rows hold the drafter's own proposals; use a loss against the "
                             f"target's distribution (fkl, rkl, jsd, tvd, tvdpp), or buffer.source=teacher")
     target = run.target()
     path, first = starting_drafter(run, settings, target)
+    token_drafter = not kind_of(first).trains_on_features
+    if token_drafter != isinstance(loss, LossMix):
+        wanted = ("a token loss (loss=fkl, tvd, tvdpp, ...)" if token_drafter
+                  else "a feature loss (loss=eagle3, eagle, fspad)")
+        raise SettingsError(f"loss: a {kind_of(first).name} drafter learns online with {wanted}, not "
+                            f"{type(loss).__name__}")
     tokenizer, model = target.tokenizer, target.model
     requests, stream_report = build_stream(
         settings.stream, run.cache_dir,
-        lambda c: len(prompt_token_ids(tokenizer, c.first_turn_prompt())) > settings.max_prompt_tokens)
+        lambda c: len(prompt_token_ids(tokenizer, c.first_turn_prompt())) > settings.max_prompt_tokens,
+        corpus_trained_on(run))
     check_held_out([r.conversation for r in requests], run.output("data_gen"), "online stream requests",
                    "online.stream.<phase>.source.offset")
     print(f"[online] stream of {len(requests)} requests:\n{stream_report.summary()}", flush=True)
@@ -716,7 +741,9 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss: LossMix) -> dict:
             trace = make_trace(model, prompts, [r.key for r in requests], settings, stop_ids, pad_id)
             torch.save(asdict(trace), trace_path.with_suffix(".tmp"))
             trace_path.with_suffix(".tmp").replace(trace_path)
-    arms = arms_for(settings, loss)
+    items = None if trace is None else [(r.key, p, a) for r, p, a in zip(requests, prompts, trace.answers)]
+    learner = learner_for(first, model, settings.gamma, settings.max_seq_len, pad_id, items)
+    arms = arms_for(settings, loss, learner.osd_loss(OSD_LOSS))
     logs, updates, counters = {}, {}, {}
     for arm in arms:
         arm_dir = run.out_dir / "arms" / arm.name
@@ -724,11 +751,11 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss: LossMix) -> dict:
         if done.exists():
             counters[arm.name] = json.loads(done.read_text())
         else:
-            state = ArmState(arm, copy.deepcopy(first), settings, model, pad_id)
+            state = ArmState(arm, copy.deepcopy(first), settings, learner, pad_id)
             start = resume_arm(state, arm_dir, run.resume)
             serve_arm(state, requests, prompts, trace, stop_ids, run, arm_dir, start)
             if arm.name == "ours":
-                save_drafter(state.serving, tokenizer, run.out_dir / "model")
+                kind_of(first).save(state.serving, target, run.out_dir / "model")
             counters[arm.name] = state.counters
             done.write_text(json.dumps(state.counters, indent=2))
         logs[arm.name] = read_lines(arm_dir / "stream.jsonl")

@@ -26,6 +26,7 @@ from train.checkpoint import MANIFEST, STEP_FOLDER
 from train.online import (Arm, ArmState, OnlineSettings, PublishSettings, ScheduleSettings, arms_for, replay_steps,
                           run_stage)
 from train.online_buffer import BufferSettings, Served, rows_from
+from train.online_learners import TokenLearner
 from train.optim import OptimSettings
 
 FKL = LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})
@@ -124,7 +125,7 @@ def test_rows_hold_the_configured_positions_and_sources():
 
 def test_greedy_replay_counts_what_the_decoder_counts():
     # guesses right at 0, 1; wrong at 2; right at 3..5; max 6 new tokens, gamma 3
-    steps, stats = replay_steps([10, 11, 12, 13, 14, 15], [10, 11, 99, 13, 14, 15], 3, 6)
+    steps, stats = replay_steps([10, 11, 12, 13, 14, 15], [[10, 11, 99, 13, 14, 15]] * 3, 3, 6)
     assert [s["start"] for s in steps] == [0, 3] and stats.accepted_per_step == [2, 2]
     assert steps[0]["drafts"] == [10, 11, 99] and stats.drafted == 3 + 2  # the last step drafts min(3, 6 - 3 - 1)
     assert stats.emitted == 6 and stats.steps == 2
@@ -170,24 +171,28 @@ def test_replay_equals_real_serving_and_updates_never_run_the_target(tiny_target
     assert replay == served
 
 
-@pytest.mark.parametrize("metric", ["tau", "alpha"])
-def test_a_harmful_update_is_rolled_back(tiny_target, copy_of_target, tmp_path, metric):
-    """lr = 1 (Adam moves every weight by about 1 per step) wrecks a drafter that equals its target; the held-out
-    check sees τ (or α) fall and rolls back: the serving drafter keeps its weights and the trainer returns to them."""
+@pytest.mark.parametrize("metric, check_on", [("tau", "heldout"), ("alpha", "heldout"), ("tau", "next")])
+def test_a_harmful_update_is_rolled_back(tiny_target, copy_of_target, tmp_path, metric, check_on):
+    """lr = 1 (Adam moves every weight by about 1 per step) wrecks a drafter that equals its target; the check (on
+    held-out requests, or on the requests served after the candidate was made) sees τ (or α) fall and rolls back:
+    the serving drafter keeps its weights and the trainer returns to them."""
     settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(copy_of_target), mode="replay", gamma=3,
                               max_new_tokens=10, max_prompt_tokens=64, max_seq_len=128, baselines=(),
                               schedule=ScheduleSettings(every_requests=2, steps=2, batch_size=2),
                               publish=PublishSettings(heldout_every=3, window=2, min_window=1, metric=metric,
-                                                      tolerance=0.01),
+                                                      tolerance=0.01, check_on=check_on),
                               optim=OptimSettings(lr=1.0, warmup_steps=0, min_lr_ratio=1.0), plots=False,
                               spot_check_every=0)
     before = {k: v.clone() for k, v in tiny_target.model.state_dict().items()}
     summary = run_stage(stage_run(tmp_path, tiny_target), settings, FKL)
-    assert summary["ours_updates"] >= 2 and summary["ours_rollbacks"] == summary["ours_updates"]
-    assert summary["ours_version"] == 0
     updates = [json.loads(l) for l in (tmp_path / "run" / "online.partial" / "arms" / "ours" / "updates.jsonl")
                .read_text().splitlines()]
-    assert all(u["candidate"] < u["serving"] - 0.01 and not u["published"] for u in updates)
+    judged = [u for u in updates if "published" in u]  # next: a candidate is judged by the update after it
+    assert len(judged) == len(updates) - (check_on == "next") >= 2
+    assert summary["ours_rollbacks"] == len(judged) and summary["ours_version"] == 0
+    assert all(u["candidate"] < u["serving"] - 0.01 and not u["published"] for u in judged)
+    if check_on == "next":
+        assert not any(line["heldout"] for line in stream_lines(tmp_path / "run", "ours"))  # every request trains
     from models.kinds import load_any
     final = load_any(tmp_path / "run" / "online.partial" / "model", tiny_target)
     for name, value in final.state_dict().items():
@@ -323,7 +328,8 @@ def test_a_rejected_candidate_falls_back_to_the_starting_drafter_when_that_is_be
     arm = Arm("ours", True, BufferSettings(), ScheduleSettings(every_requests=1, steps=2, batch_size=2),
               PublishSettings(metric="tau", fallback_to_base=True, min_window=1),
               OptimSettings(lr=1.0, warmup_steps=0, min_lr_ratio=1.0), FKL)
-    state = ArmState(arm, copy.deepcopy(model), settings, model, tiny_target.tokenizer.eos_token_id)
+    pad_id = tiny_target.tokenizer.eos_token_id
+    state = ArmState(arm, copy.deepcopy(model), settings, TokenLearner(model, 3, 128, pad_id), pad_id)
     with torch.no_grad():
         for parameter in list(state.serving.parameters()) + list(state.trainer.parameters()):
             parameter.copy_(torch.randn_like(parameter))
@@ -345,3 +351,136 @@ def test_a_label_loss_with_the_drafters_own_proposals_is_refused(tiny_target, tm
     settings = OnlineSettings(stream=two_phases_stub(), buffer=BufferSettings(source="mixed_request"))
     with pytest.raises(SettingsError, match=r"loss terms \['ce'\] learn the next token"):
         run_stage(stage_run(tmp_path, tiny_target), settings, LossMix({"ce": {"fn": cross_entropy, "weight": 1.0}}))
+
+
+# ---------------------------------------------------------------- feature drafters (EAGLE-3) online
+
+EAGLE3 = dict(feature_layers=(0, 1), draft_vocab_size=96, layout="eagle3")
+EAGLE3_LOSS = dict(feature_weight=0.0, token_weight=1.0, unroll=3)
+
+
+@pytest.fixture(scope="module")
+def eagle3_drafter(tiny_target, records_dir, tmp_path_factory):
+    """An EAGLE-3 drafter distilled briefly on the tiny target's answers: right often enough, at several depths, for
+    replay to be checked against serving (a fresh one is accepted ~never)."""
+    from losses.feature import FeatureLoss
+    from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
+    from train.distill import DistillSettings, distill
+    from train.rows import read_rows
+
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    out = tmp_path_factory.mktemp("eagle3")
+    answers = [row.input_ids for row in read_rows(records_dir, "online")]
+    drafter = build_feature_drafter(FeatureDrafterSpec(**EAGLE3), model, answers)
+    distill(drafter, model, tokenizer, records_dir, FeatureLoss(**EAGLE3_LOSS),
+            DistillSettings(epochs=60, batch_size=2, heldout_records=2, train_on="all",
+                            optim=OptimSettings(lr=1e-2, warmup_steps=2)), out, quiet_tracker(out),
+            stop_ids=[tokenizer.eos_token_id])
+    return out / "last"
+
+
+def test_feature_drafter_replay_is_what_serving_drafts_at_every_depth(tiny_target, eagle3_drafter):
+    """Greedy replay of an EAGLE-3 drafter (one unrolled forward per request) gives, step by step, the drafts and
+    accepted counts the real decoder records; deeper drafts read the drafter's own features, so a depth-blind
+    replay (a token drafter's) would differ."""
+    from models.kinds import load_any
+    from train.online_learners import learner_for
+
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    drafter = load_any(eagle3_drafter, tiny_target)
+    prompts = [tokenizer.encode(text) for text in TINY_PROMPTS]
+    settings = DecodeSettings(gamma=3, max_new_tokens=16, batch_size=1)
+    from eval.decoder import plain_generate
+    answers = plain_generate(model, prompts, settings, [tokenizer.eos_token_id])
+    items = [(str(i), p, a) for i, (p, a) in enumerate(zip(prompts, answers))]
+    learner = learner_for(drafter, model, 3, 128, tokenizer.eos_token_id, items)
+    guesses = learner.guesses(drafter, items)
+    assert any(g[0] != g[1] for g in guesses), "depths agree everywhere: the test would not see a depth-blind replay"
+    deep = 0
+    for (key, prompt, answer), per_depth in zip(items, guesses):
+        recorder = VerificationRecorder(1, top_k=2)
+        generation = speculative_generate(model, learner.draft(drafter), [prompt], settings, [tokenizer.eos_token_id],
+                                          recorder=recorder)[0]
+        assert generation.tokens == answer
+        steps, stats = replay_steps(answer, per_depth, 3, settings.max_new_tokens)
+        real = recorder.steps[0]
+        assert [s["start"] for s in steps] == [s["start"] for s in real], key
+        for mine, theirs in zip(steps, real):
+            assert theirs["drafts"][: len(mine["drafts"])] == mine["drafts"], (key, mine["start"])
+            deep += mine["accepted"] >= 1 and len(mine["drafts"]) > 1
+        assert (stats.drafted, stats.accepted, stats.emitted) == (generation.stats.drafted, generation.stats.accepted,
+                                                                  generation.stats.emitted)
+    assert deep > 0  # drafts at depth ≥ 2 were compared
+
+
+@pytest.mark.parametrize("metric", ["tau", "alpha"])
+def test_a_feature_drafter_learns_online_in_replay(tiny_target, eagle3_drafter, tmp_path, metric):
+    """The whole stage with an EAGLE-3 drafter: every request spot-checked against real serving (no mismatch),
+    updates publish or roll back by the window check, the target's layers never run during an update, and the
+    final drafter saves as a feature drafter."""
+    from losses.feature import FeatureLoss
+    from models.kinds import kind_of, load_any
+
+    settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(eagle3_drafter), mode="replay", gamma=3,
+                              max_new_tokens=12, max_prompt_tokens=64, max_seq_len=128, spot_check_every=1,
+                              schedule=ScheduleSettings(every_requests=2, steps=2, batch_size=2),
+                              publish=PublishSettings(heldout_every=3, window=2, min_window=1, metric=metric),
+                              optim=OptimSettings(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0), moving_window=2,
+                              plots=False)
+    calls = []
+    hook = tiny_target.model.get_decoder().layers[0].register_forward_hook(lambda *a: calls.append(1))
+    original = ArmState.update
+
+    def guarded(self, index):
+        before = len(calls)
+        line = original(self, index)
+        assert len(calls) == before, "an update ran the target"
+        return line
+
+    ArmState.update = guarded
+    try:
+        summary = run_stage(stage_run(tmp_path, tiny_target), settings, FeatureLoss(**EAGLE3_LOSS))
+    finally:
+        ArmState.update = original
+        hook.remove()
+    report = json.loads((tmp_path / "run" / "online.partial" / "report.json").read_text())
+    for arm in ("frozen", "osd", "ours"):
+        assert report["arms"][arm]["spot_checks"] == 12 and report["arms"][arm]["replay_mismatches"] == 0, arm
+    assert summary["ours_updates"] >= 3 and summary["osd_updates"] == 1 and summary["frozen_updates"] == 0
+    updates = [json.loads(l) for l in (tmp_path / "run" / "online.partial" / "arms" / "ours" / "updates.jsonl")
+               .read_text().splitlines()]
+    assert all(u["metric"] == metric and all(loss is not None for loss in u["losses"]) for u in updates)
+    saved = load_any(tmp_path / "run" / "online.partial" / "model", tiny_target)
+    assert kind_of(saved).name == "feature" and saved.spec.draft_vocab_size == 96
+
+
+def test_feature_drafters_are_refused_where_they_cannot_learn(tiny_target, eagle3_drafter, tmp_path):
+    from losses.feature import FeatureLoss
+
+    common = dict(stream=two_phases(tmp_path), init_from=str(eagle3_drafter), max_prompt_tokens=64, max_seq_len=128)
+    with pytest.raises(SettingsError, match="online.mode=serve with the feature drafter"):
+        run_stage(stage_run(tmp_path, tiny_target), OnlineSettings(mode="serve", **common), FeatureLoss(**EAGLE3_LOSS))
+    with pytest.raises(SettingsError, match="a feature drafter learns online with a feature loss"):
+        run_stage(stage_run(tmp_path, tiny_target), OnlineSettings(mode="replay", **common), FKL)
+
+
+def test_the_stream_passes_over_conversations_the_drafter_trained_on(tmp_path):
+    """A domain's scan can reach the slice distill took corpus conversations from (distill.corpus_records): those
+    are passed over and counted, found from the distill stage's recorded config."""
+    from data_gen.stream import build_stream
+    from train.online import corpus_trained_on
+
+    source = prompts_file(tmp_path, "a", TINY_PROMPTS)
+    distill_dir = tmp_path / "run" / "distill"
+    distill_dir.mkdir(parents=True)
+    corpus = {"_target_": "data_gen.sources.PromptSourceSpec", "name": "corpus", "format": "jsonl",
+              "location": source.location, "shuffle_seed": None}
+    (distill_dir / "meta.json").write_text(json.dumps({"config": {"distill": {"corpus_records": 3},
+                                                                  "corpus": corpus}}))
+    run = stage_run(tmp_path, None)
+    trained_on = corpus_trained_on(run)
+    assert {i for _, _, i in trained_on} == {"a0", "a1", "a2"}
+    requests, report = build_stream({"chat": StreamPhase(source=source, count=4)}, tmp_path / "cache",
+                                    trained_on=trained_on)
+    assert [r.conversation.id for r in requests] == ["a3", "a4", "a5", "a6"]
+    assert report.phases[0]["passed_over"] == {"in the drafter's training data": 3}

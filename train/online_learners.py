@@ -1,0 +1,170 @@
+"""How the `online` stage replays, trains and scores each kind of drafter (`learner_for`).
+
+- `TokenLearner`, standalone token drafters: the drafter reads the served tokens; the loss is any token loss of the
+  family (`loss=fkl|rkl|jsd|tvd|tvdpp|...`) against the target's top-k stored at verification.
+- `FeatureLearner`, feature drafters (EAGLE, EAGLE-3, FSPAD): the drafter also reads the target's hidden states
+  along the served sequence. They are what the verification forwards computed along the served path; in replay
+  mode (the only mode for these drafters so far: the verification recorder keeps top-k, not hidden states) that
+  path is the target's own greedy answer, so one prefill of the target over each request of the trace gives them,
+  fp32, kept in memory (`trace_features`). The loss is the feature loss the drafter was distilled with
+  (`loss=eagle3`: the training-time test unrolled `loss.unroll` times, scored at every step), its teacher the
+  target's head applied to the stored last hidden state (the full distribution, restricted to a draft vocabulary
+  as in distill) at the row's positions.
+
+Greedy replay (exact under greedy verification, ANCHORS.md §10) needs, for every generated position a and draft
+depth j, the drafter's argmax for answer[a] as the (j+1)-th draft of a chain step that started at a - j on the
+target's own prefix (`guesses[j][a]`). A token drafter's guess does not depend on j (the accepted drafts are the
+target's tokens). A feature drafter's does: its deeper drafts read its own predicted features. Pass j of
+`FeatureDrafter.unrolled` at pair position t is, by construction, the (j+1)-th draft of a chain whose last true
+feature is f_{t-j}, predicting x_{t+2}, so one unrolled forward over prompt + answer gives every step's drafts.
+"""
+from __future__ import annotations
+
+import torch
+
+from losses.feature import FeatureLoss
+from losses.mix import LossMix
+from losses.tvd import expected_acceptance
+from models.drafter import TokenDraft, to_draft_vocabulary
+from models.feature_drafter import FeatureDraft
+from models.kinds import kind_of
+from train.distill import draft_vocabulary, offline_teacher_logits
+from train.engine import logits_at
+from train.feature_cache import FeatureCache, target_features
+from train.feature_distill import FeatureTraining, feature_batch
+from train.rows import Row, collate
+
+Item = tuple[str, list[int], list[int]]  # (request key, prompt, answer)
+
+
+def answer_rows(items: list[Item], max_seq_len: int) -> list[Row]:
+    rows = [Row(id=key, input_ids=p + a, loss_mask=[0] * len(p) + [1] * len(a), prompt_ids=p) for key, p, a in items]
+    if any(len(r.input_ids) > max_seq_len for r in rows):
+        raise ValueError(f"a request of {max(len(r.input_ids) for r in rows)} tokens is longer than "
+                         f"online.max_seq_len={max_seq_len}; raise it")
+    return rows
+
+
+@torch.no_grad()
+def answer_logits(model: torch.nn.Module, items: list[Item], max_seq_len: int, pad_id: int) -> list[torch.Tensor]:
+    """Per (key, prompt, answer): a token model's logits [len(answer), V] at the positions that predict the answer."""
+    rows = answer_rows(items, max_seq_len)
+    input_ids, attention, positions, _ = collate(rows, pad_id, max_seq_len, next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    logits = logits_at(model, input_ids, attention, positions)[0]
+    model.train(was_training)
+    return list(logits.split([len(a) for _, _, a in items]))
+
+
+class TokenLearner:
+    """A standalone token drafter online."""
+
+    def __init__(self, target: torch.nn.Module, gamma: int, max_seq_len: int, pad_id: int) -> None:
+        self.target, self.gamma, self.max_seq_len, self.pad_id = target, gamma, max_seq_len, pad_id
+
+    def osd_loss(self, fkl: LossMix) -> LossMix:
+        return fkl
+
+    def draft(self, model: torch.nn.Module):
+        return TokenDraft(model)
+
+    def guesses(self, model: torch.nn.Module, items: list[Item]) -> list[list[list[int]]]:
+        out = []
+        d2t = draft_vocabulary(model)
+        for values in answer_logits(model, items, self.max_seq_len, self.pad_id):
+            top = values.argmax(-1)
+            out.append([(top if d2t is None else d2t[top]).tolist()] * self.gamma)
+        return out
+
+    def loss(self, trainer: torch.nn.Module, rows: list[Row], loss: LossMix) -> torch.Tensor:
+        device = next(trainer.parameters()).device
+        vocab = self.target.config.vocab_size
+        input_ids, attention, positions, labels = collate(rows, self.pad_id, self.max_seq_len, device)
+        teacher = offline_teacher_logits(rows, self.max_seq_len, vocab, device)
+        student = logits_at(trainer, input_ids, attention, positions)
+        targets = labels[positions].unsqueeze(0)
+        keep = torch.ones_like(targets, dtype=torch.bool)
+        d2t = draft_vocabulary(trainer)
+        if d2t is not None:
+            teacher, targets, keep = to_draft_vocabulary(teacher, targets, d2t, vocab)
+        return loss(student, teacher, keep, targets)[0]
+
+    def alpha(self, model: torch.nn.Module, items: list[Item], rows: list[Row]) -> float:
+        """Mean Σ min(p, q) over every generated position, p from the stored top-k (the rest spread evenly)."""
+        student = torch.cat(answer_logits(model, items, self.max_seq_len, self.pad_id)).unsqueeze(0)
+        teacher = offline_teacher_logits(rows, self.max_seq_len, self.target.config.vocab_size, student.device)
+        return float(expected_acceptance(student, teacher, torch.ones(student.shape[:2], dtype=torch.bool),
+                                         draft_vocabulary(model)))
+
+
+class FeatureLearner:
+    """A feature drafter online (module docstring); `features` holds the target's side of every request."""
+
+    def __init__(self, target: torch.nn.Module, gamma: int, max_seq_len: int, pad_id: int,
+                 features: FeatureCache) -> None:
+        self.target, self.gamma, self.max_seq_len, self.pad_id = target, gamma, max_seq_len, pad_id
+        self.features = features
+
+    def osd_loss(self, fkl: LossMix) -> FeatureLoss:
+        """OSD's objective for a feature drafter: forward KL of its next-token distribution, no unrolling."""
+        return FeatureLoss(feature_weight=0.0, token_weight=1.0, unroll=1, token=fkl)
+
+    def draft(self, model: torch.nn.Module):
+        return FeatureDraft(model, self.target)
+
+    @torch.no_grad()
+    def guesses(self, model: torch.nn.Module, items: list[Item]) -> list[list[list[int]]]:
+        rows = answer_rows(items, self.max_seq_len)
+        device = next(model.parameters()).device
+        input_ids, attention, _, _ = collate(rows, self.pad_id, self.max_seq_len, device)
+        fused, _, _ = self.features.batch(rows, self.max_seq_len, device)
+        embeddings = self.target.get_input_embeddings()(input_ids)
+        was_training = model.training
+        model.eval()
+        outputs = model.unrolled(fused[:, :-1], embeddings[:, 1:], attention[:, :-1] * attention[:, 1:], self.gamma)
+        model.train(was_training)
+        out = []
+        for b, (_, prompt, answer) in enumerate(items):
+            at = torch.arange(len(answer), device=device) + len(prompt) - 2  # pair position predicting answer[a]
+            out.append([model.logits(output[b, at], self.target).argmax(-1).tolist() for output in outputs])
+        return out
+
+    def loss(self, trainer: torch.nn.Module, rows: list[Row], loss: FeatureLoss) -> torch.Tensor:
+        module = FeatureTraining(trainer, loss.unroll)
+        steps, _ = feature_batch(module, self.target, trainer, rows, self.pad_id, self.max_seq_len,
+                                 loss.feature_noise, loss.unroll, cache=self.features)
+        return loss.unrolled(steps)[0]
+
+    @torch.no_grad()
+    def alpha(self, model: torch.nn.Module, items: list[Item], rows: list[Row]) -> float:
+        """Mean Σ min(p, q) of the first draft over every generated position, p the target's full distribution."""
+        was_training = model.training
+        model.eval()
+        module = FeatureTraining(model, 1, compact=False)
+        steps, _ = feature_batch(module, self.target, model, answer_rows(items, self.max_seq_len), self.pad_id,
+                                 self.max_seq_len, compact=False, cache=self.features)
+        model.train(was_training)
+        _, _, student, teacher, _, mask, _ = steps[0]
+        return float(expected_acceptance(student, teacher, torch.ones(1, int(mask.sum()), dtype=torch.bool)))
+
+
+def trace_features(target: torch.nn.Module, drafter: torch.nn.Module, items: list[Item], max_seq_len: int,
+                   pad_id: int) -> FeatureCache:
+    """The target's hidden states over every (key, prompt, answer) of the trace, as a feature drafter reads them."""
+    rows = answer_rows(items, max_seq_len)
+    return FeatureCache({row.id: (fused.clone(), last.clone(), top1.clone()) for row, fused, last, top1 in
+                         target_features(target, rows, drafter.feature_layers, max_seq_len, pad_id,
+                                         desc="online: target features of the trace")})
+
+
+def learner_for(drafter: torch.nn.Module, target: torch.nn.Module, gamma: int, max_seq_len: int, pad_id: int,
+                items: list[Item] | None = None):
+    """The learner of `drafter`'s kind; a feature drafter needs the trace's `items` (replay mode)."""
+    if not kind_of(drafter).trains_on_features:
+        return TokenLearner(target, gamma, max_seq_len, pad_id)
+    if items is None:
+        raise ValueError("a feature drafter learns online in online.mode=replay only: the verification recorder "
+                         "keeps the target's top-k, not its hidden states, which this drafter trains on")
+    return FeatureLearner(target, gamma, max_seq_len, pad_id, trace_features(target, drafter, items, max_seq_len,
+                                                                             pad_id))
