@@ -24,8 +24,9 @@ inductor's C++ micro-GEMM (torch.compile, max-autotune, frozen weights) halves t
 a decoder whose widths and cache lengths change every step cannot use; a hand-written AVX-512 loop on one thread was
 slower than MKL on two (43.8 / 60.2 / 80.0).
 
-`few_row_linears(model, ...)` makes every `nn.Linear` of the given models (the LM head included) compute that way
-inside a block; the decoder applies it to plain and speculative decoding alike, so every speedup compares like
+`few_row_linears(model, ...)` makes every `nn.Linear` of the given models (the LM head included), and every module
+naming a `FEW_ROW_METHOD` that multiplies its input by its `weight` (a drafter's draft-vocabulary head), compute that
+way inside a block; the decoder applies it to plain and speculative decoding alike, so every speedup compares like
 with like. Results agree with `F.linear` to fp32 rounding (the sums are ordered differently).
 """
 from __future__ import annotations
@@ -74,28 +75,30 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def few_row_linears(*models: torch.nn.Module, active: bool | None = None):
-    """Within the block, every nn.Linear of `models` computes through `few_row_linear`. `active` None follows
-    `enabled()`; an explicit True/False also decides for the blocks nested inside (a benchmark's "before" run
-    switches it off for the decoder's own blocks). Nested or repeated use is harmless."""
+    """Within the block, every nn.Linear of `models`, and the `FEW_ROW_METHOD` (x -> x Wᵀ) of any module naming one,
+    computes through `few_row_linear`. `active` None follows `enabled()`; an explicit True/False also decides for the
+    blocks nested inside (a benchmark's "before" run switches it off for the decoder's own blocks). Nested or
+    repeated use is harmless."""
     if active is not None:
         _chosen.append(active)
     patched = []
     if enabled():
         for model in models:
             for module in model.modules() if isinstance(model, torch.nn.Module) else ():
-                if isinstance(module, torch.nn.Linear) and "forward" not in module.__dict__:
-                    module.forward = _bound(module)
-                    patched.append(module)
+                name = "forward" if isinstance(module, torch.nn.Linear) else getattr(module, "FEW_ROW_METHOD", None)
+                if name and name not in module.__dict__:
+                    setattr(module, name, _bound(module))
+                    patched.append((module, name))
     try:
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, name in patched:
+            delattr(module, name)
         if active is not None:
             _chosen.pop()
 
 
-def _bound(module: torch.nn.Linear):
+def _bound(module: torch.nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return few_row_linear(x, module.weight, module.bias)
+        return few_row_linear(x, module.weight, getattr(module, "bias", None))
     return forward

@@ -34,22 +34,24 @@ def test_the_patch_covers_every_linear_and_is_undone():
 
 
 def test_a_draft_vocabulary_head_decodes_through_the_kernel_and_trains_through_f_linear(monkeypatch):
-    """The reduced head is no nn.Linear, so the patch cannot reach it: it asks for the kernel itself when nothing
-    needs gradients (decoding), and follows the same on/off switch."""
+    """The reduced head is no nn.Linear; it names its product (`FEW_ROW_METHOD`), so the decoder's patch reaches it
+    inside a block over the drafter, as it reaches the layers, follows the same on/off switch, and leaves it as it
+    was outside (training: F.linear, gradients as ever)."""
     import models.kernels as kernels
     from models.drafter import ReducedVocabHead
     head = ReducedVocabHead(64, torch.arange(0, 600, 2), vocab_size=600)
+    drafter = torch.nn.Sequential(torch.nn.Linear(64, 64), head)
     torch.nn.init.normal_(head.weight)
     x = torch.randn(1, 64)
     calls = []
     monkeypatch.setattr(kernels, "few_row_linear", lambda *args: calls.append(args) or few_row_linear(*args))
-    with torch.no_grad():
+    with torch.no_grad(), few_row_linears(drafter):
         decoded = head.compact(x)
         assert len(calls) == 1 and torch.allclose(decoded, F.linear(x, head.weight), atol=1e-5)
         full = head(x)
-        assert torch.isinf(full[:, 1::2]).all() and torch.allclose(full[:, ::2], decoded, atol=1e-5)
-        with few_row_linears(active=False):  # the benchmark's "before" side
-            head.compact(x)
-    assert len(calls) == 2
-    head.compact(x).sum().backward()  # training: F.linear, gradients as ever
+        assert len(calls) == 2 and torch.isinf(full[:, 1::2]).all() and torch.allclose(full[:, ::2], decoded, atol=1e-5)
+    with torch.no_grad(), few_row_linears(active=False), few_row_linears(drafter):  # the benchmark's "before" side
+        head.compact(x)
+    assert len(calls) == 2 and "compact" not in head.__dict__
+    head.compact(x).sum().backward()  # outside any block: F.linear
     assert len(calls) == 2 and head.weight.grad is not None
