@@ -115,11 +115,12 @@ def _timed(function, *args, **kwargs):
 
 
 def build_turns(target: PreTrainedModel, tokenizer, prompts: list[EvalPrompt], settings: EvalSettings,
-                stop_ids: list[int], encode) -> tuple[list[dict], list[list[int]], list[float], float]:
-    """Every (prompt, turn) as {id, category, turn, prompt_ids}, with the target's plain answers and times.
+                stop_ids: list[int], encode) -> tuple[list[dict], list[list[int]], float]:
+    """Every (prompt, turn) as {id, category, turn, prompt_ids}, with the target's plain answers and the seconds
+    they took in all (the drift check: the rows' own plain times are taken interleaved, `decode_interleaved`).
     Turn k's prompt holds turns 1..k-1 answered by the target itself (plain decoding, the same settings)."""
     decode = settings.decode
-    items, answers, seconds, total = [], [], [], 0.0
+    items, answers, total = [], [], 0.0
     histories = {p.id: list(p.system) for p in prompts}
     for turn in range(settings.turns):
         batch = [p for p in prompts if turn < len(p.turns)]
@@ -136,13 +137,12 @@ def build_turns(target: PreTrainedModel, tokenizer, prompts: list[EvalPrompt], s
             outputs, elapsed = _timed(plain_generate, target, [i["prompt_ids"] for i in chunk], decode, stop_ids,
                                       [i["id"] for i in chunk])
             answers += outputs
-            seconds += [elapsed] * len(chunk)
             total += elapsed
             for item, output in zip(chunk, outputs):
                 text = tokenizer.decode([t for t in output if t not in stop_ids], skip_special_tokens=True)
                 histories[item["id"].split("/turn-")[0]].append({"role": "assistant", "content": text})
         items += turn_items
-    return items, answers, seconds, total
+    return items, answers, total
 
 
 def decode_interleaved(target: PreTrainedModel, drafters: dict, items: list[dict], decode: DecodeSettings,
@@ -235,7 +235,7 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
     for draft in drafters.values():
         if hasattr(draft, "reset"):  # what a learning baseline saw during the warm-up must not help it
             draft.reset()
-    items, references, _, plain_total = build_turns(target, tokenizer, prompts, settings, stop_ids, encode)
+    items, references, plain_total = build_turns(target, tokenizer, prompts, settings, stop_ids, encode)
     report = {"settings": asdict(settings) | {"drafters": dict(settings.drafters)}, "num_prompts": len(prompts),
               "num_turns": len(items), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
               "plain": {"tokens": sum(map(len, references))},

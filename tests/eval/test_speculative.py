@@ -91,7 +91,7 @@ def test_eval_replays_both_turns_on_the_targets_own_answers_and_writes_its_repor
     from eval.speculative import build_turns
     stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     encode = lambda messages: prompt_token_ids(tokenizer, messages)  # noqa: E731
-    items, answers, _, _ = build_turns(model, tokenizer, two_turn_prompts()[:1], tiny_settings(), stop_ids, encode)
+    items, answers, _ = build_turns(model, tokenizer, two_turn_prompts()[:1], tiny_settings(), stop_ids, encode)
     first = plain_generate(model, [encode([{"role": "user", "content": "Write a haiku."}])],
                            DecodeSettings(max_new_tokens=16), stop_ids)[0]
     assert answers[0] == first and [i["id"] for i in items] == ["q1", "q1/turn-2"]
