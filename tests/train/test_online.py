@@ -2,6 +2,7 @@
 replay equals real serving, a harmful update is rolled back, kill -9 resumes exactly, bad settings are refused."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -63,6 +64,28 @@ def copy_of_target(tiny_target, tmp_path):
 def stream_lines(run_dir, arm):
     return [json.loads(line) for line in (run_dir / "online.partial" / "arms" / arm / "stream.jsonl")
             .read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def updates_never_run(target):
+    """Within the block, an `ArmState.update` during which any layer of `target` runs fails the test (a feature
+    drafter's update uses the target's embedding and head, never its layers)."""
+    calls = []
+    hook = target.get_decoder().layers[0].register_forward_hook(lambda *a: calls.append(1))
+    original = ArmState.update
+
+    def guarded(self, index):
+        before = len(calls)
+        line = original(self, index)
+        assert len(calls) == before, "an update ran the target"
+        return line
+
+    ArmState.update = guarded
+    try:
+        yield
+    finally:
+        ArmState.update = original
+        hook.remove()
 
 
 def test_verification_record_is_the_targets_distribution_at_every_drafted_position(tiny_target):
@@ -139,24 +162,10 @@ def test_replay_equals_real_serving_and_updates_never_run_the_target(tiny_target
                   max_seq_len=128, baselines=("frozen",), schedule=ScheduleSettings(every_requests=2, steps=1,
                                                                                     batch_size=2),
                   publish=PublishSettings(heldout_every=3, window=2, min_window=1), moving_window=2, plots=False)
-    calls = []
-    hook = tiny_target.model.register_forward_hook(lambda *a: calls.append(1))
-    original = ArmState.update
-
-    def guarded(self, index):
-        before = len(calls)
-        line = original(self, index)
-        assert len(calls) == before, "an update ran the target"
-        return line
-
-    ArmState.update = guarded
-    try:
+    with updates_never_run(tiny_target.model):
         served = run_stage(stage_run(tmp_path, tiny_target, "serve"), OnlineSettings(mode="serve", **common), FKL)
         replay = run_stage(stage_run(tmp_path, tiny_target, "replay"),
                            OnlineSettings(mode="replay", spot_check_every=1, **common), FKL)
-    finally:
-        ArmState.update = original
-        hook.remove()
     keys = ("index", "phase", "drafted", "accepted", "steps", "emitted")
     for arm in ("frozen", "ours"):
         real = [{k: l[k] for k in keys} for l in stream_lines(tmp_path / "serve", arm)]
@@ -427,22 +436,8 @@ def test_a_feature_drafter_learns_online_in_replay(tiny_target, eagle3_drafter, 
                               publish=PublishSettings(heldout_every=3, window=2, min_window=1, metric=metric),
                               optim=OptimSettings(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0), moving_window=2,
                               plots=False)
-    calls = []
-    hook = tiny_target.model.get_decoder().layers[0].register_forward_hook(lambda *a: calls.append(1))
-    original = ArmState.update
-
-    def guarded(self, index):
-        before = len(calls)
-        line = original(self, index)
-        assert len(calls) == before, "an update ran the target"
-        return line
-
-    ArmState.update = guarded
-    try:
+    with updates_never_run(tiny_target.model):
         summary = run_stage(stage_run(tmp_path, tiny_target), settings, FeatureLoss(**EAGLE3_LOSS))
-    finally:
-        ArmState.update = original
-        hook.remove()
     report = json.loads((tmp_path / "run" / "online.partial" / "report.json").read_text())
     for arm in ("frozen", "osd", "ours"):
         assert report["arms"][arm]["spot_checks"] == 12 and report["arms"][arm]["replay_mismatches"] == 0, arm
