@@ -103,6 +103,23 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
     return parts, int(attention.sum())
 
 
+@torch.no_grad()
+def first_draft_acceptance(model: torch.nn.Module, target: PreTrainedModel, rows: list[Row], pad_id: int,
+                           max_seq_len: int, batch_size: int, cache: FeatureCache | None = None) -> float:
+    """Σ min(p, q) of the drafter's first draft at the rows' scored positions (mean over them), p and q over the
+    target's whole vocabulary (q is 0 outside a draft vocabulary), as the decoder sees them."""
+    total, count = 0.0, 0
+    module = FeatureTraining(model, 1, compact=False)
+    for start in range(0, len(rows), batch_size):
+        steps, _ = feature_batch(module, target, model, rows[start: start + batch_size], pad_id, max_seq_len,
+                                 compact=False, cache=cache)
+        _, _, student, teacher, _, mask, _ = steps[0]
+        n = int(mask.sum())
+        total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool))) * n
+        count += n
+    return total / max(count, 1)
+
+
 class FeatureObjective:
     ahead = 2  # the prediction of f_{t+1} is scored on x_{t+2}
 
@@ -152,17 +169,8 @@ class FeatureObjective:
     def proxy(self, model: torch.nn.Module, rows: list[Row], batch_size: int) -> float:
         """Σ min(p, q) of the first draft on held-out answers, p and q over the target's whole vocabulary (q is 0
         outside a draft vocabulary), as the decoder sees them."""
-        total, count = 0.0, 0
-        module = FeatureTraining(model, 1, compact=False)
-        for start in range(0, len(rows), batch_size):
-            steps, _ = feature_batch(module, self.target, model, rows[start: start + batch_size],
-                                     self.tokenizer.pad_token_id, self.settings.max_seq_len, compact=False,
-                                     cache=self.cache)
-            _, _, student, teacher, _, mask, _ = steps[0]
-            n = int(mask.sum())
-            total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool))) * n
-            count += n
-        return total / max(count, 1)
+        return first_draft_acceptance(model, self.target, rows, self.tokenizer.pad_token_id,
+                                      self.settings.max_seq_len, batch_size, self.cache)
 
     def draft(self, model: torch.nn.Module):
         return FeatureDraft(model, self.target)

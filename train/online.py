@@ -64,7 +64,7 @@ from infra.stage import StageRun
 from losses.kl import forward_kl
 from losses.mix import LossMix, needs_teacher
 from models.drafter import check_same_vocabulary
-from models.kinds import kind_of, load_any
+from models.kinds import draft_for, kind_of, load_any
 from models.sampling import SamplingSettings, as_sampling
 from train import checkpoint
 from train.online_buffer import BufferSettings, ReplayBuffer, Served, rows_from
@@ -320,7 +320,7 @@ class ArmState:
         line = {"update": number, "after_request": request_index}
         judge_next = self.arm.publish.check and self.arm.publish.check_on == "next"
         if judge_next:
-            if self.counters.get("candidate"):
+            if self.counters["updates"]:  # every update after the first left a candidate to judge
                 line |= self.judge()
             self.window = []
         line["losses"] = [self.train_step(self.buffer.batch(self.arm.schedule.batch_size, tag=f"{number}:{step}"))
@@ -329,9 +329,7 @@ class ArmState:
         self.counters["pending_requests"] = self.counters["pending_tokens"] = 0
         self.counters["updates"] += 1
         line |= {"buffer_rows": len(self.buffer), "window": len(self.window)}
-        if judge_next:
-            self.counters["candidate"] = 1
-        else:
+        if not judge_next:
             line |= self.judge()
         seconds = time.perf_counter() - started
         self.counters["train_seconds"] += seconds
@@ -368,7 +366,6 @@ class ArmState:
             if self.arm.publish.reset_trainer or revert:
                 self.trainer.load_state_dict(self.serving.state_dict())
                 self.optimizer.load_state_dict(copy.deepcopy(self.published_optimizer))
-        self.counters["candidate"] = 0
         return line | {"published": publish}
 
     def check_metric(self) -> str:
@@ -494,7 +491,7 @@ def served_for_real(state: ArmState, requests: list[StreamRequest], prompts: lis
     settings = state.settings
     recorder = VerificationRecorder(len(requests), settings.top_k)
     keys = [r.key for r in requests]
-    generations = speculative_generate(state.target, state.learner.draft(state.serving), prompts, settings.decode,
+    generations = speculative_generate(state.target, draft_for(state.serving, state.target), prompts, settings.decode,
                                        stop_ids, keys, recorder=recorder)
     every = settings.check_lossless_every
     checked = [i for i, r in enumerate(requests) if every and r.index % every == 0]
@@ -517,7 +514,7 @@ def spot_check(state: ArmState, served: list[Served], stop_ids: list[int]) -> No
     for one in served:
         if not every or one.index % every:
             continue
-        generation = speculative_generate(state.target, state.learner.draft(state.serving), [one.prompt_ids],
+        generation = speculative_generate(state.target, draft_for(state.serving, state.target), [one.prompt_ids],
                                           replace(state.settings.decode, batch_size=1), stop_ids, [one.key])[0]
         if generation.tokens != one.tokens:
             raise LosslessnessError(f"online: request {one.key} served for real by {state.arm.name} differs from the "

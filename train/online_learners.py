@@ -25,13 +25,12 @@ import torch
 from losses.feature import FeatureLoss
 from losses.mix import LossMix
 from losses.tvd import expected_acceptance
-from models.drafter import TokenDraft, to_draft_vocabulary
-from models.feature_drafter import FeatureDraft
+from models.drafter import to_draft_vocabulary
 from models.kinds import kind_of
 from train.distill import draft_vocabulary, offline_teacher_logits
 from train.engine import logits_at
 from train.feature_cache import FeatureCache, target_features
-from train.feature_distill import FeatureTraining, feature_batch
+from train.feature_distill import FeatureTraining, feature_batch, first_draft_acceptance
 from train.rows import Row, collate
 
 Item = tuple[str, list[int], list[int]]  # (request key, prompt, answer)
@@ -65,9 +64,6 @@ class TokenLearner:
 
     def osd_loss(self, fkl: LossMix) -> LossMix:
         return fkl
-
-    def draft(self, model: torch.nn.Module):
-        return TokenDraft(model)
 
     def guesses(self, model: torch.nn.Module, items: list[Item]) -> list[list[list[int]]]:
         out = []
@@ -110,9 +106,6 @@ class FeatureLearner:
         """OSD's objective for a feature drafter: forward KL of its next-token distribution, no unrolling."""
         return FeatureLoss(feature_weight=0.0, token_weight=1.0, unroll=1, token=fkl)
 
-    def draft(self, model: torch.nn.Module):
-        return FeatureDraft(model, self.target)
-
     @torch.no_grad()
     def guesses(self, model: torch.nn.Module, items: list[Item]) -> list[list[list[int]]]:
         rows = answer_rows(items, self.max_seq_len)
@@ -136,17 +129,14 @@ class FeatureLearner:
                                  loss.feature_noise, loss.unroll, cache=self.features)
         return loss.unrolled(steps)[0]
 
-    @torch.no_grad()
     def alpha(self, model: torch.nn.Module, items: list[Item], rows: list[Row]) -> float:
         """Mean Σ min(p, q) of the first draft over every generated position, p the target's full distribution."""
         was_training = model.training
         model.eval()
-        module = FeatureTraining(model, 1, compact=False)
-        steps, _ = feature_batch(module, self.target, model, answer_rows(items, self.max_seq_len), self.pad_id,
-                                 self.max_seq_len, compact=False, cache=self.features)
+        value = first_draft_acceptance(model, self.target, answer_rows(items, self.max_seq_len), self.pad_id,
+                                       self.max_seq_len, len(items), self.features)
         model.train(was_training)
-        _, _, student, teacher, _, mask, _ = steps[0]
-        return float(expected_acceptance(student, teacher, torch.ones(1, int(mask.sum()), dtype=torch.bool)))
+        return value
 
 
 def trace_features(target: torch.nn.Module, drafter: torch.nn.Module, items: list[Item], max_seq_len: int,

@@ -392,7 +392,7 @@ def test_feature_drafter_replay_is_what_serving_drafts_at_every_depth(tiny_targe
     """Greedy replay of an EAGLE-3 drafter (one unrolled forward per request) gives, step by step, the drafts and
     accepted counts the real decoder records; deeper drafts read the drafter's own features, so a depth-blind
     replay (a token drafter's) would differ."""
-    from models.kinds import load_any
+    from models.kinds import draft_for, load_any
     from train.online_learners import learner_for
 
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
@@ -408,7 +408,7 @@ def test_feature_drafter_replay_is_what_serving_drafts_at_every_depth(tiny_targe
     deep = 0
     for (key, prompt, answer), per_depth in zip(items, guesses):
         recorder = VerificationRecorder(1, top_k=2)
-        generation = speculative_generate(model, learner.draft(drafter), [prompt], settings, [tokenizer.eos_token_id],
+        generation = speculative_generate(model, draft_for(drafter, model), [prompt], settings, [tokenizer.eos_token_id],
                                           recorder=recorder)[0]
         assert generation.tokens == answer
         steps, stats = replay_steps(answer, per_depth, 3, settings.max_new_tokens)
