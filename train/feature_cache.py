@@ -94,7 +94,7 @@ def build_or_load(target: PreTrainedModel, rows: list[Row], layers: tuple[int, .
             else:
                 print(f"[distill] feature cache: reusing {folder}", flush=True)
     distributed.barrier()
-    return _load(folder)
+    return load_cache(folder)
 
 
 def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, headroom, expected) -> None:
@@ -155,7 +155,7 @@ def target_features(target: PreTrainedModel, rows: list[Row], layers: tuple[int,
             yield row, fused[b, :n].cpu(), last[b, :n].cpu(), top1[b, :n].cpu()
 
 
-def _load(folder: Path) -> FeatureCache:
+def load_cache(folder: Path) -> FeatureCache:
     entries = {}
     for path in sorted(folder.glob("shard-*.safetensors")):
         shard = load_file(str(path))

@@ -9,6 +9,9 @@ prefix and the correction, goes into a bounded replay buffer (`train/online_buff
 second time for training. Every `schedule.every_requests` requests the trainer takes `schedule.steps` optimizer
 steps on batches from the buffer (recent rows, and a `replay_share` of older ones against forgetting), with any
 loss of the family (the `loss` group: fkl, rkl, jsd, tvd, tvdpp, ...) on the rows of the configured source.
+Rehearsal (`buffer.rehearsal_share`): a share of each batch from the rows the drafter was distilled on (this run's
+distill stage: its data_gen training split and corpus rows), so that learning the traffic does not unlearn what the
+drafter knew; their teacher side is prepared once at the start (`train/online_learners.py`).
 
 Safe publication: each update makes a candidate; every `publish.heldout_every`-th request is served as usual but
 kept out of the buffer, in a window of the `publish.window` most recent ones; the candidate replaces the serving
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -67,10 +71,11 @@ from models.drafter import check_same_vocabulary
 from models.kinds import draft_for, kind_of, load_any
 from models.sampling import SamplingSettings, as_sampling
 from train import checkpoint
+from train.distill import corpus_rows
 from train.online_buffer import BufferSettings, ReplayBuffer, Served, rows_from
 from train.optim import OptimSettings, build_optimizer
 from train.online_learners import answer_logits, learner_for
-from train.rows import Row
+from train.rows import Row, read_rows, split_heldout
 
 MODES = ("serve", "replay")
 METRICS = ("auto", "tau", "alpha")
@@ -233,8 +238,10 @@ class ArmState:
     """The serving drafter (a published version), the trainer (its copy being updated), optimizer states, buffer,
     held-out window and counters of one arm; `save`/`load` are its checkpoint (train/checkpoint.py's engine role)."""
 
-    def __init__(self, arm: Arm, drafter: torch.nn.Module, settings: OnlineSettings, learner, pad_id: int) -> None:
+    def __init__(self, arm: Arm, drafter: torch.nn.Module, settings: OnlineSettings, learner, pad_id: int,
+                 rehearsal: list[Row] | None = None) -> None:
         self.arm, self.settings, self.learner, self.pad_id = arm, settings, learner, pad_id
+        self.rehearsal = rehearsal or []  # the rows the drafter was distilled on (`buffer.rehearsal_share`)
         self.target = learner.target
         self.serving = drafter.eval()
         self.trainer = copy.deepcopy(drafter).train().requires_grad_(True) if arm.learn else None
@@ -323,8 +330,7 @@ class ArmState:
             if self.counters["updates"]:  # every update after the first left a candidate to judge
                 line |= self.judge()
             self.window = []
-        line["losses"] = [self.train_step(self.buffer.batch(self.arm.schedule.batch_size, tag=f"{number}:{step}"))
-                          for step in range(self.arm.schedule.steps)]
+        line["losses"] = [self.train_step(self.batch(f"{number}:{step}")) for step in range(self.arm.schedule.steps)]
         self.buffer.updated()
         self.counters["pending_requests"] = self.counters["pending_tokens"] = 0
         self.counters["updates"] += 1
@@ -334,6 +340,14 @@ class ArmState:
         seconds = time.perf_counter() - started
         self.counters["train_seconds"] += seconds
         return line | {"version": self.counters["version"], "seconds": seconds}
+
+    def batch(self, tag: str) -> list[Row]:
+        """A training batch: served rows from the buffer, and a `rehearsal_share` of rows the drafter was distilled
+        on (seeded by the update and step: a resumed run draws the same)."""
+        size = self.arm.schedule.batch_size
+        old = min(len(self.rehearsal), round(size * self.arm.buffer.rehearsal_share))
+        drawn = random.Random(f"{self.settings.seed}:rehearsal:{tag}").sample(self.rehearsal, old)
+        return self.buffer.batch(size - old, tag=tag) + drawn
 
     def judge(self) -> dict:
         """Publish the trainer's weights as the next serving version, or keep the serving ones (the trainer returns
@@ -688,18 +702,48 @@ def starting_drafter(run: StageRun, settings: OnlineSettings, target) -> tuple[P
     return candidates[0], drafter
 
 
+def distill_config(run: StageRun) -> dict | None:
+    """The config this run's distill stage ran with (its meta.json), or None without a distill output."""
+    folder = run.output("distill")
+    return None if folder is None else json.loads((folder / "meta.json").read_text()).get("config", {})
+
+
+def corpus_spec(config: dict) -> PromptSourceSpec:
+    return PromptSourceSpec(**{k: v for k, v in config["corpus"].items() if k != "_target_"})
+
+
 def corpus_trained_on(run: StageRun) -> set[tuple[str, str | None, str]]:
     """(location, file, id) of the corpus conversations this run's distill stage added to its data
     (distill.corpus_records: the first N of the `corpus` source, as `train.distill.corpus_rows` takes them)."""
-    folder = run.output("distill")
-    if folder is None:
-        return set()
-    config = json.loads((folder / "meta.json").read_text()).get("config", {})
+    config = distill_config(run) or {}
     count = config.get("distill", {}).get("corpus_records", 0)
     if not count:
         return set()
-    spec = PromptSourceSpec(**{k: v for k, v in config["corpus"].items() if k != "_target_"})
+    spec = corpus_spec(config)
     return {(spec.location, spec.file, c.id) for c in load_conversations(spec, run.cache_dir)[0][:count]}
+
+
+def rehearsal_rows(run: StageRun, settings: OnlineSettings, tokenizer) -> list[Row]:
+    """The rows this run's distill stage trained on: its data_gen records less the held-out split, and its corpus
+    conversations, cut at its max_seq_len as it cut them (`online.buffer.rehearsal_share`)."""
+    config = distill_config(run)
+    if config is None or settings.init_from:
+        raise SettingsError(f"online.buffer.rehearsal_share={settings.buffer.rehearsal_share}: rehearsal draws on the "
+                            f"rows the drafter was distilled on, known only for this run's own distill output "
+                            f"({'online.init_from is set' if settings.init_from else 'this run has none'}); add "
+                            f"distill to stages, or set online.buffer.rehearsal_share=0")
+    distill = config["distill"]
+    cut, every = distill["max_seq_len"], distill.get("train_on") == "all"  # all: prompt tokens were scored too
+    rows, _ = split_heldout(read_rows(run.require("data_gen"), "online"), distill["heldout_records"])
+    rows = [replace(r, input_ids=r.input_ids[:cut], loss_mask=[0] + [1] * (min(len(r.input_ids), cut) - 1)
+                    if every else r.loss_mask[:cut]) for r in rows]
+    if distill.get("corpus_records"):
+        rows += corpus_rows(tokenizer, corpus_spec(config), run.cache_dir, distill["corpus_records"], cut)[0]
+    kept = [row for row in rows if row.loss_positions(cut)]
+    if len(kept) < len(rows):
+        print(f"[online] rehearsal: {len(rows) - len(kept)} of distill's rows have no scored token within its "
+              f"max_seq_len={cut} (it did not learn from them either): left out", flush=True)
+    return kept
 
 
 def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
@@ -740,6 +784,12 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
             trace_path.with_suffix(".tmp").replace(trace_path)
     items = None if trace is None else [(r.key, p, a) for r, p, a in zip(requests, prompts, trace.answers)]
     learner = learner_for(first, model, settings.gamma, settings.max_seq_len, pad_id, items)
+    rehearsal = []
+    if settings.buffer.rehearsal_share:
+        rehearsal = rehearsal_rows(run, settings, tokenizer)
+        learner.rehearse(rehearsal, settings.top_k, run.output("distill") / "features")
+        print(f"[online] rehearsal: {len(rehearsal)} rows the drafter was distilled on, "
+              f"{settings.buffer.rehearsal_share:.0%} of each training batch of ours", flush=True)
     arms = arms_for(settings, loss, learner.osd_loss(OSD_LOSS))
     logs, updates, counters = {}, {}, {}
     for arm in arms:
@@ -748,7 +798,7 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
         if done.exists():
             counters[arm.name] = json.loads(done.read_text())
         else:
-            state = ArmState(arm, copy.deepcopy(first), settings, learner, pad_id)
+            state = ArmState(arm, copy.deepcopy(first), settings, learner, pad_id, rehearsal)
             start = resume_arm(state, arm_dir, run.resume)
             serve_arm(state, requests, prompts, trace, stop_ids, run, arm_dir, start)
             if arm.name == "ours":
@@ -761,6 +811,7 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
     table = phase_table(logs, phases, settings.moving_window)
     per_version = {arm: per_version_table(lines) for arm, lines in logs.items()}
     report = {"drafter": str(path), "mode": settings.mode, "stream": stream_report.phases, "arms": counters,
+              "rehearsal_rows": len(rehearsal),
               "phases": table, "per_version": per_version,
               "table_markdown": markdown(table, phases, counters) + "\n" + version_markdown(per_version)}
     (run.out_dir / "report.json").write_text(json.dumps(report, indent=2))

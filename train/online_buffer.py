@@ -37,8 +37,9 @@ class BufferSettings:
     mix: float = 0.5                 # mixed sources: probability of the drafter's proposals (student)
     replay_share: float = 0.25       # share of each training batch drawn from rows older than the last update
     clear_after_update: bool = False  # OSD: the buffer is emptied after every update (nothing is replayed)
+    rehearsal_share: float = 0.0     # share of each training batch drawn from the rows the drafter was distilled on
     LIMITS: ClassVar[dict] = {"capacity": at_least(1), "positions": one_of(*POSITIONS), "source": one_of(*SOURCES),
-                              "mix": between(0, 1), "replay_share": between(0, 1)}
+                              "mix": between(0, 1), "replay_share": between(0, 1), "rehearsal_share": between(0, 1)}
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -11,6 +11,11 @@
   target's head applied to the stored last hidden state (the full distribution, restricted to a draft vocabulary
   as in distill) at the row's positions.
 
+Rehearsal (`online.buffer.rehearsal_share`): a share of every training batch comes from the rows the drafter was
+distilled on, against forgetting what it knew. `rehearse` gives them their teacher side once, at the start: a
+token drafter's rows get the target's top-k at their scored positions (one target forward per row), a feature
+drafter's rows their target features, read from the distill stage's feature cache where it holds them, else computed.
+
 Greedy replay (exact under greedy verification, ANCHORS.md §10) needs, for every generated position a and draft
 depth j, the drafter's argmax for answer[a] as the (j+1)-th draft of a chain step that started at a - j on the
 target's own prefix (`guesses[j][a]`). A token drafter's guess does not depend on j (the accepted drafts are the
@@ -20,7 +25,11 @@ feature is f_{t-j}, predicting x_{t+2}, so one unrolled forward over prompt + an
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from tqdm.auto import tqdm
 
 from losses.feature import FeatureLoss
 from losses.mix import LossMix
@@ -29,7 +38,7 @@ from models.drafter import to_draft_vocabulary
 from models.kinds import kind_of
 from train.distill import draft_vocabulary, offline_teacher_logits
 from train.engine import logits_at
-from train.feature_cache import FeatureCache, target_features
+from train.feature_cache import MANIFEST, FeatureCache, load_cache, target_features
 from train.feature_distill import FeatureTraining, feature_batch, first_draft_acceptance
 from train.rows import Row, collate
 
@@ -61,6 +70,19 @@ class TokenLearner:
 
     def __init__(self, target: torch.nn.Module, gamma: int, max_seq_len: int, pad_id: int) -> None:
         self.target, self.gamma, self.max_seq_len, self.pad_id = target, gamma, max_seq_len, pad_id
+
+    @torch.no_grad()
+    def rehearse(self, rows: list[Row], top_k: int, cache_folder: Path | None = None) -> None:
+        """Each row's teacher: the target's top-k log-probabilities at its scored positions, as data_gen stores them."""
+        for start in tqdm(range(0, len(rows), 8), desc="online: target top-k of the rehearsal rows", unit="batch"):
+            chunk = rows[start: start + 8]
+            device = next(self.target.parameters()).device
+            input_ids, attention, positions, _ = collate(chunk, self.pad_id, self.max_seq_len, device)
+            logits = logits_at(self.target, input_ids, attention, positions)[0]
+            top = torch.log_softmax(logits.float(), -1).topk(top_k, -1)
+            sizes = [row.loss_positions(self.max_seq_len) for row in chunk]
+            for row, ids, values in zip(chunk, top.indices.split(sizes), top.values.split(sizes)):
+                row.topk_ids, row.topk_logprobs = ids.tolist(), values.tolist()
 
     def osd_loss(self, fkl: LossMix) -> LossMix:
         return fkl
@@ -98,9 +120,27 @@ class FeatureLearner:
     """A feature drafter online (module docstring); `features` holds the target's side of every request."""
 
     def __init__(self, target: torch.nn.Module, gamma: int, max_seq_len: int, pad_id: int,
-                 features: FeatureCache) -> None:
+                 features: FeatureCache, layers: tuple[int, ...] | None) -> None:
         self.target, self.gamma, self.max_seq_len, self.pad_id = target, gamma, max_seq_len, pad_id
-        self.features = features
+        self.features, self.layers = features, layers
+
+    def rehearse(self, rows: list[Row], top_k: int, cache_folder: Path | None = None) -> None:
+        """Each row's target features: from the distill stage's cache (`cache_folder`) where it holds the row, at
+        its length and with this drafter's layers; the others computed (one prefill)."""
+        found = {}
+        manifest = None if cache_folder is None else cache_folder / MANIFEST
+        if manifest is not None and manifest.exists() and (
+                json.loads(manifest.read_text())["layers"] == list(self.layers or [])):
+            stored = load_cache(cache_folder).entries
+            found = {row.id: stored[row.id] for row in rows
+                     if row.id in stored and len(stored[row.id][1]) == min(len(row.input_ids), self.max_seq_len)}
+        missing = [row for row in rows if row.id not in found]
+        print(f"[online] rehearsal features: {len(found)} rows from {cache_folder}, {len(missing)} computed",
+              flush=True)
+        for row, fused, last, top1 in target_features(self.target, missing, self.layers, self.max_seq_len,
+                                                      self.pad_id, desc="online: target features of rehearsal rows"):
+            found[row.id] = (fused.clone(), last.clone(), top1.clone())
+        self.features.entries.update(found)
 
     def osd_loss(self, fkl: LossMix) -> FeatureLoss:
         """OSD's objective for a feature drafter: forward KL of its next-token distribution, no unrolling."""
@@ -157,4 +197,4 @@ def learner_for(drafter: torch.nn.Module, target: torch.nn.Module, gamma: int, m
         raise ValueError("a feature drafter learns online in online.mode=replay only: the verification recorder "
                          "keeps the target's top-k, not its hidden states, which this drafter trains on")
     return FeatureLearner(target, gamma, max_seq_len, pad_id, trace_features(target, drafter, items, max_seq_len,
-                                                                             pad_id))
+                                                                             pad_id), drafter.feature_layers)

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -479,3 +480,86 @@ def test_the_stream_passes_over_conversations_the_drafter_trained_on(tmp_path):
                                     trained_on=trained_on)
     assert [r.conversation.id for r in requests] == ["a3", "a4", "a5", "a6"]
     assert report.phases[0]["passed_over"] == {"in the drafter's training data": 3}
+
+
+def distilled_run(tmp_path, drafter_folder, records_dir, max_seq_len=48, heldout=2):
+    """A run folder whose distill stage produced `drafter_folder` from `records_dir` (its meta.json as distill writes
+    it: the settings rehearsal reads)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(records_dir, run_dir / "data_gen")
+    (run_dir / "data_gen" / "meta.json").write_text("{}")
+    shutil.copytree(drafter_folder, run_dir / "distill" / "model")
+    (run_dir / "distill" / "meta.json").write_text(json.dumps({"config": {"distill": {
+        "heldout_records": heldout, "max_seq_len": max_seq_len, "corpus_records": 0}}}))
+    return run_dir
+
+
+def test_rehearsal_batches_hold_the_rows_the_drafter_was_distilled_on(tiny_target, copy_of_target, records_dir,
+                                                                      tmp_path, monkeypatch):
+    """buffer.rehearsal_share: that share of every batch of ours comes from distill's training rows (its held-out rows
+    never), cut as distill cut them, each with the target's top-k at its scored positions; the draws are seeded by
+    update and step (a resumed run draws the same), and the reference arms never rehearse."""
+    from train.online_learners import answer_logits
+    from train.rows import read_rows, split_heldout
+
+    distilled_run(tmp_path, copy_of_target, records_dir)
+    seen = []
+    real_step = ArmState.train_step
+    monkeypatch.setattr(ArmState, "train_step", lambda self, rows: seen.append((self.arm.name, rows)) or
+                        real_step(self, rows))
+    settings = OnlineSettings(stream=two_phases(tmp_path), mode="replay", gamma=3, max_new_tokens=10,
+                              max_prompt_tokens=64, max_seq_len=128, spot_check_every=0, plots=False,
+                              buffer=BufferSettings(positions="all", rehearsal_share=0.5),
+                              schedule=ScheduleSettings(every_requests=2, steps=2, batch_size=4),
+                              publish=PublishSettings(check=False))
+    report = json.loads(json.dumps(run_stage(stage_run(tmp_path, tiny_target), settings, FKL)))
+    trained, heldout = split_heldout(read_rows(records_dir, "online"), 2)
+    trained_ids, heldout_ids = {r.id for r in trained}, {r.id for r in heldout}
+    ours = [rows for arm, rows in seen if arm == "ours"]
+    assert len(ours) == 2 * report["ours_updates"] >= 8
+    for rows in ours:
+        drawn = [r for r in rows if r.id in trained_ids | heldout_ids]
+        assert len(drawn) == 2 and not {r.id for r in drawn} & heldout_ids
+        for row in drawn:
+            assert len(row.input_ids) <= 48 and len(row.topk_ids) == row.loss_positions(128)
+    assert all(not {r.id for r in rows} & trained_ids for arm, rows in seen if arm == "osd")
+    assert any(len(r.input_ids) > 48 for r in trained)  # so cutting is seen
+    row = next(r for rows in ours for r in rows if r.id in trained_ids)
+    answer = row.input_ids[len(row.prompt_ids):]
+    expected = answer_logits(tiny_target.model, [(row.id, row.prompt_ids, answer)], 128, 0)[0]
+    assert row.topk_ids[-len(answer):] == expected.topk(20, -1).indices.tolist()
+    state = ArmState(Arm("ours", True, settings.buffer, settings.schedule, settings.publish, settings.optim, FKL),
+                     copy.deepcopy(tiny_target.model), settings, TokenLearner(tiny_target.model, 3, 128, 0), 0, trained)
+    assert [r.id for r in state.batch("3:1")] == [r.id for r in state.batch("3:1")] != [r.id for r in
+                                                                                       state.batch("3:0")]
+
+
+def test_rehearsal_is_refused_without_the_rows_the_drafter_was_distilled_on(tiny_target, copy_of_target, tmp_path):
+    settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(copy_of_target), mode="replay",
+                              max_prompt_tokens=64, max_seq_len=128, buffer=BufferSettings(rehearsal_share=0.5))
+    with pytest.raises(SettingsError, match=r"online.buffer.rehearsal_share=0.5: .*online.init_from is set"):
+        run_stage(stage_run(tmp_path, tiny_target), settings, FKL)
+
+
+def test_feature_rehearsal_reads_distills_feature_cache(tiny_target, eagle3_drafter, records_dir, tmp_path, capsys):
+    """A feature drafter's rehearsal rows take their target features from distill's cache (fp16, as distill trained
+    on them) where it holds them at the row's length, and compute the rest: the two agree to fp16 rounding."""
+    from models.kinds import load_any
+    from train.feature_cache import FeatureCache, build_or_load
+    from train.online_learners import FeatureLearner
+    from train.rows import read_rows
+
+    model = tiny_target.model
+    drafter = load_any(eagle3_drafter, tiny_target)
+    rows = read_rows(records_dir, "online")
+    build_or_load(model, rows[:3], drafter.feature_layers, 128, 0, tmp_path / "features")
+    computed = FeatureLearner(model, 3, 128, 0, FeatureCache({}), drafter.feature_layers)
+    computed.rehearse(rows, 20, None)
+    cached = FeatureLearner(model, 3, 128, 0, FeatureCache({}), drafter.feature_layers)
+    cached.rehearse(rows, 20, tmp_path / "features")
+    assert f"{3} rows from {tmp_path / 'features'}, {len(rows) - 3} computed" in capsys.readouterr().out
+    for row in rows:
+        for mine, theirs in zip(cached.features.entries[row.id], computed.features.entries[row.id]):
+            assert mine.shape == theirs.shape
+            torch.testing.assert_close(mine.float(), theirs.float(), atol=2e-2, rtol=1e-2)
+    assert cached.features.entries[rows[0].id][1].dtype == torch.float16  # read from the cache, not recomputed
