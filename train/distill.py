@@ -297,8 +297,7 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
         raise ValueError("distill.select=decoder decodes with whole weights on each rank; ZeRO-3 partitions them: "
                          "use select=proxy, or ZeRO 0-2")
     torch.manual_seed(settings.seed + 7919 * distributed.rank())  # ranks draw independent noise, rank 0 as alone
-    train_rows, heldout = split_heldout(read_rows(data_dir, settings.teacher), settings.heldout_records)
-    train_rows += extra_rows or []  # corpus rows train; the held-out rows stay the target's own answers
+    train_rows, heldout = distill_rows(data_dir, settings.teacher, settings.heldout_records, extra_rows or [])
     steps_per_epoch, total_steps = count_steps(train_rows, settings.batch_size, settings.epochs, settings.max_steps)
     preparing = time.perf_counter()
     objective.prepare_rows(train_rows + heldout, out_dir)  # e.g. the feature cache's one target prefill
@@ -422,21 +421,36 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
     return summary
 
 
+def distill_rows(data_dir: Path, teacher: str, heldout_records: int, extra_rows: list[Row]) -> tuple[list[Row],
+                                                                                                   list[Row]]:
+    """(training rows, held-out rows) of a distill run: the data_gen records less the held-out split, then the corpus
+    rows (`extra_rows`), which only train; the held-out rows stay the target's own answers. The online stage's
+    rehearsal draws on the same training rows through this function."""
+    train_rows, heldout = split_heldout(read_rows(data_dir, teacher), heldout_records)
+    return train_rows + extra_rows, heldout
+
+
 def corpus_rows(tokenizer: PreTrainedTokenizerBase, corpus: PromptSourceSpec, cache_dir: Path, count: int,
                 max_seq_len: int) -> tuple[list[Row], dict]:
     """`count` conversations of `corpus` in the chat template (plain text: text + end of sequence), cut at
     max_seq_len, every next token scored; and the source's report (what was read and skipped)."""
     conversations, report = load_conversations(corpus, cache_dir)
-    rows = []
-    for conversation in conversations[:count]:
-        ids = document_token_ids(tokenizer, conversation.messages)[:max_seq_len]
-        if len(ids) >= 3:
-            rows.append(Row(id=f"corpus:{conversation.id}", input_ids=ids, loss_mask=[0] + [1] * (len(ids) - 1),
-                            prompt_ids=ids[:1]))
+    rows = conversation_rows(tokenizer, conversations[:count], max_seq_len)
     if len(rows) < count:
         print(f"[distill] corpus {corpus.name}: {len(rows)} conversations of the {count} asked for "
               f"(distill.corpus_records) are available", flush=True)
     return rows, report.as_dict()
+
+
+def conversation_rows(tokenizer: PreTrainedTokenizerBase, conversations: list, max_seq_len: int) -> list[Row]:
+    """Corpus conversations as rows (`corpus_rows`); the ones under 3 tokens left out."""
+    rows = []
+    for conversation in conversations:
+        ids = document_token_ids(tokenizer, conversation.messages)[:max_seq_len]
+        if len(ids) >= 3:
+            rows.append(Row(id=f"corpus:{conversation.id}", input_ids=ids, loss_mask=[0] + [1] * (len(ids) - 1),
+                            prompt_ids=ids[:1]))
+    return rows
 
 
 def run_stage(run: StageRun, settings: DistillSettings, drafter: DrafterSpec | FeatureDrafterSpec,

@@ -47,8 +47,9 @@ def bytes_needed(rows: list[Row], max_seq_len: int, hidden: int, layers: int) ->
 class FeatureCache:
     """Per record id: fused features [T, k·d] fp16, last hidden states [T, d] fp16, teacher top-1 [T] int32."""
 
-    def __init__(self, entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        self.entries = entries
+    def __init__(self, entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 folder: Path | None = None) -> None:
+        self.entries, self.folder = entries, folder  # folder: where the shards were read from, if anywhere
 
     def batch(self, rows: list[Row], max_seq_len: int, device: torch.device):
         """(fused, last, top1) right-padded to the batch's width, as `train.rows.collate` pads the tokens."""
@@ -163,4 +164,4 @@ def load_cache(folder: Path) -> FeatureCache:
             row_id = bytes(shard[f"{key}.id"].tolist()).decode()
             last = shard[f"{key}.last"]
             entries[row_id] = (shard.get(f"{key}.fused", last), last, shard[f"{key}.top1"])
-    return FeatureCache(entries)
+    return FeatureCache(entries, folder)

@@ -184,4 +184,6 @@ class FeatureObjective:
                 "draft_vocab_size": model.spec.draft_vocab_size, "unroll": self.loss.unroll,
                 "aligned_fraction": self.loss.aligned_fraction, "loss_terms": sorted(self.loss.terms),
                 "teacher": "online", "train_on": self.settings.train_on,
-                "feature_cache": self.settings.feature_cache}
+                "feature_cache": self.settings.feature_cache,
+                # where the cache lives (a shared feature_cache_dir too): the online stage's rehearsal reads it
+                "feature_cache_folder": str(self.cache.folder) if self.cache is not None else None}

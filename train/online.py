@@ -71,11 +71,11 @@ from models.drafter import check_same_vocabulary
 from models.kinds import draft_for, kind_of, load_any
 from models.sampling import SamplingSettings, as_sampling
 from train import checkpoint
-from train.distill import corpus_rows
+from train.distill import conversation_rows, distill_rows
 from train.online_buffer import BufferSettings, ReplayBuffer, Served, rows_from
 from train.optim import OptimSettings, build_optimizer
 from train.online_learners import answer_logits, learner_for
-from train.rows import Row, read_rows, split_heldout
+from train.rows import Row
 
 MODES = ("serve", "replay")
 METRICS = ("auto", "tau", "alpha")
@@ -702,43 +702,52 @@ def starting_drafter(run: StageRun, settings: OnlineSettings, target) -> tuple[P
     return candidates[0], drafter
 
 
-def distill_config(run: StageRun) -> dict | None:
-    """The config this run's distill stage ran with (its meta.json), or None without a distill output."""
+@dataclass
+class DistilledOn:
+    """What this run's distill stage trained with, from its meta.json: its config, its summary, and the corpus
+    conversations it added (distill.corpus_records: the first N of the `corpus` source, as
+    `train.distill.corpus_rows` takes them), read once."""
+    config: dict
+    summary: dict
+    corpus: PromptSourceSpec | None
+    conversations: list
+
+
+def distilled_on(run: StageRun) -> DistilledOn | None:
+    """None without a distill output in this run."""
     folder = run.output("distill")
-    return None if folder is None else json.loads((folder / "meta.json").read_text()).get("config", {})
-
-
-def corpus_spec(config: dict) -> PromptSourceSpec:
-    return PromptSourceSpec(**{k: v for k, v in config["corpus"].items() if k != "_target_"})
-
-
-def corpus_trained_on(run: StageRun) -> set[tuple[str, str | None, str]]:
-    """(location, file, id) of the corpus conversations this run's distill stage added to its data
-    (distill.corpus_records: the first N of the `corpus` source, as `train.distill.corpus_rows` takes them)."""
-    config = distill_config(run) or {}
+    if folder is None:
+        return None
+    meta = json.loads((folder / "meta.json").read_text())
+    config = meta.get("config", {})
     count = config.get("distill", {}).get("corpus_records", 0)
-    if not count:
+    corpus = PromptSourceSpec(**{k: v for k, v in config["corpus"].items() if k != "_target_"}) if count else None
+    conversations = load_conversations(corpus, run.cache_dir)[0][:count] if count else []
+    return DistilledOn(config, meta.get("summary", {}), corpus, conversations)
+
+
+def corpus_trained_on(distilled: DistilledOn | None) -> set[tuple[str, str | None, str]]:
+    """(location, file, id) of the corpus conversations the distill stage added to its data."""
+    if distilled is None or distilled.corpus is None:
         return set()
-    spec = corpus_spec(config)
-    return {(spec.location, spec.file, c.id) for c in load_conversations(spec, run.cache_dir)[0][:count]}
+    return {(distilled.corpus.location, distilled.corpus.file, c.id) for c in distilled.conversations}
 
 
-def rehearsal_rows(run: StageRun, settings: OnlineSettings, tokenizer) -> list[Row]:
-    """The rows this run's distill stage trained on: its data_gen records less the held-out split, and its corpus
-    conversations, cut at its max_seq_len as it cut them (`online.buffer.rehearsal_share`)."""
-    config = distill_config(run)
-    if config is None or settings.init_from:
+def rehearsal_rows(run: StageRun, settings: OnlineSettings, tokenizer, distilled: DistilledOn | None) -> list[Row]:
+    """The rows this run's distill stage trained on (`train.distill.distill_rows`: its data_gen records less the
+    held-out split, and its corpus conversations), cut at its max_seq_len and scored as it scored them
+    (`online.buffer.rehearsal_share`)."""
+    if distilled is None or settings.init_from:
         raise SettingsError(f"online.buffer.rehearsal_share={settings.buffer.rehearsal_share}: rehearsal draws on the "
                             f"rows the drafter was distilled on, known only for this run's own distill output "
                             f"({'online.init_from is set' if settings.init_from else 'this run has none'}); add "
                             f"distill to stages, or set online.buffer.rehearsal_share=0")
-    distill = config["distill"]
+    distill = distilled.config["distill"]
     cut, every = distill["max_seq_len"], distill.get("train_on") == "all"  # all: prompt tokens were scored too
-    rows, _ = split_heldout(read_rows(run.require("data_gen"), "online"), distill["heldout_records"])
+    rows, _ = distill_rows(run.require("data_gen"), "online", distill["heldout_records"],
+                           conversation_rows(tokenizer, distilled.conversations, cut))
     rows = [replace(r, input_ids=r.input_ids[:cut], loss_mask=[0] + [1] * (min(len(r.input_ids), cut) - 1)
                     if every else r.loss_mask[:cut]) for r in rows]
-    if distill.get("corpus_records"):
-        rows += corpus_rows(tokenizer, corpus_spec(config), run.cache_dir, distill["corpus_records"], cut)[0]
     kept = [row for row in rows if row.loss_positions(cut)]
     if len(kept) < len(rows):
         print(f"[online] rehearsal: {len(rows) - len(kept)} of distill's rows have no scored token within its "
@@ -763,10 +772,11 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
         raise SettingsError(f"loss: a {kind_of(first).name} drafter learns online with {wanted}, not "
                             f"{type(loss).__name__}")
     tokenizer, model = target.tokenizer, target.model
+    distilled = distilled_on(run)
     requests, stream_report = build_stream(
         settings.stream, run.cache_dir,
         lambda c: len(prompt_token_ids(tokenizer, c.first_turn_prompt())) > settings.max_prompt_tokens,
-        corpus_trained_on(run))
+        corpus_trained_on(distilled))
     check_held_out([r.conversation for r in requests], run.output("data_gen"), "online stream requests",
                    "online.stream.<phase>.source.offset")
     print(f"[online] stream of {len(requests)} requests:\n{stream_report.summary()}", flush=True)
@@ -786,8 +796,9 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
     learner = learner_for(first, model, settings.gamma, settings.max_seq_len, pad_id, items)
     rehearsal = []
     if settings.buffer.rehearsal_share:
-        rehearsal = rehearsal_rows(run, settings, tokenizer)
-        learner.rehearse(rehearsal, settings.top_k, run.output("distill") / "features")
+        rehearsal = rehearsal_rows(run, settings, tokenizer, distilled)
+        cache = distilled.summary.get("feature_cache_folder")  # absent in runs distilled before it was recorded
+        learner.rehearse(rehearsal, settings.top_k, Path(cache) if cache else run.output("distill") / "features")
         print(f"[online] rehearsal: {len(rehearsal)} rows the drafter was distilled on, "
               f"{settings.buffer.rehearsal_share:.0%} of each training batch of ours", flush=True)
     arms = arms_for(settings, loss, learner.osd_loss(OSD_LOSS))

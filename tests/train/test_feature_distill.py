@@ -201,12 +201,14 @@ def test_the_feature_cache_trains_as_the_target_in_the_loop_does(tiny_target, re
 
 def test_runs_sharing_a_feature_cache_folder_make_it_once(tiny_target, records_dir, tmp_path):
     """distill.feature_cache_dir: the second run over the same records and target reuses the first run's cache;
-    the folder is keyed by that fingerprint, and the setting is refused where no cache is made."""
+    the folder is keyed by that fingerprint and recorded in the summary (the online stage's rehearsal reads it there),
+    and the setting is refused where no cache is made."""
     shared = tmp_path / "shared"
     _, first, _ = run(tiny_target, records_dir, tmp_path / "a", feature_cache=True, feature_cache_dir=str(shared),
                       epochs=1)
     caches = [path for path in shared.iterdir() if path.name != ".locks"]
     assert len(caches) == 1 and not (tmp_path / "a" / "features").exists()
+    assert first["feature_cache_folder"] == str(caches[0])
     stamp = (caches[0] / "manifest.json").stat().st_mtime_ns
     _, second, _ = run(tiny_target, records_dir, tmp_path / "b", feature_cache=True, feature_cache_dir=str(shared),
                        epochs=1)

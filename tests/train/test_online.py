@@ -464,7 +464,7 @@ def test_the_stream_passes_over_conversations_the_drafter_trained_on(tmp_path):
     """A domain's scan can reach the slice distill took corpus conversations from (distill.corpus_records): those
     are passed over and counted, found from the distill stage's recorded config."""
     from data_gen.stream import build_stream
-    from train.online import corpus_trained_on
+    from train.online import corpus_trained_on, distilled_on
 
     source = prompts_file(tmp_path, "a", TINY_PROMPTS)
     distill_dir = tmp_path / "run" / "distill"
@@ -474,7 +474,7 @@ def test_the_stream_passes_over_conversations_the_drafter_trained_on(tmp_path):
     (distill_dir / "meta.json").write_text(json.dumps({"config": {"distill": {"corpus_records": 3},
                                                                   "corpus": corpus}}))
     run = stage_run(tmp_path, None)
-    trained_on = corpus_trained_on(run)
+    trained_on = corpus_trained_on(distilled_on(run))
     assert {i for _, _, i in trained_on} == {"a0", "a1", "a2"}
     requests, report = build_stream({"chat": StreamPhase(source=source, count=4)}, tmp_path / "cache",
                                     trained_on=trained_on)
