@@ -475,41 +475,55 @@ def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys, reco
 def plain_generate(target_model: PreTrainedModel, prompts: list[list[int]], settings: DecodeSettings,
                    stop_ids: list[int], keys: list[str] | None = None) -> list[list[int]]:
     """Plain decoding, one token per forward, on the same cache, forward and sampling as the speculative path."""
+    return _plain_batches(target_model, prompts, settings, stop_ids, keys, top_k=0)[0]
+
+
+def plain_generate_topk(target_model: PreTrainedModel, prompts: list[list[int]], settings: DecodeSettings,
+                        stop_ids: list[int], keys: list[str] | None, top_k: int):
+    """`plain_generate`, and per request and emitted token the target's top-k (ids, log-probabilities) of the
+    distribution the token was chosen from: what decoding computed anyway, so no second pass over the answers."""
+    return _plain_batches(target_model, prompts, settings, stop_ids, keys, top_k)
+
+
+def _plain_batches(target_model, prompts, settings, stop_ids, keys, top_k: int):
     keys = keys or [str(i) for i in range(len(prompts))]
+    outputs, top_ids, top_values = [], [], []
     with few_row_linears(target_model):
-        return _plain_batches(target_model, prompts, settings, stop_ids, keys)
-
-
-def _plain_batches(target_model, prompts, settings, stop_ids, keys) -> list[list[int]]:
-    outputs = []
-    for first in range(0, len(prompts), settings.batch_size):
-        chunk = prompts[first: first + settings.batch_size]
-        target = _Target(target_model, chunk, _capacity(chunk, settings, None), keep_features=False)
-        rng = _Rows([request_seed(settings.seed, key) for key in keys[first: first + settings.batch_size]],
-                    target.cache.device)
-        tokens = [[] for _ in chunk]
-        live, last = list(range(len(chunk))), [prompt[-1] for prompt in chunk]
-        one = torch.ones(1, 1, dtype=torch.bool)
-        while live:
-            block = torch.tensor(last, device=target.cache.device)[:, None]
-            logits = head_logits(target_model, target.forward(block, one, torch.zeros(1, dtype=torch.long)))[:, 0]
-            if settings.sampling.greedy:
-                chosen = logits.argmax(-1)
-            else:
-                chosen = rng.sample(torch.softmax(warp_logits(logits, settings.sampling), -1))
-            target.lengths = [length + 1 for length in target.lengths]
-            keep = []
-            for row, token in enumerate(chosen.tolist()):  # the step's one sync
-                tokens[live[row]].append(token)
-                last[row] = token
-                if token not in stop_ids and len(tokens[live[row]]) < settings.max_new_tokens:
-                    keep.append(row)
-            if len(keep) < len(live) and keep:
-                target.keep_rows(keep)
-                rng.keep_rows(keep)
-            live, last = [live[row] for row in keep], [last[row] for row in keep]
-        outputs += tokens
-    return outputs
+        for first in range(0, len(prompts), settings.batch_size):
+            chunk = prompts[first: first + settings.batch_size]
+            target = _Target(target_model, chunk, _capacity(chunk, settings, None), keep_features=False)
+            rng = _Rows([request_seed(settings.seed, key) for key in keys[first: first + settings.batch_size]],
+                        target.cache.device)
+            tokens, ids, values = [[] for _ in chunk], [[] for _ in chunk], [[] for _ in chunk]
+            live, last = list(range(len(chunk))), [prompt[-1] for prompt in chunk]
+            one = torch.ones(1, 1, dtype=torch.bool)
+            while live:
+                block = torch.tensor(last, device=target.cache.device)[:, None]
+                logits = head_logits(target_model, target.forward(block, one, torch.zeros(1, dtype=torch.long)))[:, 0]
+                if settings.sampling.greedy:
+                    chosen = logits.argmax(-1)
+                else:
+                    chosen = rng.sample(torch.softmax(warp_logits(logits, settings.sampling), -1))
+                if top_k:
+                    top = torch.log_softmax(logits.float(), -1).topk(top_k, -1)
+                    for row, (i, v) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+                        ids[live[row]].append(i)
+                        values[live[row]].append(v)
+                target.lengths = [length + 1 for length in target.lengths]
+                keep = []
+                for row, token in enumerate(chosen.tolist()):  # the step's one sync
+                    tokens[live[row]].append(token)
+                    last[row] = token
+                    if token not in stop_ids and len(tokens[live[row]]) < settings.max_new_tokens:
+                        keep.append(row)
+                if len(keep) < len(live) and keep:
+                    target.keep_rows(keep)
+                    rng.keep_rows(keep)
+                live, last = [live[row] for row in keep], [last[row] for row in keep]
+            outputs += tokens
+            top_ids += ids
+            top_values += values
+    return outputs, top_ids, top_values
 
 
 @torch.inference_mode()

@@ -60,7 +60,8 @@ from tqdm.auto import tqdm
 from data_gen.chat import end_of_turn_ids, prompt_token_ids
 from data_gen.sources import PromptSourceSpec, load_conversations
 from data_gen.stream import StreamPhase, StreamRequest, build_stream
-from eval.decoder import DecodeSettings, VerificationRecorder, plain_generate, speculative_generate
+from eval.decoder import (DecodeSettings, VerificationRecorder, plain_generate, plain_generate_topk,
+                          speculative_generate)
 from eval.metrics import DecodeStats
 from eval.speculative import LosslessnessError, check_held_out
 from infra.settings import SettingsError, at_least, check_fields, one_of
@@ -74,7 +75,7 @@ from train import checkpoint
 from train.distill import conversation_rows, distill_rows
 from train.online_buffer import BufferSettings, ReplayBuffer, Served, rows_from
 from train.optim import OptimSettings, build_optimizer
-from train.online_learners import answer_logits, learner_for
+from train.online_learners import learner_for
 from train.rows import Row
 
 MODES = ("serve", "replay")
@@ -419,19 +420,16 @@ class Trace:
 
 
 @torch.no_grad()
-def make_trace(target, prompts: list[list[int]], keys: list[str], settings: OnlineSettings, stop_ids: list[int],
-               pad_id: int) -> Trace:
+def make_trace(target, prompts: list[list[int]], keys: list[str], settings: OnlineSettings, stop_ids: list[int]
+               ) -> Trace:
+    """The plain target's greedy answers, with its top-k at every answer token as decoding computed it."""
     decode = replace(settings.decode, batch_size=8)
     answers, ids, values = [], [], []
     for first in tqdm(range(0, len(prompts), 8), desc="online: target trace", unit="batch"):
         chunk = slice(first, first + 8)
-        outputs = plain_generate(target, prompts[chunk], decode, stop_ids, keys[chunk])
-        logits = answer_logits(target, list(zip(keys[chunk], prompts[chunk], outputs)), settings.max_seq_len, pad_id)
-        for output, scores in zip(outputs, logits):
-            top = torch.log_softmax(scores.float(), -1).topk(settings.top_k, -1)
-            answers.append(output)
-            ids.append(top.indices.tolist())
-            values.append(top.values.tolist())
+        found = plain_generate_topk(target, prompts[chunk], decode, stop_ids, keys[chunk], settings.top_k)
+        for part, more in zip((answers, ids, values), found):
+            part += more
     return Trace(answers, ids, values)
 
 
@@ -589,8 +587,8 @@ def moving_average(values: list[float], width: int) -> list[float]:
 
 def phase_table(logs: dict[str, list[dict]], phases: list[str], width: int) -> dict:
     """Per arm and phase: acceptance and τ (pooled over the phase's requests), the moving acceptance at the phase's
-    end, and recovery: requests into the phase until the arm's moving acceptance (over that phase's requests only)
-    first reaches the phase's threshold, halfway from frozen's phase acceptance to the best arm's phase-end value."""
+    end, and recovery (`recovery`)."""
+    frozen = {line["index"]: line["accepted"] for line in logs.get("frozen", [])}
     table = {arm: {} for arm in logs}
     for phase in phases:
         for arm, lines in logs.items():
@@ -600,16 +598,24 @@ def phase_table(logs: dict[str, list[dict]], phases: list[str], width: int) -> d
             table[arm][phase] = {"requests": len(own), "acceptance": accepted / max(1, drafted),
                                  "tau": sum(l["emitted"] for l in own) / max(1, sum(l["steps"] for l in own)),
                                  "end_moving_acceptance": average[-1] if average else float("nan"),
-                                 "moving": average}
-        base = table.get("frozen", {}).get(phase, {}).get("acceptance")
-        best = max(table[arm][phase]["end_moving_acceptance"] for arm in logs)
-        threshold = best if base is None else base + 0.5 * (best - base)
-        for arm in logs:
-            moving = table[arm][phase].pop("moving")
-            table[arm][phase]["recovery_threshold"] = threshold
-            table[arm][phase]["recovery_requests"] = next((i + 1 for i, v in enumerate(moving) if v >= threshold),
-                                                          None)
+                                 "recovery_requests": recovery(own, frozen) if arm != "frozen" else None}
     return table
+
+
+def recovery(lines: list[dict], frozen: dict[int, int]) -> int | None:
+    """Requests into a phase after which the arm stays ahead of the frozen drafter: the first t from which its
+    accepted tokens summed from the phase's start, less the frozen drafter's on the same requests, stay above 0 to
+    the phase's end; None if it never does (or there is no frozen arm). Paired on the same requests, so the
+    requests' own difficulty cancels; a level reached by chance once, which a moving average can cross, does not
+    count."""
+    if not lines or any(line["index"] not in frozen for line in lines):
+        return None
+    gain, last_behind = 0, -1
+    for t, line in enumerate(lines):
+        gain += line["accepted"] - frozen[line["index"]]
+        if gain <= 0:
+            last_behind = t
+    return last_behind + 2 if last_behind + 1 < len(lines) else None
 
 
 def per_version_table(lines: list[dict]) -> dict:
@@ -646,9 +652,9 @@ def markdown(table: dict, phases: list[str], counters: dict[str, dict]) -> str:
         cells = []
         for phase in phases:
             cell = by_phase[phase]
-            recovery = cell["recovery_requests"]
+            after = cell["recovery_requests"]
             cells.append(f"{cell['acceptance']:.3f} / {cell['tau']:.3f} / "
-                         f"{recovery if recovery is not None else 'never'}")
+                         f"{'—' if arm == 'frozen' else after if after is not None else 'never'}")
         c = counters[arm]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {c['updates']} ({c['rollbacks']}) | "
                      f"{c['train_seconds'] / max(1, c['tokens']):.4f} |")
@@ -789,7 +795,7 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
         if trace_path.exists():
             trace = Trace(**torch.load(trace_path, weights_only=True))
         else:
-            trace = make_trace(model, prompts, [r.key for r in requests], settings, stop_ids, pad_id)
+            trace = make_trace(model, prompts, [r.key for r in requests], settings, stop_ids)
             torch.save(asdict(trace), trace_path.with_suffix(".tmp"))
             trace_path.with_suffix(".tmp").replace(trace_path)
     items = None if trace is None else [(r.key, p, a) for r, p, a in zip(requests, prompts, trace.answers)]

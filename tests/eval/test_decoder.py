@@ -193,6 +193,28 @@ def test_greedy_speculative_equals_plain_greedy_on_tiny_models(tiny_target, name
         assert all(g.stats.emitted == len(g.tokens) for g in generations)
 
 
+def test_plain_decoding_keeps_the_targets_top_k_it_chose_each_token_from(tiny_target):
+    """plain_generate_topk (the online stage's trace): the same tokens as plain decoding, and at every token the
+    target's top-k log-probabilities, equal (fp32 rounding) to one full forward over prompt + answer; batched
+    requests that stop at different lengths keep their own rows."""
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
+    prompts = tiny_prompts(tokenizer)
+    settings = DecodeSettings(max_new_tokens=24, batch_size=len(prompts))
+    stop_ids = stop_ids + [plain_generate(model, prompts[:1], settings, stop_ids)[0][5]]  # the first row stops early
+    answers, ids, values = decoder.plain_generate_topk(model, prompts, settings, stop_ids, None, 5)
+    assert answers == plain_generate(model, prompts, settings, stop_ids)
+    assert len(answers[0]) <= 6 < max(len(a) for a in answers)
+    for prompt, answer, top_ids, top_values in zip(prompts, answers, ids, values):
+        assert len(top_ids) == len(top_values) == len(answer)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1: -1]
+        expected = torch.log_softmax(logits.float(), -1).topk(5, -1)
+        assert [row[0] for row in top_ids] == answer  # greedy: the chosen token is the top-1
+        assert top_ids == expected.indices.tolist()
+        torch.testing.assert_close(torch.tensor(top_values), expected.values, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("gamma", [1, 3, 5])
 def test_a_perfect_drafter_emits_gamma_plus_one_per_target_forward(tiny_target, gamma):
     model = tiny_target.model

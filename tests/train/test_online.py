@@ -237,6 +237,24 @@ def test_settings_that_cannot_work_are_refused(change, message):
         OnlineSettings(**({"stream": phase} | change))
 
 
+def test_recovery_counts_requests_until_an_arm_stays_ahead_of_the_frozen_drafter_on_the_same_requests():
+    """Paired per request: an arm whose accepted tokens, summed from the phase's start, stay above the frozen
+    drafter's from request 3 on recovers in 3; one that pulls ahead and then gives it all back never does; a single
+    lucky request early does not count; the frozen arm itself has no recovery."""
+    from train.online import phase_table
+
+    def lines(accepted, phase="b", first=0):
+        return [{"index": first + i, "phase": phase, "accepted": a, "drafted": 9, "emitted": a + 1, "steps": 3,
+                 "acceptance": a / 9} for i, a in enumerate(accepted)]
+
+    frozen = lines([3, 3, 3, 3, 3, 3])
+    logs = {"frozen": frozen, "ahead": lines([3, 2, 5, 4, 3, 4]), "gives_back": lines([5, 5, 3, 1, 1, 3]),
+            "lucky_once": lines([9, 0, 0, 0, 0, 3]), "level": lines([3, 3, 3, 3, 3, 3])}
+    table = phase_table(logs, ["b"], width=2)
+    assert {arm: table[arm]["b"]["recovery_requests"] for arm in logs} == {
+        "frozen": None, "ahead": 3, "gives_back": None, "lucky_once": None, "level": None}
+
+
 def test_domains_of_first_turns():
     assert domain_of("Explain quantum computing in simple terms") == "english"
     assert domain_of("알고 있는 것을 최대한 설명 해 줘서 고마워!") == "other_language"
