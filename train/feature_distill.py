@@ -146,6 +146,7 @@ class FeatureObjective:
 
     def prepare_rows(self, rows: list[Row], out_dir: Path) -> None:
         """With `distill.feature_cache`, the target's features for `rows` (training and held-out), once."""
+        self.out_dir = out_dir
         if self.settings.feature_cache:
             shared = self.settings.feature_cache_dir
             self.cache = build_or_load(self.target, rows, self.feature_layers, self.settings.max_seq_len,
@@ -185,5 +186,12 @@ class FeatureObjective:
                 "aligned_fraction": self.loss.aligned_fraction, "loss_terms": sorted(self.loss.terms),
                 "teacher": "online", "train_on": self.settings.train_on,
                 "feature_cache": self.settings.feature_cache,
-                # where the cache lives (a shared feature_cache_dir too): the online stage's rehearsal reads it
-                "feature_cache_folder": str(self.cache.folder) if self.cache is not None else None}
+                "feature_cache_folder": self.cache_folder()}
+
+    def cache_folder(self) -> str | None:
+        """Where the cache lives, for the online stage's rehearsal: relative to the stage's folder when inside it
+        (written into `distill.partial/`, which is renamed when the stage is done), else a shared folder's path."""
+        if self.cache is None:
+            return None
+        inside = self.cache.folder.is_relative_to(self.out_dir)
+        return str(self.cache.folder.relative_to(self.out_dir) if inside else self.cache.folder)

@@ -803,8 +803,8 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
     rehearsal = []
     if settings.buffer.rehearsal_share:
         rehearsal = rehearsal_rows(run, settings, tokenizer, distilled)
-        cache = distilled.summary.get("feature_cache_folder")  # absent in runs distilled before it was recorded
-        learner.rehearse(rehearsal, settings.top_k, Path(cache) if cache else run.output("distill") / "features")
+        cache = distilled.summary.get("feature_cache_folder") or "features"  # absent: distilled before it was kept
+        learner.rehearse(rehearsal, settings.top_k, run.output("distill") / cache)  # an absolute path stays itself
         print(f"[online] rehearsal: {len(rehearsal)} rows the drafter was distilled on, "
               f"{settings.buffer.rehearsal_share:.0%} of each training batch of ours", flush=True)
     arms = arms_for(settings, loss, learner.osd_loss(OSD_LOSS))

@@ -189,6 +189,8 @@ def test_the_feature_cache_trains_as_the_target_in_the_loop_does(tiny_target, re
     _, cached, cached_curve = run(tiny_target, records_dir, tmp_path / "cached", loss=loss, spec=spec, epochs=2,
                                   feature_cache=True)
     assert cached["feature_cache"] and not online["feature_cache"]
+    # recorded relative to the stage's folder: the stage writes into distill.partial/, renamed when done
+    assert cached["feature_cache_folder"] == "features" and online["feature_cache_folder"] is None
     assert [e["loss"] for e in cached_curve] == pytest.approx([e["loss"] for e in online_curve], rel=2e-2)
     assert cached["best_acceptance_proxy"] == pytest.approx(online["best_acceptance_proxy"], abs=2e-2)
     manifest = tmp_path / "cached" / "features" / "manifest.json"

@@ -500,15 +500,15 @@ def test_the_stream_passes_over_conversations_the_drafter_trained_on(tmp_path):
     assert report.phases[0]["passed_over"] == {"in the drafter's training data": 3}
 
 
-def distilled_run(tmp_path, drafter_folder, records_dir, max_seq_len=48, heldout=2):
+def distilled_run(tmp_path, drafter_folder, records_dir, max_seq_len=48, heldout=2, summary=None):
     """A run folder whose distill stage produced `drafter_folder` from `records_dir` (its meta.json as distill writes
-    it: the settings rehearsal reads)."""
+    it: the settings and summary rehearsal reads)."""
     run_dir = tmp_path / "run"
     shutil.copytree(records_dir, run_dir / "data_gen")
     (run_dir / "data_gen" / "meta.json").write_text("{}")
     shutil.copytree(drafter_folder, run_dir / "distill" / "model")
     (run_dir / "distill" / "meta.json").write_text(json.dumps({"config": {"distill": {
-        "heldout_records": heldout, "max_seq_len": max_seq_len, "corpus_records": 0}}}))
+        "heldout_records": heldout, "max_seq_len": max_seq_len, "corpus_records": 0}}, "summary": summary or {}}))
     return run_dir
 
 
@@ -581,3 +581,24 @@ def test_feature_rehearsal_reads_distills_feature_cache(tiny_target, eagle3_draf
             assert mine.shape == theirs.shape
             torch.testing.assert_close(mine.float(), theirs.float(), atol=2e-2, rtol=1e-2)
     assert cached.features.entries[rows[0].id][1].dtype == torch.float16  # read from the cache, not recomputed
+
+
+def test_feature_rehearsal_finds_the_cache_where_distill_recorded_it(tiny_target, eagle3_drafter, records_dir,
+                                                                     tmp_path, capsys):
+    """The stage reads the feature cache from the folder distill's summary names (relative to the distill folder,
+    as distill records it), and computes nothing it holds."""
+    from losses.feature import FeatureLoss
+    from models.kinds import load_any
+    from train.feature_cache import build_or_load
+    from train.rows import read_rows, split_heldout
+
+    run_dir = distilled_run(tmp_path, eagle3_drafter, records_dir, summary={"feature_cache_folder": "kept"})
+    drafter = load_any(eagle3_drafter, tiny_target)
+    trained, _ = split_heldout(read_rows(records_dir, "online"), 2)
+    build_or_load(tiny_target.model, trained, drafter.feature_layers, 48, 0, run_dir / "distill" / "kept")
+    settings = OnlineSettings(stream=two_phases(tmp_path), mode="replay", gamma=3, max_new_tokens=8,
+                              max_prompt_tokens=64, max_seq_len=128, spot_check_every=0, plots=False,
+                              buffer=BufferSettings(rehearsal_share=0.5),
+                              schedule=ScheduleSettings(every_requests=4, steps=1, batch_size=2))
+    run_stage(stage_run(tmp_path, tiny_target), settings, FeatureLoss(**EAGLE3_LOSS))
+    assert f"{len(trained)} rows from {run_dir / 'distill' / 'kept'}, 0 computed" in capsys.readouterr().out
