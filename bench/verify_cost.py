@@ -1,5 +1,5 @@
-"""What a verification forward costs: one target forward over w new tokens against w = 1, before and after the
-few-row kernel (models/kernels.py), ours and HF's.
+"""What a verification forward costs: one target forward over w new tokens against w = 1, with F.linear, with MKL's
+transposed few-row product and with the compiled few-row product (models/kernels.py), ours and HF's.
 
     .venv/bin/python bench/verify_cost.py --context 300 --widths 1,2,4,5,8,16
 
@@ -8,9 +8,11 @@ measures that assumption on this machine with the real SmolLM2-135M target (fp32
 prefix, in one process, the sides alternating: our pre-allocated ragged cache and block mask
 (`eval.decoder.verification_seconds`, what the eval stage measures v with) with `F.linear` ("before") and with
 the few-row kernel ("after", what the decoder uses for plain and speculative decoding alike); transformers' own
-`DynamicCache` forward (cropped back after each call, as HF assisted generation does), also both ways, since a
-baseline gets every trick our side gets; and the LM head alone. Median of `--calls` calls, best of `--repeats`.
-It prints milliseconds per forward and v = (cost at w) / (cost at w = 1) for each.
+`DynamicCache` forward (cropped back after each call, as HF assisted generation does), also every way, since a
+baseline gets every trick our side gets; and the LM head alone. Three ways: "before" (`F.linear`), "mkl" (MKL's
+transposed product with padded rows, the kernel until 2026-12-04) and "after" (the compiled product
+`models/few_rows.cpp` where it builds, what the decoder uses now). Median of `--calls` calls, best of `--repeats`.
+It prints milliseconds per forward and v = (cost at w) / (cost at w = 1) for each, w = 1 with the same way.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from transformers import DynamicCache
 
 from eval.decoder import verification_seconds
 from models.compat import cache_argument
-from models.kernels import few_row_linears
+from models.kernels import compiled_module, compiled_product, few_row_linears
 from models.loading import configured_target, load_target
 
 
@@ -67,22 +69,25 @@ def main() -> None:
     prefix = torch.randint(0, model.config.vocab_size, (1, args.context))
     head = model.get_output_embeddings()
     best: dict[tuple[str, int], float] = {}
+    labels = {"before": (False, False), "mkl": (True, False), "after": (True, True)}  # (few-row, compiled)
+    if compiled_module() is None:
+        print("the compiled product is unavailable here (see above): 'after' is MKL's transposed product")
     with torch.inference_mode():
         for _ in range(args.repeats):
             for width in widths:
                 hidden = torch.randn(1, width, model.config.hidden_size)
-                for kernel in (False, True):
-                    label = "after" if kernel else "before"
-                    with few_row_linears(model, active=kernel):  # verification_seconds' own block nests inside
+                for label, (kernel, compiled) in labels.items():
+                    with few_row_linears(model, active=kernel), compiled_product(compiled):
                         sides = {f"ours {label}": lambda: verification_seconds(model, prefix[0].tolist(), [width],
                                                                                args.calls)[width],
                                  f"HF {label}": lambda: huggingface(model, prefix, width, args.calls),
                                  f"LM head {label}": lambda: seconds_per_call(lambda: head(hidden), args.calls)}
                         for name, measure in sides.items():
                             best[(name, width)] = min(best.get((name, width), float("inf")), measure())
-    names = [f"{side} {label}" for side in ("ours", "HF", "LM head") for label in ("before", "after")]
+    names = [f"{side} {label}" for side in ("ours", "HF", "LM head") for label in labels]
     print(f"SmolLM2-135M fp32, {args.context}-token context, {torch.get_num_threads()} threads, best of "
-          f"{args.repeats} × {args.calls} calls; before = F.linear, after = the few-row kernel")
+          f"{args.repeats} × {args.calls} calls; before = F.linear, mkl = MKL's transposed few-row product, "
+          "after = the compiled few-row product")
     print("| new tokens w | " + " | ".join(f"{name} ms | v" for name in names) + " |")
     print("|---|" + "---|---|" * len(names))
     for width in widths:
@@ -91,9 +96,12 @@ def main() -> None:
             cells += [f"{best[(name, width)] * 1e3:.1f}", f"{best[(name, width)] / best[(name, widths[0])]:.2f}"]
         print(f"| {width} | " + " | ".join(cells) + " |")
     for width in widths[1:]:
-        before, after = (best[(f"ours {label}", width)] / best[(f"ours {label}", widths[0])]
-                         for label in ("before", "after"))
-        print(f"v at w={width}: {before:.2f} before, {after:.2f} after (one-token steps, each with its own kernel)")
+        before, mkl, after = (best[(f"ours {label}", width)] / best[(f"ours {label}", widths[0])] for label in labels)
+        print(f"v at w={width}: {before:.2f} before, {mkl:.2f} mkl, {after:.2f} after (one-token steps, each with "
+              "its own kernel)")
+    for width in widths:
+        print(f"w={width}: after vs before {best[('ours before', width)] / best[('ours after', width)]:.2f}× faster, "
+              f"after vs mkl {best[('ours mkl', width)] / best[('ours after', width)]:.2f}×")
 
 if __name__ == "__main__":
     main()

@@ -1,20 +1,68 @@
-"""models/kernels.py: the few-row product equals F.linear to fp32 rounding, applies only where it should, and
-is switched on and off per block (the benchmark's before/after) without leaving anything patched."""
+"""models/kernels.py: the few-row products (compiled and MKL's transposed one) equal F.linear to fp32 rounding,
+apply only where they should, and are switched on and off per block (the benchmark's before/after) without
+leaving anything patched."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from models.kernels import FEW_ROWS, few_row_linear, few_row_linears
+import pytest
+
+import models.kernels as kernels
+from models.kernels import FEW_ROWS, compiled_module, compiled_product, few_row_linear, few_row_linears
+
+needs_compiled = pytest.mark.skipif(compiled_module() is None, reason="the compiled few-row product cannot be built "
+                                    "on this machine (needs x86-64 with AVX2 and a C++ compiler); MKL's is tested")
 
 
-def test_the_few_row_product_is_f_linear():
-    weight, bias = torch.randn(300, 64), torch.randn(300)
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "mkl"])
+def test_the_few_row_product_is_f_linear(compiled):
+    weight, bias = torch.randn(301, 64), torch.randn(301)  # an odd row count: the compiled tiles' remainder
     shapes = [(rows, 64) for rows in range(1, FEW_ROWS + 2)] + [(2, 5, 64), (3, 4, 64)]  # every padding case
-    for shape in shapes:
-        x = torch.randn(*shape)
-        assert torch.allclose(few_row_linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
-        assert few_row_linear(x, weight).shape == (*shape[:-1], 300)
+    with compiled_product(compiled):
+        for shape in shapes:
+            x = torch.randn(*shape)
+            assert torch.allclose(few_row_linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
+            assert few_row_linear(x, weight).shape == (*shape[:-1], 301)
+
+
+@needs_compiled
+def test_the_compiled_product_gives_a_row_the_same_bits_whatever_shares_its_call(monkeypatch):
+    """A plain step (1 row) and a verification (γ + 1 rows) must score a token identically, so each output is one
+    sum in a fixed order; and the compiled product is what runs (not the MKL fallback)."""
+    weight = torch.randn(1000, 576)
+    rows = torch.randn(16, 576)
+    alone = torch.cat([few_row_linear(rows[i: i + 1], weight) for i in range(16)])
+    for count in range(2, 17):
+        assert torch.equal(few_row_linear(rows[:count], weight), alone[:count])
+    monkeypatch.setattr(torch, "mm", lambda *args: pytest.fail("MKL's product ran instead of the compiled one"))
+    few_row_linear(rows[:5], weight)
+
+
+def test_shapes_the_compiled_product_cannot_take_fall_back_to_mkl(monkeypatch):
+    """An inner dimension that is not a multiple of the vector width, a weight that is a strided view, or no
+    compiled module at all (no compiler): MKL's transposed product, same results."""
+    for weight in (torch.randn(40, 60), torch.randn(80, 64)[::2]):
+        x = torch.randn(3, weight.shape[1])
+        assert torch.allclose(few_row_linear(x, weight), F.linear(x, weight), atol=1e-5)
+    monkeypatch.setattr(kernels, "_compiled_module", [None])
+    x, weight = torch.randn(5, 64), torch.randn(30, 64)
+    assert torch.allclose(few_row_linear(x, weight), F.linear(x, weight), atol=1e-5)
+
+
+def test_a_machine_without_a_compiler_is_told_once_and_decodes_on(monkeypatch, tmp_path, capsys):
+    """The build fails (here: no compiler on PATH): one line on stderr saying why and what runs instead."""
+    monkeypatch.setattr(kernels, "_compiled_module", [])
+    monkeypatch.setenv("DRAFTSMITH_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no instruction set the compiled product is written for: nothing is attempted")
+    assert compiled_module() is None and compiled_module() is None
+    said = capsys.readouterr().err
+    assert said.count("compiled few-row product is unavailable") == 1 and "MKL's transposed product" in said
+    x, weight = torch.randn(5, 64), torch.randn(30, 64)
+    assert torch.allclose(few_row_linear(x, weight), F.linear(x, weight), atol=1e-5)
 
 
 def test_the_patch_covers_every_linear_and_is_undone():
@@ -37,7 +85,6 @@ def test_a_draft_vocabulary_head_decodes_through_the_kernel_and_trains_through_f
     """The reduced head is no nn.Linear; it names its product (`FEW_ROW_METHOD`), so the decoder's patch reaches it
     inside a block over the drafter, as it reaches the layers, follows the same on/off switch, and leaves it as it
     was outside (training: F.linear, gradients as ever)."""
-    import models.kernels as kernels
     from models.drafter import ReducedVocabHead
     head = ReducedVocabHead(64, torch.arange(0, 600, 2), vocab_size=600)
     drafter = torch.nn.Sequential(torch.nn.Linear(64, 64), head)
