@@ -3,10 +3,11 @@ apply only where they should, and are switched on and off per block (the benchma
 leaving anything patched."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import os
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import models.kernels as kernels
 from models.kernels import FEW_ROWS, compiled_module, compiled_product, few_row_linear, few_row_linears
@@ -102,3 +103,29 @@ def test_a_draft_vocabulary_head_decodes_through_the_kernel_and_trains_through_f
     assert len(calls) == 2 and "compact" not in head.__dict__
     head.compact(x).sum().backward()  # outside any block: F.linear
     assert len(calls) == 2 and head.weight.grad is not None
+
+
+def test_grouped_query_attention_runs_without_copied_heads_and_gives_the_same_logits(monkeypatch):
+    """Inside the block transformers' SDPA attends over the grouped key/value heads as they are (enable_gqa, with a
+    mask too); the logits are those of the copied-heads path outside it, and the switch is put back on exit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers.integrations.sdpa_attention as sdpa
+
+    monkeypatch.delenv(kernels.GROUPED_ATTENTION, raising=False)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 9))
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    copies = []
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: copies.append(n) or x.repeat_interleave(n, 1))
+    with torch.no_grad():
+        outside = model(ids, attention_mask=mask).logits
+        assert copies  # the masked path copies the key/value heads out of the block
+        copies.clear()
+        with few_row_linears(model):
+            inside = model(ids, attention_mask=mask).logits
+        assert not copies
+    assert torch.allclose(inside, outside, atol=1e-5)
+    assert kernels.GROUPED_ATTENTION not in os.environ
