@@ -9,10 +9,11 @@ every speedup compares like with like:
    or AVX-512, with `torch.utils.cpp_extension`): each weight row is read once and multiplied by every row of x
    while in registers, with a software prefetch into L2 a few kilobytes ahead. For SmolLM2-135M's 210 layer
    matrices and its 576×49,152 LM head (fp32, 2 threads, weights streamed from memory as in a forward, best of 5):
-   19.6 / 19.6 / 19.5 / 19.8 / 21.9 ms at 1 / 2 / 4 / 5 / 8 rows: flat (16 rows: 42.5 against MKL's 84.5). Without the prefetch the same loop costs
-   17-20 ms at 1 row but 31 / 34 / 45 ms at 4 / 5 / 8 (the core stalls on memory once each weight row carries 4 or
-   more rows of arithmetic). A row's result does not depend on the other rows of the call (one sum per output in a
-   fixed order), so the target's logits for a token are the same bits in a 1-token step and in a verification.
+   19.6 / 19.6 / 19.5 / 19.8 / 21.9 ms at 1 / 2 / 4 / 5 / 8 rows: flat (16 rows: 42.5 against MKL's 84.5).
+   Without the prefetch the same loop costs 17-20 ms at 1 row but 31 / 34 / 45 ms at 4 / 5 / 8 (the core stalls
+   on memory once each weight row carries 4 or more rows of arithmetic). A row's result does not depend on the
+   other rows of the call (one sum per output in a fixed order), so the target's logits for a token are the same
+   bits in a 1-token step and in a verification.
 2. **MKL, transposed** (where the compiled product cannot be built or applied, or `DRAFTSMITH_FEW_ROW_KERNEL=mkl`):
    on this project's CPUs (MKL, AVX2/AVX-512), `F.linear(x, W)` (x @ Wᵀ) for 2-8 rows costs about twice its one-row
    cost, while (W @ xᵀ)ᵀ costs about as much as one row: for SmolLM2's LM head 9.5 ms at 1 row either way, and
@@ -162,13 +163,11 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     compiled = _compiled_for(x, weight)
     if compiled is not None:
         out = compiled.few_rows(flat, weight)
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], weight.shape[0])
-    padded = next(count for count in PADDED_ROWS if count >= rows)
-    if padded > rows:
-        flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])])
-    out = torch.mm(weight, flat.T)[:, :rows].T.contiguous()  # fused attention needs stride-1 rows
+    else:
+        padded = next(count for count in PADDED_ROWS if count >= rows)
+        if padded > rows:
+            flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])])
+        out = torch.mm(weight, flat.T)[:, :rows].T.contiguous()  # fused attention needs stride-1 rows
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
