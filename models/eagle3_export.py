@@ -1,4 +1,4 @@
-"""Feature drafters in the layouts serving engines load: EAGLE-3 and vLLM's speculators format.
+"""Feature drafters in the layouts serving engines load, EAGLE-3 and vLLM's speculators format: written, and read.
 
 Both hold the same tensors (ANCHORS.md §6; vLLM 0.32's `llama_eagle3.py` reads them):
 
@@ -18,6 +18,11 @@ What the formats cannot express is refused by name (`refusal`). What they can, `
 the drafter from the written files alone, reading each config field the way vLLM does (its defaults included), and
 compares its logits and fed-back hidden states with our drafter's on the same inputs. vLLM loads a checkpoint that
 misses a tensor without an error (the tensor stays uninitialised), so this check is the only one before serving.
+
+`read_folder` goes the other way: any EAGLE-3 or speculators folder (ours, or another trainer's: speculators,
+ModelOpt, SpecForge) becomes a `FeatureDrafter` that our decoder and eval run, built from the fields exactly as
+vLLM reads them (its defaults for missing fields and layer ids included), so a peer's checkpoint is measured as
+it will be served. A tensor missing, left over or of the wrong shape is an error naming it.
 """
 from __future__ import annotations
 
@@ -27,9 +32,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
 
 from infra.settings import SettingsError
-from models.feature_drafter import FeatureDrafter
+from models.feature_drafter import FeatureDrafter, FeatureDrafterSpec
+from models.loading import check_safetensors
 
 FORMATS = ("eagle3", "speculators")
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -63,6 +70,9 @@ def tensors(drafter: FeatureDrafter, layer_prefix: str) -> dict[str, torch.Tenso
     fc = drafter.reduce.weight.detach()
     blocks = fc.shape[1] // len(layers)
     out = {"fc.weight": torch.cat([fc[:, i * blocks:(i + 1) * blocks] for i in order], 1)}
+    if drafter.input_norm is not None:
+        scale = drafter.input_norm.weight.detach()
+        out["input_norm.weight"] = torch.cat([scale[i * blocks:(i + 1) * blocks] for i in order])
     for name, value in drafter.layer.state_dict().items():
         if "rotary" not in name:
             out[layer_prefix + name] = value.detach()
@@ -94,8 +104,10 @@ def layer_config(drafter: FeatureDrafter, target_config) -> dict:
 
 
 def eagle_fields(drafter: FeatureDrafter, target_config) -> dict:
-    return {"draft_vocab_size": drafter.spec.draft_vocab_size, "target_hidden_size": target_config.hidden_size,
-            "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False,
+    spec = drafter.spec
+    return {"draft_vocab_size": spec.draft_vocab_size, "target_hidden_size": target_config.hidden_size,
+            "norm_before_residual": spec.norm_before_residual, "norm_before_fc": spec.norm_before_fc,
+            "fc_norm": False, "norm_output": spec.norm_output,
             "eagle_aux_hidden_state_layer_ids": engine_layer_ids(drafter)}
 
 
@@ -167,8 +179,8 @@ class EngineView:
         weights = load_file(str(folder / "model.safetensors"))
         self.w = {k.replace("midlayer.", "layers.0."): v.float() for k, v in weights.items() if k != "t2d"}
         c = self.c
-        if c["norm_before_fc"] or c["fc_norm"] or c["rope_type"] != "default" or c["act"] != "silu":
-            raise ValueError("EngineView reproduces plain EAGLE-3 Llama drafters only")
+        if c["fc_norm"] or c["rope_type"] != "default" or c["act"] != "silu":
+            raise ValueError("EngineView reproduces EAGLE-3 Llama drafters with default rope, silu and no fc_norm")
         expected = {"fc.weight": (c["hidden"], c["aux"] * c["target_hidden"]),
                     "layers.0.self_attn.q_proj.weight": (c["heads"] * c["head_dim"], 2 * c["hidden"]),
                     "layers.0.self_attn.k_proj.weight": (c["kv_heads"] * c["head_dim"], 2 * c["hidden"]),
@@ -180,6 +192,8 @@ class EngineView:
                     "norm.weight": (c["hidden"],), "lm_head.weight": (c["draft_vocab"], c["hidden"])}
         if c["draft_vocab"] != c["vocab"]:
             expected["d2t"] = (c["draft_vocab"],)
+        if c["norm_before_fc"]:
+            expected["input_norm.weight"] = (c["aux"] * c["target_hidden"],)
         for name, shape in expected.items():
             if name not in self.w:
                 raise ValueError(f"{folder}: no tensor {name!r} (an engine would leave it uninitialised)")
@@ -199,6 +213,8 @@ class EngineView:
         return x * cos + rotated * sin
 
     def combine(self, aux_ascending: torch.Tensor) -> torch.Tensor:
+        if self.c["norm_before_fc"]:
+            aux_ascending = self._norm(aux_ascending, "input_norm.weight")
         return aux_ascending @ self.w["fc.weight"].T
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):
@@ -267,3 +283,101 @@ def check_export(folder: Path, drafter: FeatureDrafter, target_hidden: int, toke
                                  f"(pass {step + 1}: max |difference| {worst:.2e} > {tolerance}); not exported")
             ours_in, engine_in = ours_out, engine_hidden
     return worst
+
+
+# ---- reading an engine folder (ours or a peer's) into a FeatureDrafter -------------------------------------------
+
+def is_engine_folder(folder: Path) -> bool:
+    """Whether `folder` holds an EAGLE-3 drafter in the EAGLE-3 or speculators layout."""
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        return False
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return (config.get("speculators_model_type") == "eagle3"
+            or any("Eagle3" in name for name in config.get("architectures") or []))
+
+
+def served_layer_ids(config: dict, target_layers: int) -> list[int]:
+    """The target layers vLLM feeds the drafter, in its numbering (id i = the residual stream entering layer i):
+    the folder's ids, else vLLM's default for a Llama-like target (2, n // 2, n - 3), in ascending order."""
+    eagle = config.get("eagle_config") or {}
+    ids = config.get("eagle_aux_hidden_state_layer_ids") or eagle.get("eagle_aux_hidden_state_layer_ids")
+    return sorted(ids) if ids else [2, target_layers // 2, target_layers - 3]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors file (an engine folder holds its weights there)")
+    weights = {}
+    for path in files:
+        check_safetensors(path)
+        weights |= load_file(str(path))
+    return weights
+
+
+def _file_name(ours: str) -> str:
+    """The engines' name (speculators layout) of one of our drafter's tensors."""
+    renamed = {"reduce.weight": "fc.weight", "head.weight": "lm_head.weight", "head.d2t": "d2t"}
+    return renamed.get(ours) or ("layers.0." + ours.removeprefix("layer.") if ours.startswith("layer.") else ours)
+
+
+def read_folder(folder: Path, target, layer_ids: list[int] | None = None) -> FeatureDrafter:
+    """The drafter in `folder` (EAGLE-3 or speculators layout) for `target` (a transformers model), as vLLM would
+    build it. `layer_ids` (engine numbering) replaces the folder's own: to decode a checkpoint with the layers it
+    was trained on where its export names others."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    c = _as_engine_reads(config)
+    target_config = target.config
+    if c["fc_norm"]:
+        raise ValueError(f"{folder}: fc_norm (one norm per target layer before fc) is not a drafter option here")
+    if c["act"] != "silu":
+        raise ValueError(f"{folder}: hidden_act {c['act']!r}; the EAGLE-3 Llama layer here uses silu")
+    if c["target_hidden"] != target_config.hidden_size or c["vocab"] != target_config.vocab_size:
+        raise ValueError(f"{folder}: a drafter for a target {c['target_hidden']} wide with {c['vocab']} tokens; "
+                         f"this target is {target_config.hidden_size} wide with {target_config.vocab_size}")
+    ids = sorted(layer_ids) if layer_ids else served_layer_ids(config, target_config.num_hidden_layers)
+    if len(ids) != c["aux"]:
+        raise ValueError(f"{folder}: {len(ids)} aux layer ids {ids} for a fc over {c['aux']} target layers")
+    if not all(1 <= i <= target_config.num_hidden_layers for i in ids):
+        raise ValueError(f"{folder}: aux layer ids {ids} name layers outside 1..{target_config.num_hidden_layers} "
+                         f"(id 0, the embedding, is not a feature here)")
+    weights = {k.replace("midlayer.", "layers.0."): v.float() for k, v in _weights(folder).items() if k != "t2d"}
+    embedding = weights.pop("embed_tokens.weight", None)
+    if embedding is not None and not torch.equal(embedding, target.get_input_embeddings().weight.detach().float()
+                                                 .cpu()):
+        raise ValueError(f"{folder}: holds an embed_tokens.weight that differs from the target's embedding; the "
+                         f"decoder here drafts with the target's")
+    layer_fields = config.get("transformer_layer_config") or config
+    rope = dict(layer_fields.get("rope_parameters") or {"rope_type": "default", "rope_theta": c["theta"]})
+    layer_config = LlamaConfig(
+        hidden_size=c["hidden"], intermediate_size=layer_fields["intermediate_size"],
+        num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"], head_dim=c["head_dim"],
+        num_hidden_layers=1, max_position_embeddings=layer_fields.get("max_position_embeddings", 2048),
+        rms_norm_eps=c["eps"], vocab_size=c["vocab"], rope_parameters=rope, hidden_act=c["act"])
+    spec = FeatureDrafterSpec(name=folder.name, intermediate_size=layer_fields["intermediate_size"],
+                              feature_layers=tuple(i - 1 for i in ids), draft_vocab_size=c["draft_vocab"],
+                              layout="eagle3", norm_before_fc=c["norm_before_fc"],
+                              norm_before_residual=c["norm_before_residual"], norm_output=c["norm_output"])
+    drafter = FeatureDrafter(spec, target_config, layer_config)
+    offsets = weights.pop("d2t", None)
+    if offsets is None and c["draft_vocab"] != c["vocab"]:
+        raise ValueError(f"{folder}: a draft vocabulary of {c['draft_vocab']} tokens with no d2t tensor")
+    d2t = torch.arange(c["draft_vocab"]) + (offsets.long() if offsets is not None else 0)
+    expected = {k: v.shape for k, v in drafter.state_dict().items() if not k.startswith("rotary.")}
+    state = {"head.d2t": d2t} | {ours: weights.pop(theirs) for ours, theirs in
+                                 ((k, _file_name(k)) for k in expected) if theirs in weights}
+    missing = sorted(_file_name(k) for k in expected if k not in state)
+    if missing or weights:
+        raise ValueError(f"{folder}: the weights do not make the drafter its config describes (missing {missing}, "
+                         f"left over {sorted(weights)}); an engine would serve it partly uninitialised")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise ValueError(f"{folder}: {_file_name(name)} has shape {tuple(state[name].shape)}, the config "
+                             f"implies {tuple(shape)}")
+    drafter.load_state_dict(state, strict=False)
+    return drafter.to(target.device).eval()

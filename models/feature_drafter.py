@@ -20,6 +20,13 @@ EAGLE-3 (METHODS.md §8) changes three things, each a spec field here:
 - training-time test (`losses.feature.FeatureLoss.unroll`): in training the drafter is unrolled on its own
   outputs (`FeatureDrafter.unrolled`), with the attention pattern drafting has, and scored at every step.
 
+Three norms the engines' EAGLE-3 layout names (vLLM's `llama_eagle3.py` reads them; speculators' Eagle-3.1 trains
+with some of them), each a spec field, off by default:
+- `norm_before_fc`: one RMSNorm over the concatenated target features [k·d] before `reduce` (`input_norm`).
+- `norm_before_residual`: the residual stream starts from hidden_norm(f) instead of f itself.
+- `norm_output`: the hidden state fed back while drafting is the output after the drafter's final norm, not
+  before it (the head reads the normed output either way).
+
 `layout` is how the feature and the next token's embedding enter the decoder layer:
 - `linear` (EAGLE-1): `fuse`, a linear map of [f_t, e(x_{t+1})] to d, then a standard Llama decoder layer.
 - `eagle3` (EAGLE-3's midlayer, the layout vLLM and SGLang load): the embedding and the feature are RMS-normed
@@ -61,6 +68,9 @@ class FeatureDrafterSpec:
     feature_layers: tuple[int, ...] | None = None  # EAGLE-3: fuse these target layers' outputs (None: last state)
     draft_vocab_size: int | None = None  # EAGLE-3: own norm + head over the N most frequent training tokens
     layout: str = "linear"  # linear (EAGLE-1's fc over [f, e]) | eagle3 (EAGLE-3's midlayer: normed [e, f] into q/k/v)
+    norm_before_fc: bool = False        # eagle3: RMSNorm over the fused target layers before `reduce`
+    norm_before_residual: bool = False  # eagle3: the residual starts from hidden_norm(f), not f
+    norm_output: bool = False           # own head: feed back the normed output instead of the pre-norm one
     seed: int = 0
     LIMITS: ClassVar[dict] = {"intermediate_size": at_least(1, none_ok=True),
                               "draft_vocab_size": at_least(2, none_ok=True), "layout": one_of("linear", "eagle3")}
@@ -75,14 +85,23 @@ class FeatureDrafterSpec:
         if self.layout == "eagle3" and self.feature_sampling:
             raise ValueError("drafter.feature_sampling (FSPAD) multiplies the feature by the embedding before the "
                              "linear fusion; it needs drafter.layout=linear")
+        if self.layout != "eagle3" and (self.norm_before_fc or self.norm_before_residual or self.norm_output):
+            raise ValueError("drafter.norm_before_fc, norm_before_residual and norm_output are norms of EAGLE-3's "
+                             "layout; they need drafter.layout=eagle3")
+        if self.norm_before_fc and len(self.feature_layers or ()) < 2:
+            raise ValueError("drafter.norm_before_fc norms the fused target layers: set drafter.feature_layers "
+                             "(two or more)")
+        if self.norm_output and not self.draft_vocab_size:
+            raise ValueError("drafter.norm_output needs the drafter's own norm and head: set drafter.draft_vocab_size")
 
 
 class Eagle3Layer(LlamaDecoderLayer):
     """EAGLE-3's decoder layer: attention over [input_layernorm(e), hidden_norm(f)] (q/k/v read 2d), residual from
     f; then the usual post-attention norm and MLP. Called as layer(features, embeddings, **attention arguments)."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, norm_before_residual: bool = False) -> None:
         super().__init__(config, layer_idx=0)
+        self.norm_before_residual = norm_before_residual
         attention, width = self.self_attn, 2 * config.hidden_size
         for name in ("q_proj", "k_proj", "v_proj"):
             old = getattr(attention, name)
@@ -91,24 +110,31 @@ class Eagle3Layer(LlamaDecoderLayer):
 
     def forward(self, hidden_states: torch.Tensor, embeddings: torch.Tensor, **attention) -> torch.Tensor:
         attention.pop("use_cache", None)
-        both = torch.cat([self.input_layernorm(embeddings), self.hidden_norm(hidden_states)], dim=-1)
+        normed = self.hidden_norm(hidden_states)
+        both = torch.cat([self.input_layernorm(embeddings), normed], dim=-1)
         output = self.self_attn(hidden_states=both, **attention)
-        hidden = hidden_states + (output[0] if isinstance(output, tuple) else output)
+        residual = normed if self.norm_before_residual else hidden_states
+        hidden = residual + (output[0] if isinstance(output, tuple) else output)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class FeatureDrafter(torch.nn.Module):
-    def __init__(self, spec: FeatureDrafterSpec, target_config) -> None:
+    def __init__(self, spec: FeatureDrafterSpec, target_config, layer_config: LlamaConfig | None = None) -> None:
+        """`layer_config`: the decoder layer's own config (heads, rope, eps) where it is not the one derived from
+        the target's (a drafter read from an engine folder); its width must be the target's."""
         super().__init__()
         self.spec = spec
         hidden = target_config.hidden_size
-        self.layer_config = LlamaConfig(
+        self.layer_config = layer_config or LlamaConfig(
             hidden_size=hidden, intermediate_size=spec.intermediate_size or target_config.intermediate_size,
             num_attention_heads=target_config.num_attention_heads,
             num_key_value_heads=getattr(target_config, "num_key_value_heads", target_config.num_attention_heads),
             num_hidden_layers=1, max_position_embeddings=target_config.max_position_embeddings,
             rope_theta=getattr(target_config, "rope_theta", 10000.0), rms_norm_eps=target_config.rms_norm_eps,
             vocab_size=target_config.vocab_size)
+        if self.layer_config.hidden_size != hidden:
+            raise ValueError(f"a feature drafter {self.layer_config.hidden_size} wide reads the target's embedding, "
+                             f"{hidden} wide: the widths must match")
         self.layer_config._attn_implementation = "sdpa"
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(spec.seed)
@@ -118,8 +144,10 @@ class FeatureDrafter(torch.nn.Module):
                 raise ValueError(f"drafter.feature_layers: layer {layer} is outside the target's "
                                  f"{target_config.num_hidden_layers} layers (0-based)")
         self.reduce = torch.nn.Linear(len(layers) * hidden, hidden, bias=False) if len(layers) > 1 else None
+        self.input_norm = (LlamaRMSNorm(len(layers) * hidden, eps=self.layer_config.rms_norm_eps)
+                           if spec.norm_before_fc else None)
         if spec.layout == "eagle3":
-            self.fuse, self.layer = None, Eagle3Layer(self.layer_config)
+            self.fuse, self.layer = None, Eagle3Layer(self.layer_config, spec.norm_before_residual)
         else:
             self.fuse = torch.nn.Linear(2 * hidden, hidden, bias=False)
             self.layer = LlamaDecoderLayer(self.layer_config, layer_idx=0)
@@ -145,23 +173,27 @@ class FeatureDrafter(torch.nn.Module):
         vocabulary ([.., N] with `compact`, else [.., V] with -inf outside it), or the target's frozen head."""
         if self.head is None:
             return head_logits(target, hidden)
-        normed = self.norm(hidden)
+        normed = hidden if self.spec.norm_output else self.norm(hidden)
         return (self.head.compact(normed) if compact else self.head(normed)).float()
 
     def step(self, features: torch.Tensor, next_embeddings: torch.Tensor, attention_mask: torch.Tensor,
              position_ids: torch.Tensor, cache=None) -> torch.Tensor:
         """One pass of the decoder layer: outputs [B, T, d] from features f_t (the target's, [B, T, k·d] or [B, T,
         d], or the drafter's own [B, T, d]) and e(x_{t+1}) [B, T, d]. With FSPAD's feature sampling the feature is
-        first sampled in embedding space, f_t ⊙ e(x_{t+1}). Training and decoding both go through here."""
+        first sampled in embedding space, f_t ⊙ e(x_{t+1}). With `norm_output` the outputs are after the drafter's
+        final norm. Training and decoding both go through here."""
         features = features.to(next_embeddings.dtype)
         if self.reduce is not None and features.shape[-1] != next_embeddings.shape[-1]:
+            if self.input_norm is not None:
+                features = self.input_norm(features)
             features = self.reduce(features)  # the target's layers, fused (own outputs are already this wide)
         attention = {"attention_mask": attention_mask, "position_ids": position_ids,
                      "position_embeddings": self.rotary(next_embeddings, position_ids)}
         if cache is not None:
             attention |= cache_argument(self.layer.self_attn, cache)
         if self.fuse is None:
-            return self.layer(features, next_embeddings, **attention)
+            output = self.layer(features, next_embeddings, **attention)
+            return self.norm(output) if self.spec.norm_output else output
         if self.spec.feature_sampling:
             features = features * next_embeddings
         output = self.layer(self.fuse(torch.cat([features, next_embeddings], dim=-1)), use_cache=cache is not None,
@@ -228,10 +260,10 @@ def build_feature_drafter(spec: FeatureDrafterSpec, target: PreTrainedModel, tok
 
 def load_feature_drafter(folder: Path, target: PreTrainedModel) -> FeatureDrafter:
     saved = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    drafter = FeatureDrafter(FeatureDrafterSpec(**saved["spec"]), target.config)
-    if drafter.layer_config.hidden_size != saved["layer"]["hidden_size"]:
+    if saved["layer"]["hidden_size"] != target.config.hidden_size:
         raise ValueError(f"{folder}: drafter width {saved['layer']['hidden_size']} does not match the target's "
-                         f"{drafter.layer_config.hidden_size}; it was trained for another target")
+                         f"{target.config.hidden_size}; it was trained for another target")
+    drafter = FeatureDrafter(FeatureDrafterSpec(**saved["spec"]), target.config, LlamaConfig.from_dict(saved["layer"]))
     check_safetensors(Path(folder) / "model.safetensors")
     missing, unexpected = drafter.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=False)
     if unexpected or [m for m in missing if not m.startswith("rotary.")]:

@@ -20,7 +20,7 @@ from models.drafter import (DrafterSpec, TokenDraft, build_drafter, count_parame
                             save_drafter)
 from models.feature_drafter import (CONFIG_FILE, FeatureDraft, FeatureDrafter, FeatureDrafterSpec,
                                     build_feature_drafter, load_feature_drafter)
-from models import lookup
+from models import eagle3_export, lookup
 
 
 class DrafterKind(ABC):
@@ -67,7 +67,8 @@ class TokenKind(DrafterKind):
         return build_drafter(spec, target.model, target.tokenizer, token_lists=token_lists)
 
     def saved_in(self, folder: Path) -> bool:
-        return (Path(folder) / "config.json").exists() and not (Path(folder) / CONFIG_FILE).exists()
+        return ((Path(folder) / "config.json").exists() and not (Path(folder) / CONFIG_FILE).exists()
+                and not eagle3_export.is_engine_folder(folder))
 
     def load(self, folder: Path, target):
         return load_drafter(folder, target.model, target.tokenizer)
@@ -87,10 +88,13 @@ class FeatureKind(DrafterKind):
         return build_feature_drafter(spec, target.model, token_lists)
 
     def saved_in(self, folder: Path) -> bool:
-        return (Path(folder) / CONFIG_FILE).exists()
+        """Ours (feature_drafter.json), or an EAGLE-3 / speculators folder of any trainer's."""
+        return (Path(folder) / CONFIG_FILE).exists() or eagle3_export.is_engine_folder(folder)
 
     def load(self, folder: Path, target):
-        return load_feature_drafter(folder, target.model)
+        if (Path(folder) / CONFIG_FILE).exists():
+            return load_feature_drafter(folder, target.model)
+        return eagle3_export.read_folder(folder, target.model)
 
     def save(self, drafter, target, folder: Path) -> Path:
         return merged(drafter).save(folder)

@@ -89,3 +89,141 @@ def test_a_drafter_the_format_cannot_express_is_refused_by_name(tiny_target, tmp
     with pytest.raises(ValueError, match=named):
         eagle3_export.write(built, tiny_target.model.config, tmp_path / "x", "eagle3", 3, "T", {})
     assert not (tmp_path / "x").exists()
+
+
+NORMS = [dict(norm_before_fc=True), dict(norm_before_residual=True), dict(norm_output=True),
+         dict(norm_before_fc=True, norm_before_residual=True, norm_output=True)]
+
+
+def perturbed(spec, model):
+    built = build_feature_drafter(spec, model, [list(range(5, 200)), list(range(50, 120))])
+    with torch.no_grad():
+        for parameter in built.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return built.eval()
+
+
+def same_drafts(a, b, model, tokens: int = 9) -> float:
+    """Largest logit difference of two feature drafters over a first pass on the target's features (each
+    drafter's layers in its own order) and a second fed their own outputs (what drafting does)."""
+    generator = torch.Generator().manual_seed(5)
+    d = model.config.hidden_size
+    layers = {layer: torch.randn(1, tokens, d, generator=generator) for layer in sorted(a.spec.feature_layers)}
+    embeds = torch.randn(1, tokens, d, generator=generator) * 0.05
+    mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()[None, None]
+    positions = torch.arange(tokens)[None]
+    worst = 0.0
+    inputs = [torch.cat([layers[layer] for layer in drafter.spec.feature_layers], -1) for drafter in (a, b)]
+    with torch.no_grad():
+        for _ in range(2):
+            outs = [drafter.step(x, embeds, mask, positions) for drafter, x in zip((a, b), inputs)]
+            logits = [drafter.logits(out, model) for drafter, out in zip((a, b), outs)]
+            finite = torch.isfinite(logits[0])
+            assert torch.equal(finite, torch.isfinite(logits[1]))
+            worst = max(worst, (logits[0][finite] - logits[1][finite]).abs().max().item())
+            inputs = outs
+    return worst
+
+
+@pytest.mark.parametrize("norms", NORMS, ids=lambda n: "+".join(n))
+@pytest.mark.parametrize("fmt", eagle3_export.FORMATS)
+def test_the_engines_norm_options_export_and_read_back_exactly(tiny_target, tmp_path, norms, fmt):
+    """norm_before_fc / norm_before_residual / norm_output (speculators' Eagle-3.1 family): each changes what the
+    drafter computes, the export writes it where vLLM reads it, and read_folder rebuilds the same drafter."""
+    model = tiny_target.model
+    plain, normed = perturbed(SPEC, model), perturbed(FeatureDrafterSpec(**{**vars(SPEC), **norms}), model)
+    assert same_drafts(plain, normed, model) > 1e-3  # the option is not a no-op
+    out = eagle3_export.write(normed, model.config, tmp_path / fmt, fmt, 3, "T", {})
+    config = json.loads((out / "config.json").read_text())
+    for name, value in norms.items():
+        assert config[name] is value
+    assert ("input_norm.weight" in load_file(str(out / "model.safetensors"))) == norms.get("norm_before_fc", False)
+    assert eagle3_export.check_export(out, normed, model.config.hidden_size) < 1e-4
+    read = eagle3_export.read_folder(out, model)
+    assert read.spec.feature_layers == (0, 1)  # engine ids [1, 2], ascending
+    assert {k: getattr(read.spec, k) for k in norms} == norms
+    assert same_drafts(normed, read, model) < 1e-5
+
+
+def test_our_saved_drafter_keeps_its_norm_options(tiny_target, tmp_path):
+    from models.feature_drafter import load_feature_drafter
+
+    model = tiny_target.model
+    drafter = perturbed(FeatureDrafterSpec(**{**vars(SPEC), **NORMS[-1]}), model)
+    loaded = load_feature_drafter(drafter.save(tmp_path / "saved"), model)
+    assert same_drafts(drafter, loaded, model) == 0.0
+
+
+def test_an_engine_folder_is_a_drafter_the_eval_loads_and_decodes_losslessly(drafter, tiny_target, tmp_path):
+    """A folder in the speculators layout (any trainer's) loads through the kinds like our own drafters, and
+    speculative decoding with it gives plain greedy's tokens."""
+    from data_gen.chat import end_of_turn_ids
+    from eval.decoder import DecodeSettings, plain_generate, speculative_generate
+    from models.kinds import FeatureKind, draft_for, kind_of_folder, load_any
+
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    out = eagle3_export.write(drafter, model.config, tmp_path / "peer", "speculators", 3, "T", {})
+    assert isinstance(kind_of_folder(out), FeatureKind)
+    loaded = load_any(out, tiny_target)
+    assert same_drafts(drafter, loaded, model) < 1e-5
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
+    prompts = [tokenizer.encode(text) for text in ("hello there, how", "the cat sat on the mat and")]
+    reference = plain_generate(model, prompts, DecodeSettings(max_new_tokens=24), stop_ids)
+    generations = speculative_generate(model, draft_for(loaded, model), prompts,
+                                       DecodeSettings(gamma=3, max_new_tokens=24), stop_ids)
+    assert [g.tokens for g in generations] == reference
+
+
+def _rewrite(out, config=None, weights=None):
+    from safetensors.torch import save_file
+
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config))
+    if weights is not None:
+        save_file(weights, str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("missing_tensor", r"missing \['layers.0.hidden_norm.weight'\]"),
+    ("extra_tensor", r"left over \['layers.0.stray.weight'\]"),
+    ("own_embedding", "embed_tokens.weight that differs"),
+    ("wrong_target", "this target is 64 wide"),
+    ("layer_ids", "outside 1..2"),
+    ("no_d2t", "no d2t"),
+])
+def test_a_folder_that_does_not_make_its_drafter_is_refused_by_name(drafter, tiny_target, tmp_path, damage, named):
+    model = tiny_target.model
+    out = eagle3_export.write(drafter, model.config, tmp_path / "peer", "speculators", 3, "T", {})
+    config = json.loads((out / "config.json").read_text())
+    weights = load_file(str(out / "model.safetensors"))
+    if damage == "missing_tensor":
+        del weights["layers.0.hidden_norm.weight"]
+    elif damage == "extra_tensor":
+        weights["layers.0.stray.weight"] = torch.zeros(3)
+    elif damage == "own_embedding":
+        weights["embed_tokens.weight"] = model.get_input_embeddings().weight.detach() + 1
+    elif damage == "wrong_target":
+        config["target_hidden_size"] = 128
+    elif damage == "layer_ids":
+        config["eagle_aux_hidden_state_layer_ids"] = [0, 2]
+    else:
+        del weights["d2t"]
+    _rewrite(out, config, weights)
+    with pytest.raises(ValueError, match=named):
+        eagle3_export.read_folder(out, model)
+
+
+def test_a_copy_of_the_targets_embedding_is_accepted_and_layer_ids_follow_vllm(drafter, tiny_target, tmp_path):
+    model = tiny_target.model
+    out = eagle3_export.write(drafter, model.config, tmp_path / "peer", "speculators", 3, "T", {})
+    weights = load_file(str(out / "model.safetensors"))
+    weights["embed_tokens.weight"] = model.get_input_embeddings().weight.detach().clone()
+    config = json.loads((out / "config.json").read_text())
+    del config["eagle_aux_hidden_state_layer_ids"]
+    _rewrite(out, config, weights)
+    assert eagle3_export.served_layer_ids(config, 30) == [2, 15, 27]  # vLLM's default for a 30-layer target
+    with pytest.raises(ValueError, match="aux layer ids"):  # that default does not fit a 2-layer target
+        eagle3_export.read_folder(out, model)
+    read = eagle3_export.read_folder(out, model, layer_ids=[2, 1])  # as trained, where the export says otherwise
+    assert read.spec.feature_layers == (0, 1)
+    assert same_drafts(drafter, read, model) < 1e-5
