@@ -1,18 +1,22 @@
 """vLLM speculative decoding against vLLM plain decoding with exported drafters, same prompts, on this machine.
 
     .venv-vllm/bin/python bench/vllm_spec.py runs/eagle3/default/export/drafter-eagle3 [more export folders] \\
-        [--repeats 3] [--batch 1]
+        [--repeats 3] [--batch 1] [--ngram] [--report runs/X/default/eval/report.json] [--json OUT.json]
 
 The prompts, γ, token budget and stop ids are the run's eval (`eval/report.json`, as `eval.serving_check` replays
 them). In one process: vLLM plain (the baseline: the same engine settings, fp32, eager, the same KV cache), then
 vLLM speculative once per folder (`draft_model` for hf exports, `eagle3` for eagle3/speculators exports). Each side
 generates every prompt `--repeats` times after one warm-up pass; `--batch 1` sends prompts one at a time (the
-latency regime a drafter is for), `--batch 0` all at once. Prints tokens/s per side (median over repeats) and the
-ratio to plain, and checks that every speculative output equals the plain one.
+latency regime a drafter is for), `--batch 0` all at once. `--ngram` adds vLLM's own training-free `method: ngram`
+(the n-gram range of our eval's prompt lookup); `--report` takes the prompts from that eval report instead, for
+folders that are not a run's exports (another trainer's checkpoints). Prints tokens/s per side (median over
+repeats) and the ratio to plain, and checks that every speculative output equals the plain one; `--json` also
+writes the rows.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -21,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.serving_check import engine_settings, load_inputs, speculative_config, target_dir  # noqa: E402
+from eval.serving_check import (engine_settings, eval_inputs, load_inputs, ngram_config,  # noqa: E402
+                                speculative_config, target_dir)
 
 
 def timed(engine, prompts: list[list[int]], params, batch: int, repeats: int) -> tuple[list[list[int]], list[float]]:
@@ -47,11 +52,15 @@ def main() -> None:
     parser.add_argument("export_dirs", type=Path, nargs="+")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="prompts per generate call (0: all at once)")
+    parser.add_argument("--ngram", action="store_true", help="also vLLM's method: ngram")
+    parser.add_argument("--report", type=Path, default=None, help="the eval report.json whose prompts to replay")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here too")
     arguments = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    inputs = load_inputs(arguments.export_dirs[0].resolve())
+    inputs = (eval_inputs(arguments.report.resolve()) if arguments.report else
+              load_inputs(arguments.export_dirs[0].resolve()))
     target = target_dir(inputs["config"])
     prompts = [p["prompt_ids"] for p in inputs["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=inputs["max_new_tokens"], stop_token_ids=inputs["stop_ids"])
@@ -61,20 +70,28 @@ def main() -> None:
     plain, plain_rates = timed(engine, prompts, params, arguments.batch, arguments.repeats)
     del engine
     rows.append(("vLLM plain", statistics.median(plain_rates), plain_rates, True))
-    for folder in arguments.export_dirs:
-        folder = folder.resolve()
-        speculative = speculative_config(folder, inputs["gamma"])
+    sides = [(f"{folder.name}", speculative_config(folder.resolve(), inputs["gamma"]))
+             for folder in arguments.export_dirs]
+    if arguments.ngram:
+        sides.append(("(training-free)", ngram_config(inputs["gamma"])))
+    for name, speculative in sides:
         engine = LLM(**settings, speculative_config=speculative)
         outputs, rates = timed(engine, prompts, params, arguments.batch, arguments.repeats)
         del engine
-        rows.append((f"vLLM {speculative['method']} {folder.name}", statistics.median(rates), rates, outputs == plain))
+        rows.append((f"vLLM {speculative['method']} {name}", statistics.median(rates), rates, outputs == plain))
     base = rows[0][1]
-    print(f"\n{len(prompts)} prompts of {inputs['drafter']!r}'s eval, up to {inputs['max_new_tokens']} new tokens, "
+    print(f"\n{len(prompts)} prompts of {inputs.get('drafter', 'the report')!r}'s eval, up to "
+          f"{inputs['max_new_tokens']} new tokens, "
           f"greedy, fp32, γ = {inputs['gamma']}, batch {arguments.batch or 'all'}, median of {arguments.repeats}:\n")
     print("| side | tokens/s | runs | × plain | output == plain |\n|---|---|---|---|---|")
     for name, rate, rates, same in rows:
         print(f"| {name} | {rate:.1f} | {', '.join(f'{r:.1f}' for r in rates)} | {rate / base:.2f}× | "
               f"{'yes' if same else 'NO'} |")
+    if arguments.json:
+        arguments.json.write_text(json.dumps({
+            "prompts": len(prompts), "batch": arguments.batch, "repeats": arguments.repeats, "gamma": inputs["gamma"],
+            "rows": [{"side": name, "tokens_per_s": rate, "runs": rates, "speedup": rate / base, "lossless": same}
+                     for name, rate, rates, same in rows]}, indent=2))
     raise SystemExit(0 if all(row[3] for row in rows) else 1)
 
 

@@ -2,6 +2,8 @@
 
     .venv-vllm/bin/python -m eval.serving_check runs/quickstart/default/export/drafter
     .venv-vllm/bin/python -m eval.serving_check runs/eagle3/default/export/drafter-eagle3 .../drafter-speculators
+    .venv-vllm/bin/python -m eval.serving_check --report runs/peers/default/eval/report.json \
+        peers/speculators/checkpoint=speculators --ngram
 
 Reads the run's `eval/report.json` (every prompt's token ids, the target's plain answers, γ, the stop ids) and the
 export's `meta.json` (which drafter, which target), then runs vLLM on the same token prompts, greedy: plain once,
@@ -11,8 +13,16 @@ plain run), with `{"method": M, "model": EXPORT_DIR, "num_speculative_tokens": �
 that vLLM's speculative output equals its plain output token for token (and reports how often vLLM's plain output
 equals our eval's plain answers), and puts vLLM's spec-decode counters (mean acceptance length, acceptance per
 position: accepted at i / drafts, vLLM's form) beside our eval's τ and per-position acceptance for that drafter.
-Writes `EXPORT_DIR.serving_check.json` and `.md` beside each export and adds vLLM's table to the export's model card. Exit status 1 when vLLM's speculative output
-is not lossless. Runs where vLLM is installed (on CPU: `.venv-vllm`, built by `.ci/setup-vllm`).
+Writes `EXPORT_DIR.serving_check.json` and `.md` beside each export and adds vLLM's table to the export's model card.
+
+A bare folder (another trainer's checkpoint, or any EAGLE-3 / speculators folder outside a run's export stage)
+is checked against an eval report given with `--report runs/<experiment>/<run>/eval/report.json`, as the row
+that eval decoded it as: `FOLDER=ROW` (`+eval.drafters.ROW=FOLDER`; ROW defaults to the folder's name); exports
+of runs given beside it still read their own run's report. `--ngram`
+also runs vLLM's own training-free `method: ngram` (prompt lookup, `prompt_lookup_min..max` as our eval's
+`prompt_lookup` row matches) on the same prompts, beside that row of ours: what a vLLM user compares a trained
+drafter with. Exit status 1 when vLLM's speculative output is not lossless. Runs where vLLM is installed (on CPU:
+`.venv-vllm`, built by `.ci/setup-vllm`).
 """
 from __future__ import annotations
 
@@ -23,26 +33,44 @@ import time
 from pathlib import Path
 
 
-def load_inputs(export_dir: Path) -> dict:
-    """What the check replays: the export's drafter name and target, the eval's prompts and settings."""
+def load_inputs(export_dir: Path, report_path: Path | None = None, row: str | None = None) -> dict:
+    """What the check replays: the drafter's row and target, the eval's prompts and settings. An export of a run
+    finds them beside it (the export stage's meta.json, the run's eval report); a bare folder, or any folder given
+    a `row`, reads them from `report_path` (an eval report) as row `row` (default: the folder's name)."""
     stage_dir = export_dir.parent
-    meta_path, report_path = stage_dir / "meta.json", stage_dir.parent / "eval" / "report.json"
-    for path, what in ((meta_path, "the export stage's meta.json"), (report_path, "the run's eval report")):
+    if report_path is None or (row is None and (stage_dir / "meta.json").exists()):
+        meta_path, report_path = stage_dir / "meta.json", stage_dir.parent / "eval" / "report.json"
+        for path, what in ((meta_path, "the export stage's meta.json"), (report_path, "the run's eval report")):
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: {export_dir} must be an export of a draftsmith run "
+                                        f"that also ran eval ({what}), or pass --report EVAL_REPORT with it")
+        drafter = json.loads(meta_path.read_text())["summary"]["drafter"]
+    else:
+        drafter = row or export_dir.name
+    inputs = eval_inputs(report_path)
+    if drafter not in inputs["rows"]:
+        raise ValueError(f"the drafter {drafter!r} is not a row of {report_path} (rows: {sorted(inputs['rows'])}); "
+                         f"evaluate it first (+eval.drafters.{drafter}={export_dir}) or name its row: FOLDER=ROW")
+    return inputs | {"drafter": drafter, "ours": inputs["rows"][drafter]}
+
+
+def eval_inputs(report_path: Path) -> dict:
+    """An eval report's prompts, settings and rows, and its target (the config in the eval stage's meta.json)."""
+    meta_path = report_path.parent / "meta.json"
+    for path in (report_path, meta_path):
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: {export_dir} must be an export of a draftsmith run that "
-                                    f"also ran eval ({what})")
-    meta, report = json.loads(meta_path.read_text()), json.loads(report_path.read_text())
+            raise FileNotFoundError(f"{path} is missing: name an eval stage's report.json "
+                                    f"(runs/<experiment>/<run>/eval/report.json), with its meta.json beside it")
+    report = json.loads(report_path.read_text())
     if "prompts" not in report:
         raise ValueError(f"{report_path} predates serving checks (no prompt token ids); re-run the eval stage")
     settings = report["settings"]
     if settings["sampling"]["temperature"] != 0:
         raise ValueError("the serving check replays greedy evals only (eval.sampling.temperature=0)")
-    drafter = meta["summary"]["drafter"]
-    if drafter not in report["drafters"]:
-        raise ValueError(f"the exported drafter {drafter!r} is not in {report_path}; evaluate it first")
-    return {"drafter": drafter, "ours": report["drafters"][drafter], "prompts": report["prompts"],
-            "gamma": settings["gamma"], "tree": settings.get("tree") or [], "max_new_tokens": settings["max_new_tokens"],
-            "stop_ids": report["stop_ids"], "config": meta["config"]}
+    return {"rows": report["drafters"], "report_dir": report_path.parent, "prompts": report["prompts"],
+            "gamma": settings["gamma"], "tree": settings.get("tree") or [],
+            "max_new_tokens": settings["max_new_tokens"], "stop_ids": report["stop_ids"],
+            "config": json.loads(meta_path.read_text())["config"]}
 
 
 def target_dir(config: dict) -> Path:
@@ -105,10 +133,22 @@ def method(export_dir: Path) -> str:
 REPLAYED = ("prompts", "gamma", "max_new_tokens", "stop_ids")
 
 
-def check(export_dirs: list[Path]) -> list[dict]:
-    """One plain vLLM run, then one speculative run per export folder. Folders may come from different runs (and
-    drafters) as long as their evals replayed the same prompts with the same settings and target."""
-    inputs = [load_inputs(export_dir) for export_dir in export_dirs]
+def ngram_config(gamma: int) -> dict:
+    """vLLM's prompt lookup with our eval's `prompt_lookup` n-gram range (models.lookup.LookupSpec's defaults)."""
+    from models.lookup import BASELINES
+
+    spec = BASELINES["prompt_lookup"]
+    return {"method": "ngram", "num_speculative_tokens": gamma, "prompt_lookup_min": spec.min_ngram,
+            "prompt_lookup_max": spec.max_ngram}
+
+
+def check(export_dirs: list[Path], report: Path | None = None, rows: list[str | None] | None = None,
+          ngram: bool = False) -> list[dict]:
+    """One plain vLLM run, then one speculative run per folder (and one of vLLM's `ngram` with `ngram`). Folders
+    may come from different runs (and drafters) as long as their evals replayed the same prompts with the same
+    settings and target; with `report`, every folder is checked against that eval report, as row `rows[i]`."""
+    rows = rows or [None] * len(export_dirs)
+    inputs = [load_inputs(export_dir, report, row) for export_dir, row in zip(export_dirs, rows)]
     target = target_dir(inputs[0]["config"])
     for export_dir, other in zip(export_dirs[1:], inputs[1:]):
         differs = [key for key in REPLAYED if other[key] != inputs[0][key]]
@@ -117,17 +157,27 @@ def check(export_dirs: list[Path]) -> list[dict]:
                              f"check them one at a time")
     prompts = [p["prompt_ids"] for p in inputs[0]["prompts"]]
     plain, _, plain_seconds = generate(target, prompts, inputs[0]["max_new_tokens"], inputs[0]["stop_ids"], None)
-    return [compare(export_dir, each, target, plain, plain_seconds) for export_dir, each in zip(export_dirs, inputs)]
+    results = [compare(export_dir, each, speculative_config(export_dir, each["gamma"]), target, plain, plain_seconds)
+               for export_dir, each in zip(export_dirs, inputs)]
+    if ngram:  # beside `report`'s row prompt_lookup (else the first folder's eval): eval/vllm-ngram.serving_check.*
+        first = eval_inputs(report) if report else inputs[0]
+        lookup = dict(first, drafter="prompt_lookup", ours=first["rows"].get("prompt_lookup"))
+        out = first["report_dir"] / "vllm-ngram"
+        results.append(compare(out, lookup, ngram_config(first["gamma"]), target, plain, plain_seconds))
+    return results
 
 
-def compare(export_dir: Path, inputs: dict, target: Path, plain: list[list[int]], plain_seconds: float) -> dict:
+def compare(export_dir: Path, inputs: dict, speculative: dict, target: Path, plain: list[list[int]],
+            plain_seconds: float) -> dict:
+    """vLLM with `speculative` against its plain run, beside our eval's row `inputs['drafter']` (None: no row).
+    Writes `export_dir`.serving_check.json/.md beside `export_dir` and vLLM's table into its model card."""
     prompts = [p["prompt_ids"] for p in inputs["prompts"]]
     ours_plain = [[t for t in p["reference_ids"] if t not in inputs["stop_ids"]] for p in inputs["prompts"]]
-    speculative = speculative_config(export_dir, inputs["gamma"])
     spec, counters, spec_seconds = generate(target, prompts, inputs["max_new_tokens"], inputs["stop_ids"],
                                             speculative)
     mismatched = [p["id"] for p, a, b in zip(inputs["prompts"], spec, plain) if a != b]
     tokens = sum(map(len, spec))
+    ours = inputs["ours"]
     result = {
         "export": str(export_dir), "drafter": inputs["drafter"], "target": str(target),
         "speculative_config": speculative, "prompts": len(prompts), "max_new_tokens": inputs["max_new_tokens"],
@@ -136,7 +186,7 @@ def compare(export_dir: Path, inputs: dict, target: Path, plain: list[list[int]]
         "vllm_plain_equals_our_plain": sum(a == b for a, b in zip(plain, ours_plain)),
         "vllm": serving_metrics(counters) | {"tokens": tokens, "plain_tokens_per_s": sum(map(len, plain)) /
                                              plain_seconds, "speculative_tokens_per_s": tokens / spec_seconds},
-        "ours": {k: inputs["ours"][k] for k in ("block_efficiency", "acceptance_rate", "accepted_per_position")},
+        "ours": ours and {k: ours[k] for k in ("block_efficiency", "acceptance_rate", "accepted_per_position")},
     }
     result["vllm"]["speedup"] = result["vllm"]["speculative_tokens_per_s"] / result["vllm"]["plain_tokens_per_s"]
     result["table_markdown"] = table(result)
@@ -169,13 +219,14 @@ def table(result: dict) -> str:
         return " / ".join(f"{v:.2f}" for v in values)
 
     γ = result["speculative_config"]["num_speculative_tokens"]
+    our_row = (f"| draftsmith eval | {ours['block_efficiency']:.3f} | {ours['acceptance_rate']:.3f} | "
+               f"{positions(ours['accepted_per_position'])} | – | yes (checked by eval) |" if ours else
+               "| draftsmith eval | – (no such row in the eval) | – | – | – | – |")
     return "\n".join([
         f"Drafter `{result['drafter']}` ({result['export']}), γ = {γ}, greedy, {result['prompts']} prompts of our "
         f"eval, up to {result['max_new_tokens']} new tokens, fp32.", "",
         "| where | τ / mean acceptance length | acceptance rate | accepted per position | tokens/s (spec / plain) "
-        "| lossless |", "|---|---|---|---|---|---|",
-        f"| draftsmith eval | {ours['block_efficiency']:.3f} | {ours['acceptance_rate']:.3f} | "
-        f"{positions(ours['accepted_per_position'])} | – | yes (checked by eval) |",
+        "| lossless |", "|---|---|---|---|---|---|", our_row,
         f"| vLLM `{result['speculative_config']['method']}` | {vllm['mean_acceptance_length']:.3f} | {vllm['acceptance_rate']:.3f} | "
         f"{positions(vllm['accepted_per_position'])} | {vllm['speculative_tokens_per_s']:.1f} / "
         f"{vllm['plain_tokens_per_s']:.1f} ({vllm['speedup']:.2f}×) | "
@@ -189,11 +240,19 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("export_dirs", type=Path, nargs="+",
-                        help="runs/<experiment>/<run_name>/export/<folder>, one or more evaluated on the same prompts")
+    parser.add_argument("export_dirs", nargs="+",
+                        help="runs/<experiment>/<run_name>/export/<folder>, one or more evaluated on the same prompts; "
+                             "with --report, any EAGLE-3 / speculators / hf folder as FOLDER or FOLDER=ROW")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="an eval report.json whose rows the (bare) folders were decoded as")
+    parser.add_argument("--ngram", action="store_true", help="also vLLM's own method: ngram on the same prompts")
     arguments = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU: plenty for eval prompts
-    results = check([folder.resolve() for folder in arguments.export_dirs])
+    folders, rows = zip(*(((item.split("=", 1) + [None])[:2]) for item in arguments.export_dirs))
+    if arguments.report is None and any(rows):
+        parser.error("FOLDER=ROW names a row of an eval report: pass --report")
+    results = check([Path(folder).resolve() for folder in folders], arguments.report and arguments.report.resolve(),
+                    list(rows), arguments.ngram)
     for result in results:
         print(result["table_markdown"])
     raise SystemExit(0 if all(result["lossless"] for result in results) else 1)

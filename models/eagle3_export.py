@@ -22,7 +22,8 @@ misses a tensor without an error (the tensor stays uninitialised), so this check
 `read_folder` goes the other way: any EAGLE-3 or speculators folder (ours, or another trainer's: speculators,
 ModelOpt, SpecForge) becomes a `FeatureDrafter` that our decoder and eval run, built from the fields exactly as
 vLLM reads them (its defaults for missing fields and layer ids included), so a peer's checkpoint is measured as
-it will be served. A tensor missing, left over or of the wrong shape is an error naming it.
+it will be served (an embed_tokens tensor in the folder included: vLLM embeds the drafter's tokens with it, and so
+does the drafter read here). A tensor missing, left over or of the wrong shape is an error naming it.
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ def _as_engine_reads(config: dict) -> dict:
             "theta": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
             "rope_type": rope.get("rope_type", "default"), "vocab": config["vocab_size"],
             "draft_vocab": config.get("draft_vocab_size", config["vocab_size"]),
-            "target_hidden": config.get("target_hidden_size", config["hidden_size"]), "aux": aux,
+            "target_hidden": config.get("target_hidden_size") or config["hidden_size"], "aux": aux,
             "norm_before_residual": bool(config.get("norm_before_residual", False)),
             "norm_before_fc": bool(config.get("norm_before_fc", eagle.get("norm_before_fc", False))),
             "fc_norm": bool(config.get("fc_norm", False)), "norm_output": bool(config.get("norm_output", False)),
@@ -321,7 +322,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _file_name(ours: str) -> str:
     """The engines' name (speculators layout) of one of our drafter's tensors."""
-    renamed = {"reduce.weight": "fc.weight", "head.weight": "lm_head.weight", "head.d2t": "d2t"}
+    renamed = {"reduce.weight": "fc.weight", "head.weight": "lm_head.weight", "head.d2t": "d2t",
+               "embed_tokens.weight": "embed_tokens.weight"}
     return renamed.get(ours) or ("layers.0." + ours.removeprefix("layer.") if ours.startswith("layer.") else ours)
 
 
@@ -347,11 +349,11 @@ def read_folder(folder: Path, target, layer_ids: list[int] | None = None) -> Fea
         raise ValueError(f"{folder}: aux layer ids {ids} name layers outside 1..{target_config.num_hidden_layers} "
                          f"(id 0, the embedding, is not a feature here)")
     weights = {k.replace("midlayer.", "layers.0."): v.float() for k, v in _weights(folder).items() if k != "t2d"}
-    embedding = weights.pop("embed_tokens.weight", None)
-    if embedding is not None and not torch.equal(embedding, target.get_input_embeddings().weight.detach().float()
-                                                 .cpu()):
-        raise ValueError(f"{folder}: holds an embed_tokens.weight that differs from the target's embedding; the "
-                         f"decoder here drafts with the target's")
+    if "embed_tokens.weight" in weights:  # vLLM then embeds the drafter's tokens with it, not the target's
+        shape = tuple(weights["embed_tokens.weight"].shape)
+        if shape != (c["vocab"], c["hidden"]):
+            raise ValueError(f"{folder}: embed_tokens.weight has shape {shape}, the config implies "
+                             f"{(c['vocab'], c['hidden'])}")
     layer_fields = config.get("transformer_layer_config") or config
     rope = dict(layer_fields.get("rope_parameters") or {"rope_type": "default", "rope_theta": c["theta"]})
     layer_config = LlamaConfig(
@@ -362,7 +364,8 @@ def read_folder(folder: Path, target, layer_ids: list[int] | None = None) -> Fea
     spec = FeatureDrafterSpec(name=folder.name, intermediate_size=layer_fields["intermediate_size"],
                               feature_layers=tuple(i - 1 for i in ids), draft_vocab_size=c["draft_vocab"],
                               layout="eagle3", norm_before_fc=c["norm_before_fc"],
-                              norm_before_residual=c["norm_before_residual"], norm_output=c["norm_output"])
+                              norm_before_residual=c["norm_before_residual"], norm_output=c["norm_output"],
+                              own_embedding="embed_tokens.weight" in weights)
     drafter = FeatureDrafter(spec, target_config, layer_config)
     offsets = weights.pop("d2t", None)
     if offsets is None and c["draft_vocab"] != c["vocab"]:

@@ -71,6 +71,8 @@ class FeatureDrafterSpec:
     norm_before_fc: bool = False        # eagle3: RMSNorm over the fused target layers before `reduce`
     norm_before_residual: bool = False  # eagle3: the residual starts from hidden_norm(f), not f
     norm_output: bool = False           # own head: feed back the normed output instead of the pre-norm one
+    own_embedding: bool = False         # a frozen embedding of its own (an engine folder's embed_tokens), not the
+                                        # target's: what an engine serving that folder embeds with
     seed: int = 0
     LIMITS: ClassVar[dict] = {"intermediate_size": at_least(1, none_ok=True),
                               "draft_vocab_size": at_least(2, none_ok=True), "layout": one_of("linear", "eagle3")}
@@ -153,6 +155,10 @@ class FeatureDrafter(torch.nn.Module):
             self.layer = LlamaDecoderLayer(self.layer_config, layer_idx=0)
         torch.random.set_rng_state(generator_state)
         self.rotary = LlamaRotaryEmbedding(self.layer_config)
+        self.embed_tokens = None
+        if spec.own_embedding:
+            self.embed_tokens = torch.nn.Embedding(target_config.vocab_size, hidden)
+            self.embed_tokens.requires_grad_(False)
         self.norm = self.head = None
         if spec.draft_vocab_size:
             self.norm = LlamaRMSNorm(hidden, eps=target_config.rms_norm_eps)
@@ -161,6 +167,10 @@ class FeatureDrafter(torch.nn.Module):
     @property
     def feature_layers(self) -> tuple[int, ...] | None:
         return self.spec.feature_layers
+
+    def input_embeddings(self, target: PreTrainedModel) -> torch.nn.Module:
+        """What embeds the tokens the drafter reads: its own embedding if it has one, else the target's."""
+        return self.embed_tokens if self.embed_tokens is not None else target.get_input_embeddings()
 
     def start_head(self, d2t: torch.Tensor, target_head: torch.Tensor) -> None:
         """Own head over the draft vocabulary `d2t`, started from the target's head rows."""
@@ -284,7 +294,7 @@ class FeatureDraft:
     def __init__(self, drafter: torch.nn.Module, target: PreTrainedModel) -> None:
         self.drafter, self.target = drafter, target
         self.networks = (drafter,)  # what the decoder's few-row kernels apply to (models.kernels)
-        self.embed = target.get_input_embeddings()
+        self.embed = drafter.input_embeddings(target)
         self.feature_layers = getattr(drafter, "feature_layers", None)  # which target features the decoder keeps
 
     def start(self, rows: int, capacity: int) -> None:

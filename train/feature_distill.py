@@ -73,7 +73,7 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
         else:
             features = target.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
             fused = features if captured[0] is None else captured[0]
-        embeddings = target.get_input_embeddings()(input_ids)
+        embeddings = drafter.input_embeddings(target)(input_ids)
     inputs = fused[:, :-1]
     if noise:
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise

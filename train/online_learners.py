@@ -152,7 +152,7 @@ class FeatureLearner:
         device = next(model.parameters()).device
         input_ids, attention, _, _ = collate(rows, self.pad_id, self.max_seq_len, device)
         fused, _, _ = self.features.batch(rows, self.max_seq_len, device)
-        embeddings = self.target.get_input_embeddings()(input_ids)
+        embeddings = model.input_embeddings(self.target)(input_ids)
         was_training = model.training
         model.eval()
         outputs = model.unrolled(fused[:, :-1], embeddings[:, 1:], attention[:, :-1] * attention[:, 1:], self.gamma)

@@ -4,7 +4,9 @@ the real SmolLM2 target, in one plain run and one speculative run per folder:
   drafted token;
 - `eagle3` and `speculators` through `method: eagle3`, the drafter an EAGLE-3 drafter trained briefly on the eval's
   own sequences, so its acceptance is neither 0 nor 1 and a field vLLM read differently from what we trained would
-  show as a different acceptance.
+  show as a different acceptance. The speculators folder is checked as a bare folder (a copy outside the run, as
+  another trainer's checkpoint would be) against the eval report that decoded it;
+- vLLM's own training-free `method: ngram` on the same prompts, beside our prompt lookup.
 Greedy speculative output must equal plain output in every case."""
 from __future__ import annotations
 
@@ -68,10 +70,10 @@ def test_vllm_runs_every_export_format_losslessly_and_reports_acceptance_beside_
     shutil.copytree(real_target.path, copy, ignore=shutil.ignore_patterns("draftsmith_identity.json"))
     env = dict(os.environ, DRAFTSMITH_CACHE=str(real_target_cache), VLLM_CPU_KVCACHE_SPACE="1")
 
-    def pipeline(run_name: str, drafter: str):
+    def pipeline(run_name: str, drafter: str, baselines: str = "[]"):
         done = subprocess.run(
             [sys.executable, "train/run.py", "+experiment=standalone", f"run_name={run_name}", f"runs_root={tmp_path}",
-             "logger=none", "stages=[eval,export]", "eval.include_untrained=false", "eval.baselines=[]",
+             "logger=none", "stages=[eval,export]", "eval.include_untrained=false", f"eval.baselines={baselines}",
              f"+eval.drafters.{run_name}={drafter}", "eval_data.limit=2", "eval.max_new_tokens=24",
              "eval.plots=false"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
@@ -81,15 +83,22 @@ def test_vllm_runs_every_export_format_losslessly_and_reports_acceptance_beside_
     report = json.loads((standalone / "eval" / "report.json").read_text())
     sequences = [p["prompt_ids"] + p["reference_ids"] for p in report["prompts"]]
     FeatureKind().save(briefly_trained_eagle3(real_target.model, sequences), real_target, tmp_path / "eagle3_drafter")
-    eagle3 = pipeline("eagle3", str(tmp_path / "eagle3_drafter"))
-    exports = [standalone / "export" / "drafter", eagle3 / "export" / "drafter-eagle3",
-               eagle3 / "export" / "drafter-speculators"]
+    eagle3 = pipeline("eagle3", str(tmp_path / "eagle3_drafter"), "[prompt_lookup]")
+    bare = tmp_path / "peer_checkpoint"  # a speculators folder outside any run, as another trainer leaves one
+    shutil.copytree(eagle3 / "export" / "drafter-speculators", bare)
+    exports = [standalone / "export" / "drafter", eagle3 / "export" / "drafter-eagle3", bare]
     assert json.loads((exports[2] / "config.json").read_text())["speculators_model_type"] == "eagle3"
 
-    check = subprocess.run([VLLM_PYTHON, "-m", "eval.serving_check", *map(str, exports)], cwd=REPO_ROOT, env=env,
+    report = eagle3 / "eval" / "report.json"
+    check = subprocess.run([VLLM_PYTHON, "-m", "eval.serving_check", *map(str, exports[:2]), f"{bare}=eagle3",
+                            "--report", str(report), "--ngram"], cwd=REPO_ROOT, env=env,
                            capture_output=True, text=True, timeout=1500)
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-4000:]
     results = [json.loads((e.parent / f"{e.name}.serving_check.json").read_text()) for e in exports]
+    ngram = json.loads((report.parent / "vllm-ngram.serving_check.json").read_text())
+    assert ngram["lossless"] and ngram["speculative_config"]["method"] == "ngram" and ngram["drafter"] == "prompt_lookup"
+    assert ngram["vllm"]["drafts"] > 0 and ngram["ours"]["block_efficiency"] > 1.0
+    assert "| vLLM `ngram` |" in check.stdout
     for export, result in zip(exports, results):
         assert result["lossless"] and result["prompts"] == 4  # 2 MT-Bench questions, both turns
         assert result["vllm_plain_equals_our_plain"] == 4  # the same greedy tokens from vLLM and from our decoder

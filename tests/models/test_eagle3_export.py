@@ -186,7 +186,7 @@ def _rewrite(out, config=None, weights=None):
 @pytest.mark.parametrize("damage, named", [
     ("missing_tensor", r"missing \['layers.0.hidden_norm.weight'\]"),
     ("extra_tensor", r"left over \['layers.0.stray.weight'\]"),
-    ("own_embedding", "embed_tokens.weight that differs"),
+    ("embedding_shape", r"embed_tokens.weight has shape \(256, 64\)"),
     ("wrong_target", "this target is 64 wide"),
     ("layer_ids", "outside 1..2"),
     ("no_d2t", "no d2t"),
@@ -200,8 +200,8 @@ def test_a_folder_that_does_not_make_its_drafter_is_refused_by_name(drafter, tin
         del weights["layers.0.hidden_norm.weight"]
     elif damage == "extra_tensor":
         weights["layers.0.stray.weight"] = torch.zeros(3)
-    elif damage == "own_embedding":
-        weights["embed_tokens.weight"] = model.get_input_embeddings().weight.detach() + 1
+    elif damage == "embedding_shape":
+        weights["embed_tokens.weight"] = model.get_input_embeddings().weight.detach()[:256]
     elif damage == "wrong_target":
         config["target_hidden_size"] = 128
     elif damage == "layer_ids":
@@ -213,17 +213,25 @@ def test_a_folder_that_does_not_make_its_drafter_is_refused_by_name(drafter, tin
         eagle3_export.read_folder(out, model)
 
 
-def test_a_copy_of_the_targets_embedding_is_accepted_and_layer_ids_follow_vllm(drafter, tiny_target, tmp_path):
+def test_a_folders_own_embedding_is_what_the_drafter_embeds_with_and_layer_ids_follow_vllm(drafter, tiny_target,
+                                                                                           tmp_path):
+    """speculators saves a bf16 copy of the target's embedding; vLLM embeds the drafter's tokens with it, so the
+    drafter read here does too. Without layer ids in the folder, vLLM's default ids apply."""
+    from models.feature_drafter import FeatureDraft
+
     model = tiny_target.model
     out = eagle3_export.write(drafter, model.config, tmp_path / "peer", "speculators", 3, "T", {})
     weights = load_file(str(out / "model.safetensors"))
-    weights["embed_tokens.weight"] = model.get_input_embeddings().weight.detach().clone()
+    rounded = model.get_input_embeddings().weight.detach().to(torch.bfloat16)
+    weights["embed_tokens.weight"] = rounded
     config = json.loads((out / "config.json").read_text())
     del config["eagle_aux_hidden_state_layer_ids"]
+    config["target_hidden_size"] = None  # as speculators writes it: vLLM then takes the drafter's width
     _rewrite(out, config, weights)
     assert eagle3_export.served_layer_ids(config, 30) == [2, 15, 27]  # vLLM's default for a 30-layer target
     with pytest.raises(ValueError, match="aux layer ids"):  # that default does not fit a 2-layer target
         eagle3_export.read_folder(out, model)
     read = eagle3_export.read_folder(out, model, layer_ids=[2, 1])  # as trained, where the export says otherwise
-    assert read.spec.feature_layers == (0, 1)
-    assert same_drafts(drafter, read, model) < 1e-5
+    assert read.spec.feature_layers == (0, 1) and read.spec.own_embedding
+    assert torch.equal(FeatureDraft(read, model).embed.weight, rounded.float())
+    assert same_drafts(drafter, read, model) < 1e-5  # same_drafts feeds embeddings directly: the layers agree
