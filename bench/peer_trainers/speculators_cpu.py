@@ -3,7 +3,7 @@
     .venv-peers/speculators/bin/python bench/peer_trainers/speculators_cpu.py train --verifier-name-or-path ...
 
 Runs the peer's own command-line program after three run-time changes, each only where no accelerator exists and
-none touching its loss, optimizer or data (bench/peer_trainers/speculators.py CPU_CHANGES says why each is
+none touching its loss, optimizer or data (bench/peer_trainers/speculators_io.py CPU_CHANGES says why each is
 needed). Single process (LOCAL_RANK would start its accelerator-only distributed path). With
 SPEC_METRICS_JSONL=PATH every metrics dict its trainer logs is also appended to PATH, one JSON object a line.
 Imports only the peer and torch: nothing of draftsmith runs in the peer's environment.
@@ -12,7 +12,10 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its own
+# folder holds draftsmith's adapters, not the peer
 if "LOCAL_RANK" in os.environ:
     sys.exit("speculators_cpu.py runs one process on the CPU: unset LOCAL_RANK (no torchrun)")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.peer_trainers import speculators
+from bench.peer_trainers import speculators_io as speculators
 from models import eagle3_export
 from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
 from train.rows import Row
