@@ -3,6 +3,8 @@ epochs, each drafter decoded by our eval and served by vLLM.
 
     bench/peer_trainers/setup && python bench/peers.py [--epochs 3] [--run-name peers] [--no-vllm]
     python bench/peers.py --run-name trial --epochs 1 --override data.limit=48 distill.corpus_records=24
+    python bench/peers.py --arm norms 'drafter.norm_before_fc=true drafter.norm_before_residual=true
+        drafter.norm_output=true'
 
 1. ours: `train/run.py +experiment=quickstart` data_gen, then distill with the held-out τ of our lossless decoder
    recorded at every epoch's end (`distill.select=decoder`, the checkpoint with the best one becomes the drafter);
@@ -10,11 +12,14 @@ epochs, each drafter decoded by our eval and served by vLLM.
    format, our draft vocabulary and layers (bench/peer_trainers/speculators_io.py), the same number of epochs, its own
    loss, optimizer (Muon), schedule and packing; every epoch's checkpoint decoded by the same decoder on the same
    held-out prompts, the best one kept, as ours;
-3. both drafters through our MT-Bench eval (one table with the training-free rows), then, where .venv-vllm exists,
-   served by vLLM (`eval.serving_check`: acceptance per position beside ours; `bench/vllm_spec.py`: tokens/s at
-   batch 1 against vLLM plain and vLLM's own `method: ngram`).
-Writes `<runs>/peers/<run-name>/peers.{json,md}` and `tau_vs_tokens.png`; prints the table. Training seconds and
-peak memory are each trainer's own process (`/usr/bin/time`), tokens are the positions each loss scored.
+3. `--arm NAME 'OVERRIDES'` (repeatable): our trainer again with one of a peer's choices (e.g. speculators'
+   Eagle-3.1 norms), the same records, feature cache and budget, in run `<run-name>-NAME`;
+4. every drafter through our MT-Bench eval (one table with the training-free rows), then, where .venv-vllm exists,
+   ours and speculators' served by vLLM (`eval.serving_check`: acceptance per position beside ours;
+   `bench/vllm_spec.py`: tokens/s at batch 1 against vLLM plain and vLLM's own `method: ngram`).
+Writes `<runs>/peers/<run-name>/peers.{json,md}` and `tau_vs_tokens.png`; prints the table. Training seconds are
+the training steps alone (ours: distill's clock less its held-out evaluations; speculators: its logged step times),
+tokens the positions each loss scored at its first step; peak memory is the whole trainer process's (`/usr/bin/time`).
 ModelOpt and SpecForge are not run yet (bench/README.md says why and what they need).
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,10 +55,30 @@ def timed_run(command: list[str], log: Path, env: dict | None = None) -> dict:
     return {"seconds": round(seconds, 1), "peak_mib": round(int(usage.read_text().split()[-1]) / 1024)}
 
 
-def ours_command(options, stages: str, *extra: str) -> list[str]:
-    return [sys.executable, "train/run.py", f"+experiment={options.experiment}", f"run_name={options.run_name}",
-            f"runs_root={options.runs_root}", "logger=none", f"stages={stages}", f"distill.epochs={options.epochs}",
-            "distill.select=decoder", *options.override, *extra]
+def ours_command(options, stages: str, *extra: str, run_name: str | None = None) -> list[str]:
+    """train/run.py for one of our runs; every run of the bench shares one feature cache (the same rows, layers and
+    target, so one prefill)."""
+    features = options.runs_root / "peers" / options.run_name / "features"
+    return [sys.executable, "train/run.py", f"+experiment={options.experiment}",
+            f"run_name={run_name or options.run_name}", f"runs_root={options.runs_root}", "logger=none",
+            f"stages={stages}", f"distill.epochs={options.epochs}", "distill.select=decoder",
+            f"distill.feature_cache_dir={features}", *options.override, *extra]
+
+
+def train_ours(options, run_name: str, steps_per_epoch: int, log: Path, *arm: str) -> dict:
+    """Our distill stage on the shared data_gen records; its timing, scored tokens and held-out τ per epoch."""
+    run_dir = options.runs_root / options.experiment / run_name
+    reused = (run_dir / "distill" / "meta.json").exists()  # a finished distill is reused: nothing to time then
+    timing = timed_run(ours_command(options, "[data_gen,distill]", f"distill.eval_every={steps_per_epoch}", *arm,
+                                    run_name=run_name), log)
+    summary = json.loads((run_dir / "distill" / "meta.json").read_text())["summary"]
+    return timing | {
+        "peak_mib": None if reused else timing["peak_mib"], "overrides": list(arm),
+        "scored_tokens": summary["loss_tokens_this_run"],
+        "train_seconds": round(summary["seconds"] - summary.get("evaluation_seconds", 0.0), 1),  # steps only
+        "points": [{"tokens": p["loss_tokens"], "tau": p["block_efficiency"]}
+                   for p in summary["acceptance_proxy"] if p["step"] > 0],
+        "checkpoint": str(run_dir / "distill" / "model")}
 
 
 def main() -> None:
@@ -63,6 +89,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--total-seq-len", type=int, default=1024, help="speculators' packed row (tokens a step)")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM serving rows")
+    parser.add_argument("--arm", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"),
+                        help="also our trainer with these overrides (space-separated, quoted), e.g. --arm norms "
+                             "'drafter.norm_before_fc=true drafter.norm_output=true'")
     parser.add_argument("--override", nargs="*", default=[],
                         help="Hydra overrides for every run of ours, e.g. data.limit=64 (a smaller trial)")
     options = parser.parse_args()
@@ -93,17 +122,15 @@ def main() -> None:
     steps_per_epoch = math.ceil(len(train_rows) / distill.batch_size)
 
     print(f"[peers] ours: {len(train_rows)} training rows, {options.epochs} epochs", flush=True)
-    reused = (run_dir / "distill" / "meta.json").exists()  # a finished distill is reused: nothing to time then
-    ours = timed_run(ours_command(options, "[data_gen,distill]", f"distill.eval_every={steps_per_epoch}"),
-                     out / "ours.log")
-    summary = json.loads((run_dir / "distill" / "meta.json").read_text())["summary"]
-    if reused:
-        ours["peak_mib"] = None
-    ours |= {"scored_tokens": summary["loss_tokens_this_run"], "train_seconds": summary["seconds"],
-             "points": [{"tokens": p["loss_tokens"], "tau": p["block_efficiency"]}
-                        for p in summary["acceptance_proxy"] if p["step"] > 0], "checkpoint": str(run_dir / "distill" /
-                                                                                                    "model")}
-    results["trainers"]["draftsmith"] = ours
+    results["trainers"]["draftsmith"] = train_ours(options, options.run_name, steps_per_epoch, out / "ours.log")
+    for name, overrides in options.arm:  # our trainer with one of a peer's choices, on the same budget
+        arm_run = f"{options.run_name}-{name}"
+        arm_data = options.runs_root / options.experiment / arm_run / "data_gen"
+        if not arm_data.exists():
+            shutil.copytree(run_dir / "data_gen", arm_data)  # the same records (its fingerprint matches)
+        print(f"[peers] ours + {name} ({overrides})", flush=True)
+        results["trainers"][name] = train_ours(options, arm_run, steps_per_epoch, out / f"{name}.log",
+                                               *overrides.split())
 
     drafter = load_feature_drafter(run_dir / "distill" / "model", target.model)
     inputs = speculators.write_inputs(target.model, train_rows, heldout, drafter.spec.feature_layers,
@@ -129,12 +156,15 @@ def main() -> None:
                                "checkpoint": str(folder)})
         best = max(best, (tau, str(folder)))
     peer["checkpoint"] = best[1]
+    own = json.loads((Path(best[1]) / "val_metrics.json").read_text())  # its own validation on the held-out rows
+    peer["own_validation_accuracy"] = [own[f"full_acc_{k}_epoch"] for k in range(3) if f"full_acc_{k}_epoch" in own]
     results["trainers"]["speculators"] = peer
     del target
 
     print("[peers] eval: both drafters and the training-free rows on the eval prompts", flush=True)
+    arms = [f"+eval.drafters.{name}={results['trainers'][name]['checkpoint']}" for name, _ in options.arm]
     timed_run(ours_command(options, "[data_gen,distill,eval,export]", f"distill.eval_every={steps_per_epoch}",
-                           f"+eval.drafters.speculators={peer['checkpoint']}"), out / "eval.log")
+                           f"+eval.drafters.speculators={peer['checkpoint']}", *arms), out / "eval.log")
     report_path = run_dir / "eval" / "report.json"
     report = json.loads(report_path.read_text())
     results["eval"] = {name: {k: row.get(k) for k in ("block_efficiency", "accepted_per_position", "speedup_median")}
@@ -151,7 +181,8 @@ def main() -> None:
                                             "accepted_per_position": r["vllm"]["accepted_per_position"],
                                             "lossless": r["lossless"]} for r in served}
         print("[peers] vLLM: tokens/s at batch 1", flush=True)
-        timed_run([str(VLLM_PYTHON), "bench/vllm_spec.py", str(export), str(spec_dir), "--ngram", "--report",
+        timed_run([str(VLLM_PYTHON), "bench/vllm_spec.py", f"{export}=draftsmith", f"{spec_dir}=speculators",
+                   "--ngram", "--report",
                    str(report_path), "--batch", "1", "--repeats", "2", "--json", str(out / "vllm_batch1.json")],
                   out / "vllm_spec.log")
         results["vllm_batch1"] = json.loads((out / "vllm_batch1.json").read_text())
@@ -170,10 +201,10 @@ def markdown(results: dict) -> str:
     lines = ["| trainer | scored tokens | train s | tokens/s | peak MiB | held-out τ per epoch | eval τ | "
              "accepted per position (ours) | our wall speedup | vLLM mean acceptance length | vLLM per position |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = {"draftsmith": "distilled", "speculators": "speculators"}
     for trainer, row in results["trainers"].items():
-        evaluated = results.get("eval", {}).get(rows[trainer], {})
-        served = results.get("served", {}).get(rows[trainer], {})
+        name = "distilled" if trainer == "draftsmith" else trainer  # the trainer's row in our eval
+        evaluated = results.get("eval", {}).get(name, {})
+        served = results.get("served", {}).get(name, {})
         lines.append(
             f"| {trainer} | {row['scored_tokens']:,} | {row['train_seconds']:.0f} | "
             f"{row['scored_tokens'] / max(row['train_seconds'], 1e-9):.0f} | {row['peak_mib']} | "
@@ -182,6 +213,10 @@ def markdown(results: dict) -> str:
             f"{evaluated.get('speedup_median', float('nan')):.2f}× | "
             f"{served.get('mean_acceptance_length', float('nan')):.3f} | "
             f"{joined(served.get('accepted_per_position'))} |")
+    own = results["trainers"].get("speculators", {}).get("own_validation_accuracy")
+    if own:
+        lines += ["", "speculators' own validation (teacher-forced top-1 on the held-out rows, all earlier steps "
+                      f"right): {joined(own)} per step, against the acceptance per position above."]
     if "vllm_batch1" in results:
         lines += ["", "vLLM at batch 1 (tokens/s, × vLLM plain):", ""]
         lines += [f"- {r['side']}: {r['tokens_per_s']:.1f} ({r['speedup']:.2f}×), output == plain: {r['lossless']}"

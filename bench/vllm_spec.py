@@ -49,7 +49,7 @@ def timed(engine, prompts: list[list[int]], params, batch: int, repeats: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("export_dirs", type=Path, nargs="+")
+    parser.add_argument("export_dirs", nargs="+", help="export folders; FOLDER=LABEL names a side")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="prompts per generate call (0: all at once)")
     parser.add_argument("--ngram", action="store_true", help="also vLLM's method: ngram")
@@ -59,8 +59,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    inputs = (eval_inputs(arguments.report.resolve()) if arguments.report else
-              load_inputs(arguments.export_dirs[0].resolve()))
+    folders = [(Path(item.split("=", 1)[0]).resolve(), (item.split("=", 1) + [None])[1])
+               for item in arguments.export_dirs]
+    inputs = eval_inputs(arguments.report.resolve()) if arguments.report else load_inputs(folders[0][0])
     target = target_dir(inputs["config"])
     prompts = [p["prompt_ids"] for p in inputs["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=inputs["max_new_tokens"], stop_token_ids=inputs["stop_ids"])
@@ -70,8 +71,7 @@ def main() -> None:
     plain, plain_rates = timed(engine, prompts, params, arguments.batch, arguments.repeats)
     del engine
     rows.append(("vLLM plain", statistics.median(plain_rates), plain_rates, True))
-    sides = [(f"{folder.name}", speculative_config(folder.resolve(), inputs["gamma"]))
-             for folder in arguments.export_dirs]
+    sides = [(label or folder.name, speculative_config(folder, inputs["gamma"])) for folder, label in folders]
     if arguments.ngram:
         sides.append(("(training-free)", ngram_config(inputs["gamma"])))
     for name, speculative in sides:

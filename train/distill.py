@@ -323,7 +323,10 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
     elif distributed.is_main():
         shutil.rmtree(out_dir / "best", ignore_errors=True)
 
+    evaluating = [0.0]  # seconds spent on held-out evaluations (and saving the best), not training
+
     def evaluate_proxy(step: int, scored: int) -> None:
+        began = time.perf_counter()
         model.eval()
         proxy = objective.proxy(model, heldout, micro_batch or 1)
         entry, score = {"step": step, "loss_tokens": scored, "proxy": round(proxy, 6)}, proxy
@@ -338,11 +341,13 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
             best.update(proxy=proxy, score=score, step=step)
             if settings.select != "last":
                 save_weights(engine, out_dir / "best", objective.save)
+        evaluating[0] += time.perf_counter() - began
 
     if start_step == 0:
         evaluate_proxy(0, 0)  # the starting drafter is a candidate too: training may not improve acceptance
     batches: dict[int, list[list[int]]] = {}
     started, tokens, loss_tokens, losses = time.perf_counter(), 0, 0, {}
+    evaluating[0] = 0.0  # from here on, within the training clock
     progress = tqdm(total=total_steps, initial=start_step, desc=f"distill ({kind.name})", unit="step",
                     disable=not distributed.is_main())
     for step in range(start_step, total_steps):
@@ -414,6 +419,7 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
                "best_step": best["step"], "best_acceptance_proxy": round(best["proxy"], 4),
                **({"best_block_efficiency": round(best["score"], 4)} if settings.select == "decoder" else {}),
                "acceptance_proxy": history, "loss_tokens_this_run": loss_tokens, "seconds": round(elapsed, 1),
+               "evaluation_seconds": round(evaluating[0], 1),  # of `seconds`: held-out checks, not training
                "prepare_seconds": round(prepare_seconds, 1),
                "loss_tokens_per_s": round(loss_tokens / max(elapsed, 1e-9)), "processes": world,
                "lora": settings.lora is not None, "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}
