@@ -172,7 +172,8 @@ def main() -> None:
     if not options.no_vllm and VLLM_PYTHON.exists():
         export = run_dir / "export" / "drafter-eagle3"
         spec_dir = Path(peer["checkpoint"])
-        print("[peers] vLLM: acceptance of both exports and vLLM's ngram", flush=True)
+        print("[peers] vLLM: acceptance of our export (the eval's best row of ours), speculators' and vLLM's ngram",
+              flush=True)
         timed_run([str(VLLM_PYTHON), "-m", "eval.serving_check", str(export), f"{spec_dir}=speculators",
                    "--report", str(report_path), "--ngram"], out / "serving_check.log")
         served = [json.loads((d.parent / f"{d.name}.serving_check.json").read_text())
@@ -181,7 +182,8 @@ def main() -> None:
                                             "accepted_per_position": r["vllm"]["accepted_per_position"],
                                             "lossless": r["lossless"]} for r in served}
         print("[peers] vLLM: tokens/s at batch 1", flush=True)
-        timed_run([str(VLLM_PYTHON), "bench/vllm_spec.py", f"{export}=draftsmith", f"{spec_dir}=speculators",
+        exported = json.loads((export.parent / "meta.json").read_text())["summary"]["drafter"]  # the eval's best row
+        timed_run([str(VLLM_PYTHON), "bench/vllm_spec.py", f"{export}={exported}", f"{spec_dir}=speculators",
                    "--ngram", "--report",
                    str(report_path), "--batch", "1", "--repeats", "2", "--json", str(out / "vllm_batch1.json")],
                   out / "vllm_spec.log")

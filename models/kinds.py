@@ -104,9 +104,12 @@ class FeatureKind(DrafterKind):
 
     def parameters_per_token(self, drafter, target_model) -> int:
         """Its own weights plus, without a draft vocabulary of its own, the target's LM head, which turns each
-        predicted feature into a token."""
+        predicted feature into a token; an embedding of its own is a lookup of one row, not counted (nor is the
+        target's, which the others read)."""
         own_head = getattr(drafter, "head", None) is not None
-        return count_parameters(drafter) + (0 if own_head else target_model.get_output_embeddings().weight.numel())
+        embedding = drafter.embed_tokens.weight.numel() if drafter.embed_tokens is not None else 0
+        return (count_parameters(drafter) - embedding
+                + (0 if own_head else target_model.get_output_embeddings().weight.numel()))
 
 
 class LookupKind(DrafterKind):

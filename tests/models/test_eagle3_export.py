@@ -234,4 +234,7 @@ def test_a_folders_own_embedding_is_what_the_drafter_embeds_with_and_layer_ids_f
     read = eagle3_export.read_folder(out, model, layer_ids=[2, 1])  # as trained, where the export says otherwise
     assert read.spec.feature_layers == (0, 1) and read.spec.own_embedding
     assert torch.equal(FeatureDraft(read, model).embed.weight, rounded.float())
+    from models.drafter import count_parameters
+    from models.kinds import FeatureKind
+    assert FeatureKind().parameters_per_token(read, model) == count_parameters(drafter)  # a lookup is not read
     assert same_drafts(drafter, read, model) < 1e-5  # same_drafts feeds embeddings directly: the layers agree
