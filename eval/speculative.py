@@ -40,6 +40,7 @@ from infra.settings import SettingsError, at_least, check_fields
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from models.drafter import DrafterSpec
+from models.eagle3_export import is_engine_folder
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import draft_for, kind_of, kind_of_spec, load_any
 from models.loading import check_finite
@@ -221,7 +222,8 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
     """Benchmark every drafter (name -> TokenDraft | FeatureDraft) on `prompts`; `encode(messages) -> ids` is the
     target's chat template; `parameters` holds parameter counts (target and drafters) for MBSU; `drafter_paths`
     says where each drafter came from; `baselines` names the training-free ones and `hybrids` the trained ones
-    behind a lookup (neither is ever "best": "best" is a checkpoint the export stage can ship). Writes
+    behind a lookup (neither is ever "best": "best" is a checkpoint the export stage can ship, so another trainer's
+    engine folder is not either while one of ours is evaluated). Writes
     report.json, report.md and plots to `out_dir`; returns the report."""
     decode = settings.decode
     half = next(target.parameters()).dtype in (torch.float16, torch.bfloat16)
@@ -293,7 +295,9 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
                      f"eval/{name}/speedup_median": median, f"eval/{name}/mbsu": metrics["mbsu"]})
     learned = {n: m for n, m in report["drafters"].items() if n not in baselines and n not in hybrids}
     trained = {n: m for n, m in learned.items() if n != "untrained"}
-    report["best"] = max(trained or learned or report["drafters"],
+    # another trainer's engine folder is decoded beside ours but is not ours to export
+    own = {n: m for n, m in trained.items() if not is_engine_folder(Path(report["drafter_paths"].get(n, "")))}
+    report["best"] = max(own or trained or learned or report["drafters"],
                          key=lambda n: report["drafters"][n]["block_efficiency"])
     report["table_markdown"] = markdown_report(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))

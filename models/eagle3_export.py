@@ -159,11 +159,11 @@ def _as_engine_reads(config: dict) -> dict:
     eagle = config.get("eagle_config") or {}
     aux = config.get("num_aux_hidden_states") or len(eagle.get("eagle_aux_hidden_state_layer_ids") or ()) or 3
     heads = config["num_attention_heads"]
-    rope = config.get("rope_parameters") or {}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     return {"hidden": config["hidden_size"], "heads": heads, "kv_heads": config.get("num_key_value_heads", heads),
             "head_dim": config.get("head_dim") or config["hidden_size"] // heads, "eps": config["rms_norm_eps"],
             "theta": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-            "rope_type": rope.get("rope_type", "default"), "vocab": config["vocab_size"],
+            "rope_type": rope.get("rope_type", rope.get("type", "default")), "vocab": config["vocab_size"],
             "draft_vocab": config.get("draft_vocab_size", config["vocab_size"]),
             "target_hidden": config.get("target_hidden_size") or config["hidden_size"], "aux": aux,
             "norm_before_residual": bool(config.get("norm_before_residual", False)),
@@ -339,6 +339,10 @@ def read_folder(folder: Path, target, layer_ids: list[int] | None = None) -> Fea
         raise ValueError(f"{folder}: fc_norm (one norm per target layer before fc) is not a drafter option here")
     if c["act"] != "silu":
         raise ValueError(f"{folder}: hidden_act {c['act']!r}; the EAGLE-3 Llama layer here uses silu")
+    if c["rope_type"] != "default":
+        raise ValueError(f"{folder}: rope {c['rope_type']!r} (config.json rope_parameters/rope_scaling); the EAGLE-3 "
+                         f"Llama layer here computes the default rope only, so it would not decode what an engine "
+                         f"serves")
     if c["target_hidden"] != target_config.hidden_size or c["vocab"] != target_config.vocab_size:
         raise ValueError(f"{folder}: a drafter for a target {c['target_hidden']} wide with {c['vocab']} tokens; "
                          f"this target is {target_config.hidden_size} wide with {target_config.vocab_size}")

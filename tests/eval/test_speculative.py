@@ -58,6 +58,25 @@ def run_eval(tiny_target, tmp_path, drafters: dict, settings: EvalSettings) -> d
                     encode=lambda messages: prompt_token_ids(tokenizer, messages), parameters=parameters)
 
 
+def test_another_trainers_engine_folder_is_decoded_but_never_the_best_to_export(tiny_target, tmp_path):
+    """`best` is what the export stage ships: a peer's EAGLE-3 folder (an engine's layout, not our checkpoint) is
+    ranked in the table but not chosen while one of ours was evaluated."""
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    spec = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
+    peer = tmp_path / "peer"
+    peer.mkdir()
+    (peer / "config.json").write_text('{"architectures": ["LlamaForCausalLMEagle3"]}')
+    drafters = {"ours": TokenDraft(build_drafter(spec, model, tokenizer).eval()), "peer": TokenDraft(model)}
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
+    report = evaluate(model, tokenizer, drafters, two_turn_prompts()[:1], stop_ids, tiny_settings(), tmp_path,
+                      Tracker(LoggerSettings(backend="none"), tmp_path, "eval", {}),
+                      encode=lambda messages: prompt_token_ids(tokenizer, messages),
+                      parameters={"target": 1, "ours": 1, "peer": 1},
+                      drafter_paths={"ours": str(tmp_path / "ours"), "peer": str(peer)})
+    assert report["drafters"]["peer"]["block_efficiency"] > report["drafters"]["ours"]["block_efficiency"]
+    assert report["best"] == "ours"
+
+
 def test_eval_replays_both_turns_on_the_targets_own_answers_and_writes_its_report(tiny_target, tmp_path):
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
     spec = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
