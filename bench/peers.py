@@ -3,14 +3,14 @@ epochs, each drafter decoded by our eval and served by vLLM.
 
     bench/peer_trainers/setup && python bench/peers.py [--epochs 3] [--run-name peers] [--no-vllm]
     python bench/peers.py --run-name trial --epochs 1 --override data.limit=64 distill.corpus_records=24
-    python bench/peers.py --peers modelopt --arm norms 'drafter.norm_before_fc=true drafter.norm_before_residual=true
-        drafter.norm_output=true'
+    python bench/peers.py --arm norms '+drafter.norm_before_fc=true +drafter.norm_before_residual=true
+        +drafter.norm_output=true' --arm muon '+distill.optim.name=muon'
 
 1. ours: `train/run.py +experiment=quickstart` data_gen, then distill with the held-out τ of our lossless decoder
    recorded at every epoch's end (`distill.select=decoder`, the checkpoint with the best one becomes the drafter);
 2. speculators 0.9.0 (.venv-peers/speculators): the same training and held-out rows, the target's features in its
    format, our draft vocabulary and layers (bench/peer_trainers/speculators_io.py), the same number of epochs, its own
-   loss, optimizer (Muon), schedule and packing;
+   loss, optimizer (its default: Muon over the weight matrices, AdamW over the rest), schedule and packing;
 3. ModelOpt 0.47.0 (.venv-peers/modelopt), offline: the same rows and features in its .pt layout, our draft
    vocabulary and layers, its draft layer in our drafter's shape, our batch, learning rate, warm-up and epochs, its
    own loss (soft targets over the draft vocabulary, 0.9 decay over 3 TTT steps), AdamW and linear schedule, its
@@ -107,7 +107,8 @@ def best_point(points: list[dict]) -> str:
 
 def train_speculators(options, work: Path, log: Path, target, train_rows, heldout, distill, drafter,
                       stop_ids) -> dict:
-    """speculators 0.9.0 on our rows (its own loss, Muon optimizer, schedule and packing), every epoch decoded."""
+    """speculators 0.9.0 on our rows (its own loss, Muon + AdamW optimizer, schedule and packing), every epoch
+    decoded."""
     from bench.peer_trainers import speculators_io as speculators
     from models import eagle3_export
 

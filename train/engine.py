@@ -26,7 +26,7 @@ from typing import Callable, ClassVar
 import torch
 
 from infra import distributed
-from infra.settings import check_fields
+from infra.settings import SettingsError, check_fields
 from models.loading import check_safetensors
 from train.optim import OptimSettings, build_optimizer
 
@@ -153,6 +153,9 @@ class DeepSpeedEngine:
                  micro_batch: int, accumulation: int, forward: torch.nn.Module) -> None:
         import deepspeed
 
+        if optim.name == "muon":
+            raise SettingsError("optim.name=muon: DeepSpeed's ZeRO flattens the weight matrices Muon orthogonalizes; "
+                                "use optim.name=adamw with deepspeed.enabled=true", "optim.name")
         distributed.init()
         optimizer, scheduler = build_optimizer(model, optim, total_steps)
         self.config = settings.ds_config(micro_batch, accumulation, optim.grad_clip)

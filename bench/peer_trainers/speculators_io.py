@@ -103,15 +103,17 @@ def write_inputs(target, train_rows: list[Row], heldout: list[Row], feature_laye
 
 
 def command(python: Path, target_dir: Path, inputs: dict, save_path: Path, epochs: int, lr: float,
-            total_seq_len: int, optimizer: str = "adamw", extra: tuple[str, ...] = ()) -> list[str]:
-    """`speculators train` over `inputs`, `epochs` epochs, a checkpoint at every epoch's end."""
+            total_seq_len: int, optimizer: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """`speculators train` over `inputs`, `epochs` epochs, a checkpoint at every epoch's end; its own optimizer
+    (Muon over the weight matrices, AdamW over the rest, muon_lr = lr) unless `optimizer` names another."""
     return [str(python), str(WRAPPER), "train", "--verifier-name-or-path", str(target_dir),
             "--data-path", inputs["data"], "--save-path", str(save_path), "--log-dir", str(save_path / "logs"),
             "--target-layer-ids", *map(str, inputs["layer_ids"]), "--d2t-path", inputs["d2t"],
             "--t2d-path", inputs["t2d"], "--draft-vocab-size", str(inputs["draft_vocab_size"]),
             "--train-data-ratio", f"{inputs['train_data_ratio']:.8f}", "--total-seq-len", str(total_seq_len),
             "--hidden-states-dtype", "float32", "--draft-attn-impl", "sdpa", "--loss-implementation", "eager",
-            "--optimizer", optimizer, "--lr", str(lr), "--num-workers", "0", "--on-missing", "raise",
+            *(("--optimizer", optimizer) if optimizer else ()), "--lr", str(lr), "--num-workers", "0",
+            "--on-missing", "raise",
             "--epochs", str(epochs), "--checkpoint-freq", "1", "--no-resume-from-checkpoint", *extra]
 
 
