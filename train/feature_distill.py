@@ -85,21 +85,24 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
     vocab_size = target.config.vocab_size
     if d2t is not None and top1 is not None:  # the cache knows the teacher's top-1: its head over d2t suffices
         restricted = head.weight[d2t].detach()
+    # every step scores a subset of step 0's positions with the same teacher: its logits are computed once
+    first = masks[0]
+    with torch.no_grad():
+        if d2t is not None and top1 is not None:
+            teacher_logits = torch.nn.functional.linear(features[:, 1:][first], restricted).float().unsqueeze(0)
+        else:
+            teacher_logits = head(features[:, 1:][first]).unsqueeze(0)
+    draft_labels = labels[first].unsqueeze(0)
+    keep = torch.ones(1, int(first.sum()), dtype=torch.bool, device=first.device)
+    if d2t is not None:
+        teacher_logits, draft_labels, keep = to_draft_vocabulary(
+            teacher_logits, draft_labels, d2t, vocab_size, None if top1 is None else top1[:, 1:][first].unsqueeze(0))
     parts = []
     for j, (output, mask) in enumerate(zip(predicted, masks)):
         student_logits = head(output[mask]).unsqueeze(0) if own_logits is None else own_logits[j]
-        draft_labels, keep = labels[mask].unsqueeze(0), torch.ones(1, int(mask.sum()), dtype=torch.bool,
-                                                                   device=mask.device)
-        with torch.no_grad():
-            if d2t is not None and top1 is not None:
-                teacher_logits = torch.nn.functional.linear(features[:, 1:][mask], restricted).float().unsqueeze(0)
-            else:
-                teacher_logits = head(features[:, 1:][mask]).unsqueeze(0)
-        if d2t is not None:
-            teacher_logits, draft_labels, keep = to_draft_vocabulary(
-                teacher_logits, draft_labels, d2t, vocab_size,
-                None if top1 is None else top1[:, 1:][mask].unsqueeze(0))
-        parts.append((output, features[:, 1:], student_logits, teacher_logits, draft_labels, mask, keep))
+        subset = mask[first]  # step j's positions among step 0's, in the same order
+        parts.append((output, features[:, 1:], student_logits, teacher_logits[:, subset], draft_labels[:, subset],
+                      mask, keep[:, subset]))
     return parts, int(attention.sum())
 
 
