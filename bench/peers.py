@@ -89,14 +89,17 @@ def train_ours(options, run_name: str, steps_per_epoch: int, log: Path, *arm: st
         "checkpoint": str(run_dir / "distill" / "model")}
 
 
-def decoded_points(folders: list[Path], tokens: list[int], read, target, heldout, distill, stop_ids) -> list[dict]:
-    """Each checkpoint folder decoded by our decoder on the held-out prompts: τ at the tokens it had scored."""
+def decoded_points(folders: list[Path], tokens: list[int], target, heldout, distill, stop_ids) -> list[dict]:
+    """Each checkpoint folder (an engine's EAGLE-3 layout) read as vLLM reads it and decoded by our decoder on the
+    held-out prompts: τ at the tokens it had scored."""
+    from models import eagle3_export
     from models.feature_drafter import FeatureDraft
     from train.distill import decoder_block_efficiency
 
     return [{"tokens": scored, "checkpoint": str(folder),
-             "tau": round(decoder_block_efficiency(FeatureDraft(read(folder), target.model), target.model, heldout,
-                                                   distill, stop_ids), 6)}
+             "tau": round(decoder_block_efficiency(
+                 FeatureDraft(eagle3_export.read_folder(folder, target.model), target.model), target.model, heldout,
+                 distill, stop_ids), 6)}
             for folder, scored in zip(folders, tokens)]
 
 
@@ -110,7 +113,6 @@ def train_speculators(options, work: Path, log: Path, target, train_rows, heldou
     """speculators 0.9.0 on our rows (its own loss, Muon + AdamW optimizer, schedule and packing), every epoch
     decoded."""
     from bench.peer_trainers import speculators_io as speculators
-    from models import eagle3_export
 
     inputs = speculators.write_inputs(target.model, train_rows, heldout, drafter.spec.feature_layers,
                                       drafter.head.d2t, distill.max_seq_len, work,
@@ -126,7 +128,6 @@ def train_speculators(options, work: Path, log: Path, target, train_rows, heldou
              "train_seconds": round(sum(m["profile"]["step_ms"] for m in logged) / 1000, 1),
              "cpu_changes": list(speculators.CPU_CHANGES),
              "points": decoded_points(folders, [inputs["scored_per_epoch"] * (i + 1) for i in range(len(folders))],
-                                      lambda folder: eagle3_export.read_folder(folder, target.model),
                                       target, heldout, distill, stop_ids)}
     peer["checkpoint"] = best_point(peer["points"])
     own = json.loads((Path(peer["checkpoint"]) / "val_metrics.json").read_text())  # its validation, held-out rows
@@ -141,7 +142,6 @@ def train_modelopt(options, work: Path, log: Path, target, train_rows, heldout, 
     (modelopt_io.EXPORT_DEFECTS): our eval decodes a copy with the trained layers and rope (`checkpoint`), vLLM
     serves that copy and the export as written (`as_exported`)."""
     from bench.peer_trainers import modelopt_io as modelopt
-    from models import eagle3_export
 
     inputs = modelopt.write_inputs(target.model, target.path, train_rows, heldout, drafter.spec.feature_layers,
                                    drafter.head.d2t, distill.max_seq_len, work,
@@ -160,7 +160,6 @@ def train_modelopt(options, work: Path, log: Path, target, train_rows, heldout, 
              "train_seconds": steps["train_seconds"], "cpu_changes": list(modelopt.CPU_CHANGES),
              "export_defects": list(modelopt.EXPORT_DEFECTS),
              "points": decoded_points(fixed, [round(per_epoch * (i + 1)) for i in range(len(fixed))],
-                                      lambda folder: eagle3_export.read_folder(folder, target.model),
                                       target, heldout, distill, stop_ids)}
     peer["checkpoint"] = best_point(peer["points"])
     best_export = exports[fixed.index(Path(peer["checkpoint"]))]

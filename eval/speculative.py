@@ -296,7 +296,8 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
     learned = {n: m for n, m in report["drafters"].items() if n not in baselines and n not in hybrids}
     trained = {n: m for n, m in learned.items() if n != "untrained"}
     # another trainer's engine folder is decoded beside ours but is not ours to export
-    own = {n: m for n, m in trained.items() if not is_engine_folder(Path(report["drafter_paths"].get(n, "")))}
+    paths = report["drafter_paths"]
+    own = {n: m for n, m in trained.items() if n not in paths or not is_engine_folder(Path(paths[n]))}
     report["best"] = max(own or trained or learned or report["drafters"],
                          key=lambda n: report["drafters"][n]["block_efficiency"])
     report["table_markdown"] = markdown_report(report)

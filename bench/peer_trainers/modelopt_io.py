@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.peer_trainers.speculators_io import _hidden_states, speculators_layer_ids
+from bench.peer_trainers.speculators_io import epoch_checkpoints as epoch_exports  # `<save>/<epoch>/` folders too
 from train.rows import Row
 
 PEER = "nvidia-modelopt[hf]==0.47.0"
@@ -105,13 +106,8 @@ def command(python: Path, inputs_json: Path, save_path: Path, epochs: int, lr: f
             'training.save_strategy="no"', "training.logging_steps=20", "training.report_to=none",
             f"training.seed={seed}", "training.use_cpu=true", "training.bf16=false", "training.tf32=false",
             "training.dataloader_num_workers=0", "eagle.eagle_use_torch_compile=false",
-            *(f"eagle.eagle_architecture_config.{key}={json.dumps(value, separators=(',', ':'))}" for key, value in arch.items())]
-
-
-def epoch_exports(save_path: Path) -> list[Path]:
-    """The per-epoch export folders a run left (`<save>/<epoch>/`), in epoch order."""
-    found = [p for p in save_path.iterdir() if p.is_dir() and p.name.isdigit() and (p / "config.json").exists()]
-    return sorted(found, key=lambda p: int(p.name))
+            *(f"eagle.eagle_architecture_config.{key}={json.dumps(value, separators=(',', ':'))}"
+              for key, value in arch.items())]
 
 
 def read_steps(save_path: Path) -> dict:
