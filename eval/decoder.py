@@ -266,12 +266,11 @@ def _children(tree: Tree, depth: int, current: torch.Tensor) -> torch.Tensor:
     return table[(current - tree.levels[depth][0]).clamp(0, table.shape[0] - 1)]
 
 
-def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], settings: DecodeSettings,
-               rng: _Rows) -> tuple[list[tuple[int, int, list[int]]], torch.Tensor]:
-    """One tree step; per row (depth, accepted, emitted tokens), and the accepted path's nodes [rows, depth]."""
-    device = target.cache.device
-    rows, depth = len(sequences), len(tree.branching)
-    logits = draft.catch_up(sequences, target.features)[:, None]  # [rows, 1, V]: the root's children
+def _draft_tree(draft, tree: Tree, sequences: list[list[int]], features: torch.Tensor | None) -> list[torch.Tensor]:
+    """The drafter's top-k tree: per depth d, the tokens of its nodes [rows, nodes at depth d] (node order as in
+    `Tree`); one drafter forward per depth after the catch-up."""
+    depth = len(tree.branching)
+    logits = draft.catch_up(sequences, features)[:, None]  # [rows, 1, V]: the root's children
     levels = []
     for d, k in enumerate(tree.branching, start=1):
         levels.append(logits.topk(k, dim=-1).indices.flatten(1))  # [rows, nodes at depth d]
@@ -281,6 +280,15 @@ def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], s
             parents = [tree.parent[n] - (tree.levels[d - 1][0] if d > 1 else 0) for n in nodes]
             logits = draft.extend(levels[-1], parents, local, torch.tensor([d - 1] * len(nodes)),
                                   nodes[0] - 1)
+    return levels
+
+
+def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], settings: DecodeSettings,
+               rng: _Rows) -> tuple[list[tuple[int, int, list[int]]], torch.Tensor]:
+    """One tree step; per row (depth, accepted, emitted tokens), and the accepted path's nodes [rows, depth]."""
+    device = target.cache.device
+    rows, depth = len(sequences), len(tree.branching)
+    levels = _draft_tree(draft, tree, sequences, target.features)
     last = torch.tensor([sequence[-1] for sequence in sequences], device=device)[:, None]
     block = torch.cat([last] + levels, 1)  # [rows, tree.size]
     hidden = target.forward(block, tree.ancestors, torch.tensor(tree.depth))
@@ -335,8 +343,166 @@ def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], s
     return results, path
 
 
-def _capacity(prompts: list[list[int]], settings: DecodeSettings, tree: Tree | None) -> int:
-    return max(map(len, prompts)) + settings.max_new_tokens + (tree.size if tree else settings.gamma) + 2
+def merge_proposals(drafted: list[tuple[list[int], list[int]]] | None, chains: list[list[int]]):
+    """Per row, one token tree (tokens, parents; node 0 is the last committed token, node i > 0 holds tokens[i-1]
+    below node parents[i-1] < i) from the drafter's own tree per row (`drafted`, in the same form; None: it did not
+    run) and the lookup's continuation `chains`: the lookup's tokens follow the drafter's nodes while they agree
+    (one node for both) and hang below as a chain from the first disagreement."""
+    merged = []
+    for row, chain in enumerate(chains):
+        tokens, parents = (list(drafted[row][0]), list(drafted[row][1])) if drafted is not None else ([], [])
+        node = 0
+        for token in chain:
+            child = next((i + 1 for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == token), None)
+            if child is None:
+                tokens.append(token)
+                parents.append(node)
+                child = len(tokens)
+            node = child
+        merged.append((tokens, parents))
+    return merged
+
+
+def draft_pruned(draft, tree: Tree, sequences: list[list[int]], features: torch.Tensor | None,
+                 min_probability: float) -> list[tuple[list[int], list[int]]]:
+    """The drafter's top-k `tree` per row (tokens, parents as in `merge_proposals`), keeping only the nodes whose
+    path probability under the drafter (the product of its probabilities along the path) is at least
+    `min_probability`, and running no further depth once no row keeps a node (EAGLE-2's confidence, used as the
+    node's chance of acceptance: a node is worth verifying when that chance exceeds what one more token of
+    verification costs, in plain steps). 0 keeps the whole tree."""
+    rows, depth = len(sequences), len(tree.branching)
+    logits = draft.catch_up(sequences, features)[:, None]
+    path = torch.ones(rows, 1, device=logits.device)  # path probability of the current level's nodes
+    kept = [{0: 0} for _ in range(rows)]  # per row: tree node -> its number in the row's proposal (0: the root)
+    proposals: list[tuple[list[int], list[int]]] = [([], []) for _ in range(rows)]
+    for d, k in enumerate(tree.branching, start=1):
+        probabilities, tokens = torch.softmax(logits.float(), -1).topk(k, dim=-1)  # [rows, parents, k]
+        path = (path[..., None] * probabilities).flatten(1)  # [rows, nodes at depth d]
+        tokens = tokens.flatten(1)
+        nodes = tree.levels[d]
+        alive = False
+        for row, (row_tokens, row_paths) in enumerate(zip(tokens.tolist(), path.tolist())):
+            for node, token, probability in zip(nodes, row_tokens, row_paths):
+                parent = tree.parent[node]
+                if parent in kept[row] and probability >= min_probability:
+                    proposals[row][0].append(token)
+                    proposals[row][1].append(kept[row][parent])
+                    kept[row][node] = len(proposals[row][0])
+                    alive = True
+        if d == depth or not alive:
+            break
+        local = tree.ancestors[nodes][:, 1: nodes[-1] + 1]
+        parents = [tree.parent[n] - (tree.levels[d - 1][0] if d > 1 else 0) for n in nodes]
+        logits = draft.extend(tokens, parents, local, torch.tensor([d - 1] * len(nodes)), nodes[0] - 1)
+    return proposals
+
+
+def without(left: torch.Tensor, token: int) -> None:
+    """A rejected child's token takes no further part at its node: its mass leaves what is left of p."""
+    left[token] = 0.0
+
+
+def _accept_general(logits: torch.Tensor, block: list[list[int]], parents: list[list[int]], settings: DecodeSettings,
+                    rng: _Rows) -> list[tuple[list[int], int]]:
+    """Per row of a verified general tree (block[b][i] the token at node i, parents[b][i-1] its parent; padded
+    nodes have parent -1): (the accepted path's nodes, the target's own token). Greedy: the deepest node whose
+    every token is the target's argmax after its parent. Sampled: at each node its children in order, each
+    accepted with the probability of its token under what is left of p (else that token's mass is removed), the
+    rule of `_tree_step` for point-mass drafts, on a tree of any shape; duplicate tokens cannot be accepted twice."""
+    results = []
+    if settings.sampling.greedy:
+        choice = logits.argmax(-1).tolist()
+        for tokens, row_parents, row_choice in zip(block, parents, choice):
+            ok, depth, best = [True], [0], 0
+            for node, parent in enumerate(row_parents, start=1):
+                good = parent >= 0 and ok[parent] and tokens[node] == row_choice[parent]
+                ok.append(good)
+                depth.append(depth[parent] + 1 if parent >= 0 else 0)
+                if good and depth[node] > depth[best]:
+                    best = node
+            path = []
+            walk = best
+            while walk > 0:
+                path.append(walk)
+                walk = row_parents[walk - 1]
+            results.append((path[::-1], row_choice[best]))
+        return results
+    p = torch.softmax(warp_logits(logits, settings.sampling), -1)
+    for row, (tokens, row_parents) in enumerate(zip(block, parents)):
+        generator = rng.generators[row]
+        children: dict[int, list[int]] = {}
+        for node, parent in enumerate(row_parents, start=1):
+            if parent >= 0:
+                children.setdefault(parent, []).append(node)
+        current, path = 0, []
+        while True:
+            left = p[row, current].clone()
+            chosen = None
+            for child in children.get(current, []):
+                token = tokens[child]
+                share = left[token] / left.sum().clamp_min(1e-30)
+                if float(torch.rand(1, device=left.device, generator=generator)) < float(share):
+                    chosen = child
+                    break
+                without(left, token)
+            if chosen is None:
+                own = int(draw(left[None], [generator])[0])
+                break
+            current = chosen
+            path.append(current)
+        results.append((path, own))
+    return results
+
+
+def _merged_step(target: _Target, merged, tree: Tree, sequences: list[list[int]], settings: DecodeSettings,
+                 rng: _Rows):
+    """One merged-tree step (`models.lookup.MergedDraft`): the lookup's continuation and the trained drafter's own
+    tree (`tree`; skipped where the lookup's guess is long enough) merged into one token tree per row
+    (`merge_proposals`), verified in one forward with each row's own ancestor mask and positions. Returns per row
+    (deepest drafted position, accepted, emitted tokens), the accepted path's nodes [rows, depth] (padded by
+    repeating its last node), the block's width, and whether the drafter ran."""
+    device = target.cache.device
+    rows = len(sequences)
+    chains = merged.lookup_chains(sequences)
+    ran = merged.drafter_needed(chains)
+    drafted = draft_pruned(merged.trained, tree, sequences, target.features, merged.min_probability) if ran else None
+    proposals = merge_proposals(drafted, chains)
+    width = 1 + max(len(tokens) for tokens, _ in proposals)
+    block, parents, depths = [], [], []
+    local = torch.zeros(rows, width, width, dtype=torch.bool)
+    for row, (tokens, row_parents) in enumerate(proposals):
+        padding = width - 1 - len(tokens)
+        block.append([sequences[row][-1]] + tokens + [0] * padding)
+        parents.append(row_parents + [-1] * padding)
+        depth = [0]
+        for node in range(width):
+            if node:
+                parent = parents[row][node - 1]
+                depth.append(depth[parent] + 1 if parent >= 0 else 1)
+            walk = node
+            while True:  # a node sees its ancestors; a padded one (parent -1) itself and the root
+                local[row, node, walk] = True
+                if walk == 0:
+                    break
+                walk = max(parents[row][walk - 1], 0)
+        depths.append(depth)
+    block_tensor = torch.tensor(block, device=device)
+    hidden = target.forward(block_tensor, local, torch.tensor(depths))
+    logits = head_logits(target.model, hidden)
+    if hasattr(merged, "observe"):
+        merged.observe(block_tensor, logits)
+    accepted = _accept_general(logits, block, parents, settings, rng)
+    most = max(1, max(len(path) for path, _ in accepted))
+    nodes = torch.tensor([[0] + path + [path[-1] if path else 0] * (most - len(path)) for path, _ in accepted],
+                         device=device)
+    target.store_features(hidden, nodes)
+    results = [(max(depths[row]), len(path), [block[row][n] for n in path] + [own])
+               for row, (path, own) in enumerate(accepted)]
+    return results, nodes[:, 1:], width, ran
+
+
+def _capacity(prompts: list[list[int]], settings: DecodeSettings, tree: Tree | None, extra: int = 0) -> int:
+    return max(map(len, prompts)) + settings.max_new_tokens + (tree.size if tree else settings.gamma) + extra + 2
 
 
 class _TimedDraft:
@@ -427,25 +593,35 @@ class _Offset:
 
 
 def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys, recorder=None) -> list[Generation]:
+    merged = getattr(draft, "merged", False)  # models.lookup.MergedDraft: a lookup's and a drafter's tree in one
     tree = Tree(settings.tree) if settings.tree else None
-    capacity = _capacity(prompts, settings, tree)
+    if merged:  # the drafter's own part of the merged tree
+        tree = Tree(draft.shape or settings.tree or (1,) * settings.gamma)
+    extra = draft.depth if merged else 0
+    capacity = _capacity(prompts, settings, tree, extra)
     target = _Target(target_model, prompts, capacity, draft.needs_features, getattr(draft, "feature_layers", None))
     draft.start(len(prompts), capacity)
     rng = _Rows([request_seed(settings.seed, key) for key in keys], target.cache.device)
-    results = [Generation([], DecodeStats(depth=settings.depth)) for _ in prompts]
+    depth = max(len(tree.branching), draft.depth) if merged else settings.depth
+    results = [Generation([], DecodeStats(depth=depth)) for _ in prompts]
     live = list(range(len(prompts)))  # batch row -> prompt index
     sequences = [list(prompt) for prompt in prompts]
     stops = set(stop_ids)
     while live:
         remaining = [settings.max_new_tokens - len(results[i].tokens) for i in live]
-        if tree:
-            steps, path = _tree_step(target, draft, tree, sequences, settings, rng)
+        ran = True
+        if merged:
+            steps, path, width, ran = _merged_step(target, draft, tree, sequences, settings, rng)
             fed = 0
+        elif tree:
+            steps, path = _tree_step(target, draft, tree, sequences, settings, rng)
+            fed, width = 0, tree.size
         else:
             if recorder is not None:
                 recorder.begin(live, [len(results[i].tokens) for i in live])
             steps, fed = _chain_step(target, draft, sequences, [min(settings.gamma, r - 1) for r in remaining],
                                      settings, rng, recorder)
+            width = max(proposed for proposed, _, _ in steps) + 1
         accepted = [n for _, n, _ in steps]
         if tree:  # move the accepted path's keys/values next to the prefix
             columns = torch.tensor(target.lengths, device=path.device)[:, None]
@@ -459,7 +635,7 @@ def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys, reco
             emitted = emitted[: min(cut, left)]
             result.tokens += emitted
             sequences[row] += emitted
-            result.stats.record_step(proposed, min(n, len(emitted)), len(emitted))
+            result.stats.record_step(proposed, min(n, len(emitted)), len(emitted), width, ran)
             result.finished_by_stop = emitted[-1] in stops
             if not result.finished_by_stop and len(result.tokens) < settings.max_new_tokens:
                 keep.append(row)

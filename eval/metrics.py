@@ -31,14 +31,21 @@ class DecodeStats:
     reached_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
     accepted_per_step: list[int] = field(default_factory=list)  # in order, for histograms and step-level tests
+    verified: int = 0       # tokens in the verification forwards (the last committed token and every node)
+    drafter_runs: int = 0   # steps in which the trained drafter ran its forwards (a merged tree may skip it)
 
     def __post_init__(self) -> None:
         for name in ("drafted_at", "reached_at", "accepted_at"):
             if not getattr(self, name):
                 setattr(self, name, [0] * self.depth)
 
-    def record_step(self, proposed: int, accepted: int, emitted: int) -> None:
+    def record_step(self, proposed: int, accepted: int, emitted: int, verified: int | None = None,
+                    drafter_ran: bool = True) -> None:
+        """One verification: `proposed` drafted positions (a tree's depth), `accepted` of them, `emitted` tokens
+        (the target's own included); `verified` tokens in its forward (default: a chain's proposed + 1)."""
         self.steps += 1
+        self.verified += proposed + 1 if verified is None else verified
+        self.drafter_runs += bool(drafter_ran)
         self.drafted += proposed
         self.accepted += accepted
         self.emitted += emitted
@@ -56,8 +63,14 @@ class DecodeStats:
         self.accepted += other.accepted
         self.emitted += other.emitted
         self.accepted_per_step += other.accepted_per_step
-        for name in ("drafted_at", "reached_at", "accepted_at"):
-            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
+        self.verified += other.verified
+        self.drafter_runs += other.drafter_runs
+        self.depth = max(self.depth, other.depth)
+        for name in ("drafted_at", "reached_at", "accepted_at"):  # a deeper record (a merged tree) widens the sum
+            mine, theirs = getattr(self, name), getattr(other, name)
+            width = max(len(mine), len(theirs))
+            setattr(self, name, [a + b for a, b in zip(mine + [0] * (width - len(mine)),
+                                                       theirs + [0] * (width - len(theirs)))])
         return self
 
     def metrics(self) -> dict:
@@ -67,6 +80,8 @@ class DecodeStats:
             "accepted_per_position": [a / max(1, d) for a, d in zip(self.accepted_at, self.drafted_at)],
             "conditional_acceptance_per_position": [a / max(1, r) for a, r in zip(self.accepted_at, self.reached_at)],
             "mean_drafted_per_step": self.drafted / max(1, self.steps),
+            "mean_verified_per_step": self.verified / max(1, self.steps),
+            "drafter_run_fraction": self.drafter_runs / max(1, self.steps),
             "target_forwards": self.steps, "drafted": self.drafted, "accepted": self.accepted,
             "emitted": self.emitted,
         }

@@ -44,7 +44,7 @@ from models.eagle3_export import is_engine_folder
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import draft_for, kind_of, kind_of_spec, load_any
 from models.loading import check_finite
-from models.lookup import LookupFirstDraft, LookupSpec, baseline_specs
+from models.lookup import LookupFirstDraft, LookupSpec, MergedDraft, baseline_specs
 from models.sampling import SamplingSettings, as_sampling, sampling_in
 
 
@@ -67,29 +67,50 @@ class EvalSettings:
     plots: bool = True
     drafters: dict = field(default_factory=dict)  # extra drafters to compare: {name: checkpoint directory}
     hybrid: tuple[str, ...] = ()  # training-free kinds put in front of every trained drafter: rows "NAME+KIND"
-    hybrid_min_ngram: int = 1     # the shortest match the lookup in front must find before it overrides
+    hybrid_min_ngram: int = 1     # the shortest match the lookup in front (or in a merged tree) must find
+    merged: tuple[str, ...] = ()  # training-free kinds whose guess joins every trained drafter's own tree or chain
+                                  # in one verified token tree: rows "NAME&KIND" (models.lookup.MergedDraft)
+    merged_depth: int = 4         # the lookup branch's most tokens
+    merged_skip_at: int = 0       # > 0: the trained drafter sits out a step whose lookup guess is this long
+    merged_min_probability: float | str = 0.0  # the drafter's nodes below this path probability are not verified;
+                                  # "auto": what one more verified token costs here, in plain steps (node_cost)
     LIMITS: ClassVar[dict] = {"max_new_tokens": at_least(1), "batch_size": at_least(1), "turns": at_least(1),
                               "warmup_prompts": at_least(0), "tie_tolerance": at_least(0),
-                              "hybrid_min_ngram": at_least(1)}
+                              "hybrid_min_ngram": at_least(1), "merged_depth": at_least(1),
+                              "merged_skip_at": at_least(0)}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", tuple(self.tree))
         object.__setattr__(self, "sampling", as_sampling(self.sampling))
         object.__setattr__(self, "baselines", tuple(self.baselines))
         object.__setattr__(self, "hybrid", tuple(self.hybrid))
+        object.__setattr__(self, "merged", tuple(self.merged))
         baseline_specs(self.baselines)  # validates the names
         self.hybrid_specs  # validates
+        self.merged_specs  # validates
+        bar = self.merged_min_probability
+        if isinstance(bar, str) and bar != "auto" or not isinstance(bar, str) and not 0 <= bar < 1:
+            raise SettingsError(f"eval.merged_min_probability={bar!r}: a probability in [0, 1), or 'auto'",
+                                "eval.merged_min_probability")
         check_fields(self)
         self.decode  # validates
 
-    @property
-    def hybrid_specs(self) -> dict[str, LookupSpec]:
+    def _lookup_specs(self, key: str) -> dict[str, LookupSpec]:
+        """The lookups that `eval.<key>` names, each needing a match of `hybrid_min_ngram` tokens or more."""
         try:
-            specs = baseline_specs(self.hybrid)
+            specs = baseline_specs(getattr(self, key))
         except ValueError as error:
-            raise ValueError(str(error).replace("eval.baselines", "eval.hybrid")) from None
+            raise ValueError(str(error).replace("eval.baselines", f"eval.{key}")) from None
         return {name: replace(spec, min_ngram=min(self.hybrid_min_ngram, spec.max_ngram))
                 for name, spec in specs.items()}
+
+    @property
+    def hybrid_specs(self) -> dict[str, LookupSpec]:
+        return self._lookup_specs("hybrid")
+
+    @property
+    def merged_specs(self) -> dict[str, LookupSpec]:
+        return self._lookup_specs("merged")
 
     @property
     def decode(self) -> DecodeSettings:
@@ -201,6 +222,16 @@ def measure_cost_ratio(target: PreTrainedModel, draft, prompt_ids: list[int], to
     return (timings["draft_seconds"] / timings["draft_forwards"]) / per_target_step
 
 
+def node_cost(target: PreTrainedModel, prompt_ids: list[int], widths: tuple[int, int] = (4, 8),
+              calls: int = 5) -> float:
+    """What one more token in a verification forward costs on this machine, in one-token steps: the slope of the
+    measured v(w) between `widths` (never below 0). A drafted node whose chance of acceptance is below it costs more
+    than it is expected to bring (an accepted token saves one plain step)."""
+    seconds = verification_seconds(target, prompt_ids, [1, *widths], calls)
+    low, high = widths
+    return max(0.0, (seconds[high] - seconds[low]) / seconds[1] / (high - low))
+
+
 def measure_verify_cost(target: PreTrainedModel, prompt_ids: list[int], width: int, calls: int = 5) -> float:
     """v measured: seconds per target forward over a `width`-token block (a verification) / seconds per one-token
     forward, after `prompt_ids` on this machine."""
@@ -265,14 +296,21 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
         ratios = [p / s for p, s in zip(plain_seconds, seconds)]
         median, low, high = median_interval(ratios)
         metrics = _aggregate([g.stats for g in generations], decode.depth)
-        cost = measure_cost_ratio(target, draft, items[0]["prompt_ids"])
+        # a merged tree's drafter forwards are its trained drafter's (the lookup's cost nothing)
+        cost = measure_cost_ratio(target, draft.trained if getattr(draft, "merged", False) else draft,
+                                  items[0]["prompt_ids"])
+        width = round(metrics["mean_verified_per_step"])  # a merged tree verifies a width of its own
+        # drafter forwards per step: a merged tree's drafter runs its own depth, and only where it runs
+        forwards = ((len(draft.shape) or decode.depth) * metrics["drafter_run_fraction"]
+                    if getattr(draft, "merged", False) else metrics["mean_drafted_per_step"])
+        row_verify = verify_cost if width == decode.block_width else measure_verify_cost(
+            target, items[0]["prompt_ids"], max(width, 1))
         c_params = parameters.get(name, 0) / parameters["target"]
         metrics |= {
             "c_measured": cost, "c_parameters": c_params,
-            "mbsu": speed_model(metrics["block_efficiency"], metrics["mean_drafted_per_step"], c_params),
-            "v_measured": verify_cost,
-            "predicted_speedup": speed_model(metrics["block_efficiency"], metrics["mean_drafted_per_step"], cost,
-                                             verify_cost),
+            "mbsu": speed_model(metrics["block_efficiency"], forwards, c_params),
+            "v_measured": row_verify,
+            "predicted_speedup": speed_model(metrics["block_efficiency"], forwards, cost, row_verify),
             "speedup_median": median, "speedup_interval_95": [low, high],
             "tokens_per_second": sum(len(g.tokens) for g in generations) / elapsed_total,
             **losslessness(decode.sampling.greedy, half, mismatches, len(items)),
@@ -362,6 +400,13 @@ def markdown_report(report: dict, label: str = "") -> str:
                      f"{conditional} | {m['c_measured']:.3f} | {verify:.2f} | {m['mbsu']:.2f} | "
                      f"{m['predicted_speedup']:.2f}× "
                      f"| {m['speedup_median']:.2f}× [{low:.2f}, {high:.2f}] | {LOSSLESS_CELL[m['lossless']]} |")
+    widths = {n: m for n, m in report["drafters"].items() if "mean_verified_per_step" in m}  # older reports lack it
+    if widths:
+        lines += ["", "Tokens per verification forward (mean) and, where below 1, the share of steps the trained "
+                  "drafter ran: " + ", ".join(
+                      f"{n} {m['mean_verified_per_step']:.1f}" + (f" (drafter ran {m['drafter_run_fraction']:.0%})"
+                                                                  if m["drafter_run_fraction"] < 1 else "")
+                      for n, m in widths.items()) + "."]
     categories = sorted({c for m in report["drafters"].values() for c in m["per_category"]})
     if categories and categories != [""]:
         lines += ["", "τ per category:", "", "| drafter | " + " | ".join(c or "-" for c in categories) + " |",
@@ -496,12 +541,34 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
             paths[hybrid] = (f"{paths[name]}, behind training-free {kind} (its guess first where it matches "
                              f"≥ {front.spec.min_ngram} tokens)")
     paths |= {f"{name}+{kind}": f"skipped: {why}" for name in candidates for kind, why in skipped.items()}
+    fronts, skipped = training_free(target, settings.merged_specs, run.output("data_gen"), corpus)
+    bar = settings.merged_min_probability
+    if bar == "auto" and fronts and candidates:
+        first = prompts[0]
+        bar = node_cost(target.model, prompt_token_ids(target.tokenizer, first.system + [
+            {"role": "user", "content": first.turns[0]}]))
+        print(f"[eval] merged trees: one more verified token costs {bar:.3f} plain steps here; drafter nodes less "
+              f"likely than that are not verified", flush=True)
+    for name in candidates:  # each trained drafter's own tree beside each lookup kind's guess (MergedDraft)
+        for kind, front in fronts.items():
+            merged = f"{name}&{kind}"
+            drafts[merged] = MergedDraft(draft_for(front, target.model), draft_for(drafters[name], target.model),
+                                         settings.merged_depth, settings.merged_skip_at,
+                                         min_probability=min(float(bar), 0.99))
+            parameters[merged] = parameters[name]
+            skip = (f"; the drafter sits out steps whose guess is ≥ {settings.merged_skip_at} tokens"
+                    if settings.merged_skip_at else "")
+            skip += f"; its nodes below path probability {float(bar):.3f} are not verified" if float(bar) else ""
+            paths[merged] = (f"{paths[name]}, one token tree with training-free {kind}'s guess (up to "
+                             f"{settings.merged_depth} tokens, matches ≥ {front.spec.min_ngram}){skip}")
+    paths |= {f"{name}&{kind}": f"skipped: {why}" for name in candidates for kind, why in skipped.items()}
     stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
     report = evaluate(target.model, target.tokenizer, drafts,
                       prompts, stop_ids, settings, run.out_dir, run.tracker,
                       encode=lambda messages: prompt_token_ids(target.tokenizer, messages), parameters=parameters,
                       drafter_paths=paths, baselines=tuple(baselines),
-                      hybrids=tuple(name for name, draft in drafts.items() if isinstance(draft, LookupFirstDraft)))
+                      hybrids=tuple(name for name, draft in drafts.items()
+                                    if isinstance(draft, (LookupFirstDraft, MergedDraft))))
     print(report["table_markdown"])
     return {name: {k: m[k] for k in ("block_efficiency", "acceptance_rate", "mbsu", "speedup_median", "lossless")}
             for name, m in report["drafters"].items()} | {"best": report["best"], "num_prompts": len(prompts),

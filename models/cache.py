@@ -110,12 +110,17 @@ class RaggedKVCache:
 
 def block_mask(starts: list[int], span: int, local: torch.Tensor, device: torch.device) -> torch.Tensor:
     """[rows, 1, width, span] bool: query i of row b sees columns < starts[b] and, inside its block, the columns
-    `local[i]` allows (local is [width, block columns], block column c = starts[b] + c)."""
-    width, block = local.shape
+    `local[i]` allows (local is [width, block columns], block column c = starts[b] + c; or [rows, width, block]
+    where each row has a tree of its own)."""
+    width, block = local.shape[-2:]
     relative = torch.arange(span, device=device)[None, :] - torch.tensor(starts, device=device)[:, None]
     prefix = relative < 0
     inside = (relative >= 0) & (relative < block)
-    allowed = local.to(device)[:, relative.clamp(0, block - 1)].permute(1, 0, 2)  # [rows, width, span]
+    columns = relative.clamp(0, block - 1)
+    if local.dim() == 3:  # [rows, width, span]: row b's mask read at row b's columns
+        allowed = local.to(device).gather(2, columns[:, None, :].expand(-1, width, -1))
+    else:
+        allowed = local.to(device)[:, columns].permute(1, 0, 2)  # [rows, width, span]
     return (prefix[:, None, :] | (inside[:, None, :] & allowed)).unsqueeze(1)
 
 
@@ -128,10 +133,12 @@ def forward_on_cache(model: PreTrainedModel, cache: RaggedKVCache, tokens: torch
              local: torch.Tensor, relative_positions: torch.Tensor, offset: int = 0,
              inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Last hidden states [rows, width, d] for a block written after each row's `starts[b]` committed columns
-    (at column starts[b] + offset + i), seeing the prefix and the block columns `local` allows."""
+    (at column starts[b] + offset + i), seeing the prefix and the block columns `local` allows; `local` and
+    `relative_positions` are shared by the rows ([width, width], [width]) or per row ([rows, ...])."""
     device = cache.device
     span = cache.begin([start + offset for start in starts], tokens.shape[1])
-    positions = torch.tensor(starts, device=device)[:, None] + relative_positions.to(device)[None, :]
+    relative = relative_positions.to(device)
+    positions = torch.tensor(starts, device=device)[:, None] + (relative if relative.dim() == 2 else relative[None, :])
     mask = block_mask(starts, span, local, device)
     arguments = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": tokens}
     decoder = model.get_decoder()

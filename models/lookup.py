@@ -246,17 +246,9 @@ class LookupDraft:
         self.frontier = [self.frontier[row] for row in rows]
 
 
-class LookupFirstDraft:
-    """A lookup drafter in front of a trained one (`eval.hybrid`): at every node where the lookup has a guess, its
-    candidates rank above everything the trained drafter proposes (in their own order); where it has none, the
-    trained drafter's distribution is used unchanged. Both see every committed and drafted token, so either can
-    take over at any node; the trained drafter runs its forwards at every node as it would alone, so the pair costs
-    what the trained drafter costs. Greedy drafting takes the lookup's guess when there is one, a tree's top-k mixes
-    both, and sampled decoding samples from the combined distribution (lossless: the acceptance rule holds for any
-    q). Prompt lookup is strongest where the answer repeats the prompt (code edits, summaries) and a trained
-    drafter where it does not, so the pair can beat both."""
-
-    abstains = False
+class _LookupPair:
+    """A lookup drafter and a trained one decoded together: the decoder sees the trained drafter's needs (features,
+    few-row kernels) and both keep their state through every step."""
 
     def __init__(self, lookup: LookupDraft, trained) -> None:
         self.lookup, self.trained = lookup, trained
@@ -272,16 +264,37 @@ class LookupFirstDraft:
             if hasattr(part, "reset"):
                 part.reset()
 
+    def start(self, rows: int, capacity: int) -> None:
+        self.lookup.start(rows, capacity)
+        self.trained.start(rows, capacity)
+
+    def commit(self, accepted: list[int], fed_drafts: int) -> None:
+        self.lookup.commit(accepted, fed_drafts)
+        self.trained.commit(accepted, fed_drafts)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.lookup.keep_rows(rows)
+        self.trained.keep_rows(rows)
+
+
+class LookupFirstDraft(_LookupPair):
+    """A lookup drafter in front of a trained one (`eval.hybrid`): at every node where the lookup has a guess, its
+    candidates rank above everything the trained drafter proposes (in their own order); where it has none, the
+    trained drafter's distribution is used unchanged. Both see every committed and drafted token, so either can
+    take over at any node; the trained drafter runs its forwards at every node as it would alone, so the pair costs
+    what the trained drafter costs. Greedy drafting takes the lookup's guess when there is one, a tree's top-k mixes
+    both, and sampled decoding samples from the combined distribution (lossless: the acceptance rule holds for any
+    q). Prompt lookup is strongest where the answer repeats the prompt (code edits, summaries) and a trained
+    drafter where it does not, so the pair can beat both."""
+
+    abstains = False
+
     @staticmethod
     def _combine(guesses: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Lookup logits (log scores >= 0, -inf: no guess) placed above the trained drafter's best logit."""
         guesses = guesses.to(logits.device)
         floor = logits.max(-1, keepdim=True).values + 1.0
         return torch.where(torch.isfinite(guesses), floor + guesses, logits)
-
-    def start(self, rows: int, capacity: int) -> None:
-        self.lookup.start(rows, capacity)
-        self.trained.start(rows, capacity)
 
     def catch_up(self, sequences: list[list[int]], features: torch.Tensor | None) -> torch.Tensor:
         return self._combine(self.lookup.catch_up(sequences, None), self.trained.catch_up(sequences, features))
@@ -291,10 +304,49 @@ class LookupFirstDraft:
         return self._combine(self.lookup.extend(tokens, parents, local, relative, offset),
                              self.trained.extend(tokens, parents, local, relative, offset))
 
-    def commit(self, accepted: list[int], fed_drafts: int) -> None:
-        self.lookup.commit(accepted, fed_drafts)
-        self.trained.commit(accepted, fed_drafts)
 
-    def keep_rows(self, rows: list[int]) -> None:
-        self.lookup.keep_rows(rows)
-        self.trained.keep_rows(rows)
+class MergedDraft(_LookupPair):
+    """A lookup and a trained drafter proposing one merged token tree per step (`eval.merged`; the decoder's
+    `_merged_step`): the lookup's greedy continuation, up to `depth` tokens, beside the trained drafter's own tree
+    (`eval.tree`, or its γ chain), one node for both where they agree (SpecInfer's merged token tree). The trained
+    drafter runs its forwards on its own nodes only, never on the lookup's; in a step where the lookup's
+    continuation is at least `skip_at` tokens long (0: never) it does not run at all, and its next catch-up reads
+    the target's features of everything committed meanwhile. The decoder verifies the merged tree in one forward
+    with the general-tree rule (greedy: the deepest matching path; sampled: every node's children in turn), so the
+    output is the target's, whichever branch it came from."""
+
+    merged = True
+    abstains = False
+
+    def __init__(self, lookup: LookupDraft, trained, depth: int = 4, skip_at: int = 0,
+                 shape: tuple[int, ...] = (), min_probability: float = 0.0) -> None:
+        """`shape`: the trained drafter's own top-k branching per depth (empty: the decode settings' tree, else
+        their γ chain); `min_probability`: its nodes whose path probability is lower are not verified, and it
+        drafts no deeper once none is left (`eval.decoder.draft_pruned`)."""
+        if depth < 1 or skip_at < 0 or any(k < 1 for k in shape) or not 0 <= min_probability < 1:
+            raise ValueError(f"a merged tree needs a lookup depth >= 1 (got {depth}), skip_at >= 0 (got {skip_at}), "
+                             f"at least one child per depth of the drafter's shape (got {list(shape)}) and "
+                             f"min_probability in [0, 1) (got {min_probability})")
+        super().__init__(lookup, trained)
+        self.depth, self.skip_at, self.shape, self.min_probability = depth, skip_at, tuple(shape), min_probability
+
+    def lookup_chains(self, sequences: list[list[int]]) -> list[list[int]]:
+        """Per row, the lookup's greedy continuation: up to `depth` tokens, ending where it has no guess."""
+        logits = self.lookup.catch_up(sequences, None)
+        chains: list[list[int]] = [[] for _ in sequences]
+        alive = [True] * len(sequences)
+        for i in range(self.depth):
+            best = logits.max(-1)
+            for row, (found, token) in enumerate(zip(torch.isfinite(best.values).tolist(), best.indices.tolist())):
+                alive[row] = alive[row] and found
+                if alive[row]:
+                    chains[row].append(token)
+            if not any(alive) or i + 1 == self.depth:
+                break
+            logits = self.lookup.extend(best.indices[:, None], [0], torch.ones(1, i + 1, dtype=torch.bool),
+                                        torch.tensor([i]), i)[:, 0]
+        return chains
+
+    def drafter_needed(self, chains: list[list[int]]) -> bool:
+        """Whether the trained drafter runs this step: unless every row's lookup guess reaches `skip_at` tokens."""
+        return not self.skip_at or any(len(chain) < self.skip_at for chain in chains)

@@ -144,9 +144,11 @@ def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_ru
     eagle = tmp_path / "runs" / "smoke" / name
     eagle.mkdir(parents=True)
     (eagle / "data_gen").symlink_to(default / "data_gen", target_is_directory=True)
-    hybrids = ["distilled+prompt_lookup", "distilled+ngram"] if name == "eagle3" else []  # eval.hybrid rows too
+    # eval.hybrid and eval.merged rows too
+    hybrids = ["distilled+prompt_lookup", "distilled+ngram", "distilled&prompt_lookup"] if name == "eagle3" else []
     run_cli(tmp_path, "logger=none", f"run_name={name}", "stages=[distill,eval]", *overrides, "eval.tree=[2,2]",
-            *(["eval.hybrid=[prompt_lookup,ngram]"] if hybrids else []))
+            *(["eval.hybrid=[prompt_lookup,ngram]", "eval.merged=[prompt_lookup]", "eval.merged_skip_at=3"]
+              if hybrids else []))
     summary = json.loads((eagle / "distill" / "meta.json").read_text())["summary"]
     if name == "eagle3":
         assert summary["corpus_records"] == 4 and summary["feature_cache"] and summary["unroll"] == 2
@@ -156,8 +158,12 @@ def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_ru
     assert report["baselines"] and all(m["lossless"] is True for m in report["drafters"].values())  # trees: all rows
     assert report["drafter_paths"]["distilled"].endswith("distill/model")
     assert report["hybrids"] == hybrids and report["best"] == "distilled"  # a hybrid is no checkpoint to export
-    for hybrid in hybrids:
+    for hybrid in hybrids[:2]:
         assert "behind training-free" in report["drafter_paths"][hybrid]
+    if hybrids:
+        assert "one token tree with training-free prompt_lookup" in report["drafter_paths"]["distilled&prompt_lookup"]
+        merged = report["drafters"]["distilled&prompt_lookup"]
+        assert merged["mean_verified_per_step"] >= 1 and 0 < merged["drafter_run_fraction"] <= 1
 
 
 def test_preflight_checks_every_stage_before_the_first_one_runs(smoke_run):

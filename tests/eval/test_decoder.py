@@ -126,6 +126,35 @@ def test_sampling_with_a_trained_drafter_behind_a_lookup_follows_the_target_dist
     assert min(p_values.values()) > 1e-3, p_values
 
 
+@pytest.mark.parametrize("shape, pruned", [({"gamma": 2}, 0.0), ({"tree": (2, 1)}, 0.0), ({"tree": (3, 2)}, 0.1)],
+                         ids=["chain", "tree", "pruned tree"])
+def test_sampling_from_a_merged_tree_follows_the_target_distribution(pair, shape, pruned):
+    """eval.merged: the lookup's branch and the trained drafter's own (sharing nodes where they agree) verified
+    as one general tree per row, every node's children tried in turn: the output stays the target's."""
+    from models.lookup import LookupDraft, LookupSpec, MergedDraft, build_lookup_drafter
+
+    target, drafter = pair
+    corpus = [[1, 2, 3, 1, 2, 4, 2, 0], [2, 1, 2, 3, 3]]
+    lookup = LookupDraft(build_lookup_drafter(LookupSpec(sources=("prompt", "corpus"), max_ngram=2), VOCAB, corpus))
+    p_values = sampled_p_values(target, MergedDraft(lookup, TokenDraft(drafter), depth=3, min_probability=pruned),
+                                sampled(sampling=T(temperature=1.0), **shape))
+    assert min(p_values.values()) > 1e-3, p_values
+
+
+def test_negative_control_a_general_tree_that_keeps_rejected_mass_is_caught(pair, monkeypatch):
+    """The merged tree's rule without removing a rejected child's mass (resampling from p instead of what is left
+    of it) must fail the same test."""
+    from models.lookup import LookupDraft, LookupSpec, MergedDraft, build_lookup_drafter
+
+    monkeypatch.setattr(decoder, "without", lambda left, token: None)
+    target, drafter = pair
+    corpus = [[1, 2, 3, 1, 2, 4, 2, 0], [2, 1, 2, 3, 3]]
+    lookup = LookupDraft(build_lookup_drafter(LookupSpec(sources=("prompt", "corpus"), max_ngram=2), VOCAB, corpus))
+    p_values = sampled_p_values(target, MergedDraft(lookup, TokenDraft(drafter), depth=3),
+                                sampled(sampling=T(temperature=1.0), tree=(2, 1)))
+    assert p_values["joint"] < 1e-6, p_values
+
+
 @pytest.mark.parametrize("bias", ["acceptance", "residual"])
 def test_negative_control_biased_rules_are_caught(pair, monkeypatch, bias):
     """The same chi-square tests must reject a decoder that is subtly wrong: one that accepts a little too

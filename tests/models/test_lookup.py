@@ -161,24 +161,98 @@ def test_the_lookup_in_front_overrides_the_trained_drafter_only_where_it_matches
     assert [event[0] for event in trained.shown] == ["start", "catch_up", "extend", "commit", "keep_rows"]
 
 
+def untrained_draft(kind: str, model, tokenizer, prompts):
+    """A freshly built drafter of `kind` (token: a standalone LM; eagle3: fused layers and a draft vocabulary)."""
+    from models.drafter import DrafterSpec, TokenDraft, build_drafter
+    from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter
+
+    if kind == "token":
+        spec = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
+        return TokenDraft(build_drafter(spec, model, tokenizer).eval())
+    spec = FeatureDrafterSpec(feature_layers=(0, 1), draft_vocab_size=64, layout="eagle3")
+    return FeatureDraft(build_feature_drafter(spec, model, prompts).eval(), model)
+
+
 @EVERY_SHAPE
 @pytest.mark.parametrize("trained", ["token", "eagle3"])
 def test_a_trained_drafter_behind_prompt_lookup_decodes_losslessly(tiny_target, settings, trained):
-    from models.drafter import DrafterSpec, TokenDraft, build_drafter
-    from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter
 
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
     prompts = REPETITIVE
     plain = plain_generate(model, prompts, settings, stop_ids=[])
-    if trained == "token":
-        spec = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
-        behind = TokenDraft(build_drafter(spec, model, tokenizer).eval())
-    else:
-        spec = FeatureDrafterSpec(feature_layers=(0, 1), draft_vocab_size=64, layout="eagle3")
-        behind = FeatureDraft(build_feature_drafter(spec, model, prompts).eval(), model)
+    behind = untrained_draft(trained, model, tokenizer, prompts)
     lookup = LookupDraft(build_lookup_drafter(BASELINES["prompt_lookup"], model.config.vocab_size))
     pair = LookupFirstDraft(lookup, behind)
     assert pair.networks == behind.networks and pair.needs_features == behind.needs_features  # same kernels
     generations = speculative_generate(model, pair, prompts, settings, stop_ids=[])
     assert [g.tokens for g in generations] == plain
     assert sum(g.stats.accepted for g in generations) > 0
+
+
+def test_merged_proposals_share_the_nodes_where_the_lookup_and_the_drafter_agree():
+    from eval.decoder import merge_proposals
+
+    drafted = [([7, 8, 9, 10], [0, 0, 1, 2])] * 3  # a (2, 1) tree: 7 and 8 below the root, 9 below 7, 10 below 8
+    chains = [[7, 9, 4, 5], [8, 6], []]  # row 0 follows 7 -> 9, then its own; row 1 leaves at depth 2; row 2 none
+    merged = merge_proposals(drafted, chains)
+    assert merged[0] == ([7, 8, 9, 10, 4, 5], [0, 0, 1, 2, 3, 5])
+    assert merged[1] == ([7, 8, 9, 10, 6], [0, 0, 1, 2, 2])
+    assert merged[2] == ([7, 8, 9, 10], [0, 0, 1, 2])
+    assert merge_proposals(None, [[3, 4], []]) == [([3, 4], [0, 1]), ([], [])]  # the drafter skipped
+
+
+def test_a_pruned_drafter_tree_keeps_the_nodes_whose_path_probability_clears_the_bar():
+    """draft_pruned: a node survives where the product of the drafter's probabilities along its path is at least
+    min_probability and its parent survived; no deeper depth is drafted once nothing survives."""
+    from eval.decoder import Tree, draft_pruned
+
+    class Fixed:  # the drafter's distribution: 0.6 / 0.3 / 0.1 over tokens 5 / 6 / 7 at every node
+        def __init__(self):
+            self.extends = 0
+
+        def catch_up(self, sequences, features):
+            return torch.log(torch.tensor([[1e-9] * 5 + [0.6, 0.3, 0.1]])).expand(len(sequences), -1)
+
+        def extend(self, tokens, parents, local, relative, offset):
+            self.extends += 1
+            return self.catch_up([[0]] * tokens.shape[0], None)[:, None].expand(-1, tokens.shape[1], -1)
+
+    tree = Tree((2, 2, 1))
+    draft = Fixed()
+    full = draft_pruned(draft, tree, [[1, 2]], None, 0.0)[0]
+    assert len(full[0]) == tree.size - 1 and draft.extends == 2
+    pruned = draft_pruned(draft, tree, [[1, 2]], None, 0.15)[0]
+    # depth 1: 5 (0.6), 6 (0.3); depth 2: 5-5 (0.36), 5-6 (0.18), 6-5 (0.18), 6-6 (0.09: dropped); depth 3: 5-5-5
+    # (0.216), 5-6-5 (0.108: dropped), 6-5-5 (0.108: dropped)
+    assert pruned == ([5, 6, 5, 6, 5, 5], [0, 0, 1, 1, 2, 3])
+    draft.extends = 0
+    assert draft_pruned(draft, tree, [[1, 2]], None, 0.7)[0] == ([], []) and draft.extends == 0  # nothing clears it
+
+
+@EVERY_SHAPE
+@pytest.mark.parametrize("trained", ["token", "eagle3"])
+@pytest.mark.parametrize("skip_at, min_probability", [(0, 0.0), (2, 0.0), (0, 0.05)],
+                         ids=["always", "skip-at-2", "pruned"])
+def test_a_merged_tree_of_lookup_and_trained_drafter_decodes_losslessly(tiny_target, settings, trained, skip_at,
+                                                                        min_probability):
+    """eval.merged: the lookup's branch beside the drafter's own chain or tree, verified as one tree per row;
+    with skip_at the drafter sits out steps where the lookup's guess is long and catches up later; with
+    min_probability its unlikely nodes are not verified."""
+    from models.lookup import MergedDraft
+
+    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    prompts = REPETITIVE
+    plain = plain_generate(model, prompts, settings, stop_ids=[])
+    behind = untrained_draft(trained, model, tokenizer, prompts)
+    lookup = LookupDraft(build_lookup_drafter(BASELINES["prompt_lookup"], model.config.vocab_size))
+    merged = MergedDraft(lookup, behind, depth=5, skip_at=skip_at, min_probability=min_probability)
+    generations = speculative_generate(model, merged, prompts, settings, stop_ids=[])
+    assert [g.tokens for g in generations] == plain
+    stats = [g.stats for g in generations]
+    assert sum(s.accepted for s in stats) > 0
+    assert max(len(s.accepted_at) for s in stats) == max(settings.depth, 5)  # the lookup's branch is deeper
+    runs = sum(s.drafter_runs for s in stats) / sum(s.steps for s in stats)
+    if skip_at and settings.batch_size == 1:  # the tiny target repeats itself: the lookup covers some steps
+        assert 0 < runs < 1.0
+    else:  # a batch skips the drafter only where every row's guess is long enough
+        assert runs == 1.0 or skip_at
