@@ -71,6 +71,7 @@ class EvalSettings:
     merged: tuple[str, ...] = ()  # training-free kinds whose guess joins every trained drafter's own tree or chain
                                   # in one verified token tree: rows "NAME&KIND" (models.lookup.MergedDraft)
     merged_depth: int = 4         # the lookup branch's most tokens
+    merged_tree: tuple[int, ...] = ()  # the trained drafter's own part of a merged tree (empty: `tree`, else γ)
     merged_skip_at: int = 0       # > 0: the trained drafter sits out a step whose lookup guess is this long
     merged_min_probability: float | str = 0.0  # the drafter's nodes below this path probability are not verified;
                                   # "auto": what one more verified token costs here, in plain steps (node_cost)
@@ -85,6 +86,10 @@ class EvalSettings:
         object.__setattr__(self, "baselines", tuple(self.baselines))
         object.__setattr__(self, "hybrid", tuple(self.hybrid))
         object.__setattr__(self, "merged", tuple(self.merged))
+        object.__setattr__(self, "merged_tree", tuple(self.merged_tree))
+        if any(k < 1 for k in self.merged_tree):
+            raise SettingsError(f"eval.merged_tree={list(self.merged_tree)}: every depth needs at least one child",
+                                "eval.merged_tree")
         baseline_specs(self.baselines)  # validates the names
         self.hybrid_specs  # validates
         self.merged_specs  # validates
@@ -553,14 +558,17 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
         for kind, front in fronts.items():
             merged = f"{name}&{kind}"
             drafts[merged] = MergedDraft(draft_for(front, target.model), draft_for(drafters[name], target.model),
-                                         settings.merged_depth, settings.merged_skip_at,
-                                         min_probability=min(float(bar), 0.99))
+                                         settings.merged_depth, settings.merged_skip_at, settings.merged_tree,
+                                         min(float(bar), 0.99))
             parameters[merged] = parameters[name]
             skip = (f"; the drafter sits out steps whose guess is ≥ {settings.merged_skip_at} tokens"
                     if settings.merged_skip_at else "")
             skip += f"; its nodes below path probability {float(bar):.3f} are not verified" if float(bar) else ""
-            paths[merged] = (f"{paths[name]}, one token tree with training-free {kind}'s guess (up to "
-                             f"{settings.merged_depth} tokens, matches ≥ {front.spec.min_ngram}){skip}")
+            own = settings.merged_tree or settings.tree
+            shape = f"its tree {list(own)}" if own else f"its γ={settings.gamma} chain"
+            paths[merged] = (f"{paths[name]}, {shape} and training-free {kind}'s guess (up to "
+                             f"{settings.merged_depth} tokens, matches ≥ {front.spec.min_ngram}) in one token "
+                             f"tree{skip}")
     paths |= {f"{name}&{kind}": f"skipped: {why}" for name in candidates for kind, why in skipped.items()}
     stop_ids = end_of_turn_ids(target.tokenizer, target.model.generation_config)
     report = evaluate(target.model, target.tokenizer, drafts,

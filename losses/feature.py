@@ -47,9 +47,14 @@ class FeatureLoss:
     unroll: int = 1
     unroll_decay: float = 0.8
     token: LossMix | None = None
+    # lookup-aware distillation: a position whose token prompt lookup guesses from the row's own context is scored
+    # by the token term with this probability (1: every position, the plain loss); the drafter's capacity then goes
+    # where nothing can be copied, which is where a lookup beside it (eval.merged, eval.hybrid) leaves it the work
+    lookup_hit_weight: float = 1.0
 
     LIMITS: ClassVar[dict] = {"feature_weight": at_least(0), "token_weight": at_least(0),
-                              "aligned_fraction": between(0, 1), "feature_noise": at_least(0)}
+                              "aligned_fraction": between(0, 1), "feature_noise": at_least(0),
+                              "lookup_hit_weight": between(0, 1)}
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -164,6 +164,29 @@ def load_lookup_drafter(folder: Path) -> LookupDrafter:
     return LookupDrafter(spec, saved["vocab_size"], corpus)
 
 
+def _ranked(found: dict[int, list[int]]) -> dict[int, float]:
+    """Candidates' scores: how often each followed, the most recent occurrence breaking ties."""
+    latest = max(position for _, position in found.values()) or 1
+    return {token: count + 0.5 * position / (latest + 1) for token, (count, position) in found.items()}
+
+
+def prompt_lookup_hits(tokens: list[int], spec: LookupSpec | None = None) -> list[bool]:
+    """hits[i]: prompt lookup (`spec`, default the `prompt_lookup` baseline) on tokens[:i] alone guesses tokens[i]
+    first, as the decoder's lookup drafter would with that context (its own prompt and answer so far)."""
+    spec = spec or BASELINES["prompt_lookup"]
+    table = NgramTable(spec.max_ngram)
+    hits = [False] * len(tokens)
+    for i in range(1, len(tokens)):
+        table.add(tokens, i - 1, i)  # every continuation before position i
+        for n in range(min(spec.max_ngram, i), spec.min_ngram - 1, -1):
+            found = table.next.get(tuple(tokens[i - n: i]))
+            if found:
+                scores = _ranked(found)
+                hits[i] = max(scores, key=scores.get) == tokens[i]
+                break
+    return hits
+
+
 class LookupDraft:
     """The decoder's view of a lookup drafter. It keeps, per row, an n-gram index of the committed tokens (updated
     as they are committed) and the context of every node drafted this step (the committed tokens plus the path to
@@ -206,8 +229,7 @@ class LookupDraft:
                     table = self.seen[row] if source == "prompt" else self.drafter.corpus
                     found = table.candidates(context, n)
                 if found:
-                    latest = max(position for _, position in found.values()) or 1
-                    return {token: count + 0.5 * position / (latest + 1) for token, (count, position) in found.items()}
+                    return _ranked(found)
         return {}
 
     def _logits(self, paths: list[list[list[int]]]) -> torch.Tensor:

@@ -56,6 +56,8 @@ def test_quickstart_trains_an_eagle3_drafter_for_the_real_target():
     assert config.stages == ["data_gen", "distill", "eval", "export"]
     assert config.drafter._target_ == "models.feature_drafter.FeatureDrafterSpec" and config.drafter.layout == "eagle3"
     assert config.distill.feature_cache and config.eval.hybrid == ["prompt_lookup"]
+    assert config.eval.merged == ["prompt_lookup+ngram"] and config.eval.merged_tree == [2]
+    assert instantiate(config.eval, _convert_="all").merged_min_probability == "auto"  # measured, not set
     standalone = compose_config(["+experiment=standalone"])  # the previous default, kept as a recipe
     assert standalone.stages == ["data_gen", "pretrain", "distill", "eval", "export"]
     assert standalone.drafter._target_ == "models.drafter.DrafterSpec"

@@ -23,6 +23,7 @@ from losses.tvd import expected_acceptance
 from models.cache import captured_layers
 from models.drafter import to_draft_vocabulary
 from models.feature_drafter import FeatureDraft
+from models.lookup import prompt_lookup_hits
 from train.feature_cache import FeatureCache, build_or_load
 from train.rows import Row, collate
 
@@ -56,7 +57,8 @@ def step_masks(scored: torch.Tensor, steps: int) -> list[torch.Tensor]:
 
 def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, rows: list[Row], pad_id: int,
                   max_seq_len: int, noise: float = 0.0, steps: int = 1, every_position: bool = False,
-                  compact: bool = True, cache: FeatureCache | None = None):
+                  compact: bool = True, cache: FeatureCache | None = None,
+                  lookup_hits: dict[str, list[bool]] | None = None, hit_weight: float = 1.0):
     """Per unrolled step j: (predicted features, target features, drafter logits, teacher logits, draft labels,
     mask, keep), the first two [B, T-1, d], the mask [B, T-1] and keep [1, N] (the positions the token term
     scores): index t holds the (j+1)-th draft's prediction of the
@@ -64,7 +66,10 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
     engine's); logits are [1, N, V'] over the mask's N positions, V' the draft vocabulary where the drafter has
     one and `compact` (the teacher restricted to it, positions whose label or teacher choice falls outside it
     left out), else the full vocabulary (`forward` must then give full logits: `FeatureTraining(compact=False)`).
-    With a `cache` (train/feature_cache.py) the target's side is read from it instead of computed."""
+    With a `cache` (train/feature_cache.py) the target's side is read from it instead of computed. With
+    `lookup_hits` (row id -> whether prompt lookup guesses each token, `models.lookup.prompt_lookup_hits`), a
+    position whose label the lookup guesses stays in `keep` with probability `hit_weight` (lookup-aware
+    distillation), drawn from torch's generator."""
     input_ids, attention, positions, _ = collate(rows, pad_id, max_seq_len, target.device, every_position)
     top1 = None
     with torch.no_grad(), captured_layers(target, None if cache else drafter.feature_layers) as captured:
@@ -97,6 +102,11 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
     if d2t is not None:
         teacher_logits, draft_labels, keep = to_draft_vocabulary(
             teacher_logits, draft_labels, d2t, vocab_size, None if top1 is None else top1[:, 1:][first].unsqueeze(0))
+    if lookup_hits is not None and hit_weight < 1:
+        width = labels.shape[1]  # index t holds the label x_{t+2}
+        hit = torch.tensor([(lookup_hits[row.id][2: 2 + width] + [False] * width)[:width] for row in rows],
+                           device=first.device)[first].unsqueeze(0)
+        keep = keep & ~(hit & (torch.rand(hit.shape, device=hit.device) >= hit_weight))
     parts = []
     for j, (output, mask) in enumerate(zip(predicted, masks)):
         student_logits = head(output[mask]).unsqueeze(0) if own_logits is None else own_logits[j]
@@ -133,6 +143,7 @@ class FeatureObjective:
                              f"loss=fspad")
         self.kind, self.target, self.tokenizer, self.loss, self.settings = kind, target, tokenizer, loss, settings
         self.cache: FeatureCache | None = None
+        self.lookup_hits: dict[str, list[bool]] | None = None
 
     def refused(self) -> list[str]:
         """Every setting this objective cannot honour, as `key=value (what to use)`."""
@@ -148,8 +159,15 @@ class FeatureObjective:
         self.feature_layers = drafter.feature_layers
 
     def prepare_rows(self, rows: list[Row], out_dir: Path) -> None:
-        """With `distill.feature_cache`, the target's features for `rows` (training and held-out), once."""
+        """With `distill.feature_cache`, the target's features for `rows` (training and held-out), once; with
+        `loss.lookup_hit_weight` < 1, where prompt lookup guesses each row's tokens from the row itself."""
         self.out_dir = out_dir
+        if self.loss.lookup_hit_weight < 1:
+            self.lookup_hits = {row.id: prompt_lookup_hits(row.input_ids[: self.settings.max_seq_len]) for row in rows}
+            scored = [hit for row in rows for hit in self.lookup_hits[row.id][2:]]
+            print(f"[distill] lookup-aware: prompt lookup guesses {sum(scored) / max(len(scored), 1):.1%} of the "
+                  f"{len(scored)} training tokens from their own rows; those are scored with probability "
+                  f"{self.loss.lookup_hit_weight}", flush=True)
         if self.settings.feature_cache:
             shared = self.settings.feature_cache_dir
             self.cache = build_or_load(self.target, rows, self.feature_layers, self.settings.max_seq_len,
@@ -165,7 +183,8 @@ class FeatureObjective:
         model = engine.module.drafter if hasattr(engine.module, "drafter") else engine.module
         steps, read = feature_batch(engine.forward, self.target, model, micro, self.tokenizer.pad_token_id,
                                     self.settings.max_seq_len, self.loss.feature_noise, self.loss.unroll,
-                                    self.settings.train_on == "all", cache=self.cache)
+                                    self.settings.train_on == "all", cache=self.cache,
+                                    lookup_hits=self.lookup_hits, hit_weight=self.loss.lookup_hit_weight)
         total, parts = self.loss.unrolled(steps)
         return total, parts, int(steps[0][-1].sum()), read
 
@@ -187,6 +206,7 @@ class FeatureObjective:
                 "feature_layers": list(model.spec.feature_layers or []) or "last",
                 "draft_vocab_size": model.spec.draft_vocab_size, "unroll": self.loss.unroll,
                 "aligned_fraction": self.loss.aligned_fraction, "loss_terms": sorted(self.loss.terms),
+                "lookup_hit_weight": self.loss.lookup_hit_weight,
                 "teacher": "online", "train_on": self.settings.train_on,
                 "feature_cache": self.settings.feature_cache,
                 "feature_cache_folder": self.cache_folder()}

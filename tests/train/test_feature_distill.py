@@ -249,3 +249,35 @@ def test_an_eagle3_drafter_decodes_losslessly_in_chains_and_trees_and_batches(ti
     generations = speculative_generate(target, FeatureDraft(drafter, target), prompts, settings, stop_ids=[])
     assert [g.tokens for g in generations] == expected
     assert sum(g.stats.drafted for g in generations) > 0
+
+
+def test_prompt_lookup_hits_are_the_tokens_the_lookup_guesses_from_the_row_itself():
+    from models.lookup import prompt_lookup_hits
+
+    #         0  1  2  3  4  5  6  7  8
+    tokens = [5, 6, 7, 5, 6, 7, 5, 9, 6]
+    hits = prompt_lookup_hits(tokens)
+    # 4: "7 5" was followed by 6; 5: "5 6" by 7; 6: "6 7" by 5; 7: "6 7 5" by 6, not 9; 8: "9" never seen, no guess
+    assert hits == [False, False, False, False, True, True, True, False, False]
+
+
+def test_lookup_aware_distillation_leaves_out_exactly_the_guessed_positions(tiny_target, records_dir):
+    """loss.lookup_hit_weight=0 drops from the token term every scored position whose label prompt lookup guesses
+    from its own row, and nothing else; 1 is the plain loss."""
+    from models.lookup import prompt_lookup_hits
+    from train.feature_distill import FeatureTraining, feature_batch
+
+    target = tiny_target.model
+    rows = read_rows(records_dir, "online")[:3]
+    drafter = build_feature_drafter(EAGLE3, target, [row.input_ids for row in rows]).eval()
+    hits = {row.id: prompt_lookup_hits(row.input_ids) for row in rows}
+    module = FeatureTraining(drafter, 2)
+    with torch.no_grad():
+        plain, _ = feature_batch(module, target, drafter, rows, 0, 4096, steps=2, every_position=True)
+        aware, _ = feature_batch(module, target, drafter, rows, 0, 4096, steps=2, every_position=True,
+                                 lookup_hits=hits, hit_weight=0.0)
+    for (*_, mask, keep_plain), (*_, _, keep_aware) in zip(plain, aware):
+        width = mask.shape[1]
+        guessed = torch.tensor([(hits[row.id][2: 2 + width] + [False] * width)[:width] for row in rows])[mask]
+        assert guessed.any() and (~guessed).any()
+        assert torch.equal(keep_aware[0], keep_plain[0] & ~guessed)
