@@ -100,7 +100,7 @@ def main() -> None:
     if options.bar is None:  # chosen by cost: what one more verified token costs here, in plain steps
         options.bar = node_cost(target.model, items[0]["prompt_ids"])
         print(f"[merged_tree] one more verified token costs {options.bar:.3f} plain steps on this machine "
-              f"(v(8) - v(4)) / 4: the pruned rows verify drafter nodes at least that likely", flush=True)
+              f"(v(10) - v(2)) / 8: the pruned rows verify drafter nodes at least that likely", flush=True)
     drafts = rows(target, trained, fronts[options.lookup], options)
     decode = DecodeSettings(gamma=options.gamma, max_new_tokens=max_new)
     stop_ids = report.get("stop_ids") or end_of_turn_ids(target.tokenizer, target.model.generation_config)
