@@ -35,8 +35,8 @@ import torch
 
 from data_gen.chat import end_of_turn_ids
 from eval.decoder import DecodeSettings
-from eval.metrics import DecodeStats, median_interval
-from eval.speculative import decode_interleaved, node_cost, training_free
+from eval.metrics import median_interval
+from eval.speculative import aggregate, decode_interleaved, node_cost, training_free
 from models.kinds import draft_for, load_any
 from models.loading import configured_target, load_target
 from models.lookup import BASELINES, LookupFirstDraft, MergedDraft, baseline_specs
@@ -113,18 +113,11 @@ def main() -> None:
     outputs, seconds, totals = decode_interleaved(target.model, drafts, items, decode, stop_ids)
     results = {}
     for name, generations in outputs.items():
-        stats = DecodeStats(depth=1)
-        for generation in generations:
-            stats.merge(generation.stats)
-        metrics = stats.metrics()
+        metrics = aggregate([g.stats for g in generations])
         median, low, high = median_interval([p / s for p, s in zip(seconds[None], seconds[name])])
-        per_category = {}
-        for category in sorted({item["category"] for item in items}):
-            part = DecodeStats(depth=1)
-            for generation, item in zip(generations, items):
-                if item["category"] == category:
-                    part.merge(generation.stats)
-            per_category[category] = part.metrics()["block_efficiency"]
+        per_category = {category: aggregate([g.stats for g, item in zip(generations, items)
+                                             if item["category"] == category])["block_efficiency"]
+                        for category in sorted({item["category"] for item in items})}
         results[name] = {
             "tau": metrics["block_efficiency"], "verified_per_step": metrics["mean_verified_per_step"],
             "drafter_run_fraction": metrics["drafter_run_fraction"],

@@ -275,12 +275,16 @@ def _draft_tree(draft, tree: Tree, sequences: list[list[int]], features: torch.T
     for d, k in enumerate(tree.branching, start=1):
         levels.append(logits.topk(k, dim=-1).indices.flatten(1))  # [rows, nodes at depth d]
         if d < depth:
-            nodes = tree.levels[d]
-            local = tree.ancestors[nodes][:, 1: nodes[-1] + 1]
-            parents = [tree.parent[n] - (tree.levels[d - 1][0] if d > 1 else 0) for n in nodes]
-            logits = draft.extend(levels[-1], parents, local, torch.tensor([d - 1] * len(nodes)),
-                                  nodes[0] - 1)
+            logits = _extend_level(draft, tree, d, levels[-1])
     return levels
+
+
+def _extend_level(draft, tree: Tree, d: int, tokens: torch.Tensor) -> torch.Tensor:
+    """The drafter's logits after the nodes at depth d [rows, nodes at depth d], each seeing its ancestors."""
+    nodes = tree.levels[d]
+    local = tree.ancestors[nodes][:, 1: nodes[-1] + 1]
+    parents = [tree.parent[n] - (tree.levels[d - 1][0] if d > 1 else 0) for n in nodes]
+    return draft.extend(tokens, parents, local, torch.tensor([d - 1] * len(nodes)), nodes[0] - 1)
 
 
 def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], settings: DecodeSettings,
@@ -391,9 +395,7 @@ def draft_pruned(draft, tree: Tree, sequences: list[list[int]], features: torch.
                     alive = True
         if d == depth or not alive:
             break
-        local = tree.ancestors[nodes][:, 1: nodes[-1] + 1]
-        parents = [tree.parent[n] - (tree.levels[d - 1][0] if d > 1 else 0) for n in nodes]
-        logits = draft.extend(tokens, parents, local, torch.tensor([d - 1] * len(nodes)), nodes[0] - 1)
+        logits = _extend_level(draft, tree, d, tokens)
     return proposals
 
 
@@ -402,22 +404,21 @@ def without(left: torch.Tensor, token: int) -> None:
     left[token] = 0.0
 
 
-def _accept_general(logits: torch.Tensor, block: list[list[int]], parents: list[list[int]], settings: DecodeSettings,
-                    rng: _Rows) -> list[tuple[list[int], int]]:
-    """Per row of a verified general tree (block[b][i] the token at node i, parents[b][i-1] its parent; padded
-    nodes have parent -1): (the accepted path's nodes, the target's own token). Greedy: the deepest node whose
+def _accept_general(logits: torch.Tensor, block: list[list[int]], parents: list[list[int]],
+                    depths: list[list[int]], settings: DecodeSettings, rng: _Rows) -> list[tuple[list[int], int]]:
+    """Per row of a verified general tree (block[b][i] the token at node i, parents[b][i-1] its parent, padded
+    nodes having parent -1; depths[b][i] its depth): (the accepted path's nodes, the target's own token). Greedy: the deepest node whose
     every token is the target's argmax after its parent. Sampled: at each node its children in order, each
     accepted with the probability of its token under what is left of p (else that token's mass is removed), the
     rule of `_tree_step` for point-mass drafts, on a tree of any shape; duplicate tokens cannot be accepted twice."""
     results = []
     if settings.sampling.greedy:
         choice = logits.argmax(-1).tolist()
-        for tokens, row_parents, row_choice in zip(block, parents, choice):
-            ok, depth, best = [True], [0], 0
+        for tokens, row_parents, depth, row_choice in zip(block, parents, depths, choice):
+            ok, best = [True], 0
             for node, parent in enumerate(row_parents, start=1):
                 good = parent >= 0 and ok[parent] and tokens[node] == row_choice[parent]
                 ok.append(good)
-                depth.append(depth[parent] + 1 if parent >= 0 else 0)
                 if good and depth[node] > depth[best]:
                     best = node
             path = []
@@ -491,7 +492,7 @@ def _merged_step(target: _Target, merged, tree: Tree, sequences: list[list[int]]
     logits = head_logits(target.model, hidden)
     if hasattr(merged, "observe"):
         merged.observe(block_tensor, logits)
-    accepted = _accept_general(logits, block, parents, settings, rng)
+    accepted = _accept_general(logits, block, parents, depths, settings, rng)
     most = max(1, max(len(path) for path, _ in accepted))
     nodes = torch.tensor([[0] + path + [path[-1] if path else 0] * (most - len(path)) for path, _ in accepted],
                          device=device)
@@ -596,7 +597,7 @@ def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys, reco
     merged = getattr(draft, "merged", False)  # models.lookup.MergedDraft: a lookup's and a drafter's tree in one
     tree = Tree(settings.tree) if settings.tree else None
     if merged:  # the drafter's own part of the merged tree
-        tree = Tree(draft.shape or settings.tree or (1,) * settings.gamma)
+        tree = Tree(draft.drafter_branching(settings.tree, settings.gamma))
     extra = draft.depth if merged else 0
     capacity = _capacity(prompts, settings, tree, extra)
     target = _Target(target_model, prompts, capacity, draft.needs_features, getattr(draft, "feature_layers", None))

@@ -245,7 +245,8 @@ def measure_verify_cost(target: PreTrainedModel, prompt_ids: list[int], width: i
     return seconds[width] / seconds[1]
 
 
-def _aggregate(stats: list[DecodeStats], depth: int) -> dict:
+def aggregate(stats: list[DecodeStats], depth: int = 1) -> dict:
+    """The metrics of several generations' counters together (deeper records widen the per-position lists)."""
     total = DecodeStats(depth=depth)
     for s in stats:
         total.merge(s)
@@ -301,13 +302,13 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
                         target, item["prompt_ids"], reference, generation.tokens, settings.tie_tolerance))
         ratios = [p / s for p, s in zip(plain_seconds, seconds)]
         median, low, high = median_interval(ratios)
-        metrics = _aggregate([g.stats for g in generations], decode.depth)
+        metrics = aggregate([g.stats for g in generations], decode.depth)
         # a merged tree's drafter forwards are its trained drafter's (the lookup's cost nothing)
         cost = measure_cost_ratio(target, draft.trained if getattr(draft, "merged", False) else draft,
                                   items[0]["prompt_ids"])
         width = round(metrics["mean_verified_per_step"])  # a merged tree verifies a width of its own
         # drafter forwards per step: a merged tree's drafter runs its own depth, and only where it runs
-        forwards = ((len(draft.shape) or decode.depth) * metrics["drafter_run_fraction"]
+        forwards = (len(draft.drafter_branching(decode.tree, decode.gamma)) * metrics["drafter_run_fraction"]
                     if getattr(draft, "merged", False) else metrics["mean_drafted_per_step"])
         row_verify = verify_cost if width == decode.block_width else measure_verify_cost(
             target, items[0]["prompt_ids"], max(width, 1))
@@ -321,12 +322,12 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
             "tokens_per_second": sum(len(g.tokens) for g in generations) / elapsed_total,
             **losslessness(decode.sampling.greedy, half, mismatches, len(items)),
             "divergences": mismatches,
-            "per_category": {category: _aggregate([g.stats for g, i in zip(generations, items)
+            "per_category": {category: aggregate([g.stats for g, i in zip(generations, items)
                                                    if i["category"] == category], decode.depth)
                              | {"speedup_median": statistics.median([r for r, i in zip(ratios, items)
                                                                      if i["category"] == category])}
                              for category in sorted({i["category"] for i in items})},
-            "per_turn": {str(turn): _aggregate([g.stats for g, i in zip(generations, items) if i["turn"] == turn],
+            "per_turn": {str(turn): aggregate([g.stats for g, i in zip(generations, items) if i["turn"] == turn],
                                                decode.depth)["block_efficiency"]
                          for turn in sorted({i["turn"] for i in items})},
             "per_prompt": [{"id": i["id"], "category": i["category"], "turn": i["turn"], "speedup": r,

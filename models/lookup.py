@@ -352,6 +352,10 @@ class MergedDraft(_LookupPair):
         super().__init__(lookup, trained)
         self.depth, self.skip_at, self.shape, self.min_probability = depth, skip_at, tuple(shape), min_probability
 
+    def drafter_branching(self, tree: tuple[int, ...], gamma: int) -> tuple[int, ...]:
+        """The trained drafter's own part: its `shape`, else the decode settings' `tree`, else their γ chain."""
+        return self.shape or tuple(tree) or (1,) * gamma
+
     def lookup_chains(self, sequences: list[list[int]]) -> list[list[int]]:
         """Per row, the lookup's greedy continuation: up to `depth` tokens, ending where it has no guess."""
         logits = self.lookup.catch_up(sequences, None)
