@@ -198,37 +198,8 @@ def _chain_step(target: _Target, draft, sequences: list[list[int]], budgets: lis
     """One chain step; per row (proposed, accepted, emitted tokens), and how many drafts were fed to the drafter.
     A `recorder` (`VerificationRecorder`) gets what the verification computed: the block and the target's logits."""
     device = target.cache.device
-    rows, most = len(sequences), max(budgets)
-    sampling = not settings.sampling.greedy
-    drafts, q_rows = [], []
-    proposed = torch.zeros(rows, dtype=torch.long, device=device)
-    if most:
-        logits = draft.catch_up(sequences, target.features)
-        alive = torch.ones(rows, dtype=torch.bool, device=device)
-        budget = torch.tensor(budgets, device=device)
-        abstains = getattr(draft, "abstains", False)
-        for i in range(most):
-            if abstains:  # a drafter without a guess (all -inf) stops drafting that row: nothing to verify
-                alive &= torch.isfinite(logits.max(-1).values)
-                if not bool(alive.any()):
-                    break
-                logits = torch.where(alive[:, None], logits, 0.0)  # finite for rows that stopped (never used)
-            if sampling:
-                q = torch.softmax(warp_logits(logits, settings.sampling), -1)
-                token = rng.sample(q)
-                q_rows.append(q)
-            else:
-                token = logits.argmax(-1)
-            drafts.append(token)
-            proposed += (alive & (budget > i)).long()
-            if settings.confidence_threshold:
-                probs = q if sampling else torch.softmax(logits, -1)
-                alive &= probs.gather(1, token[:, None])[:, 0] >= settings.confidence_threshold
-                if not bool(alive.any()):  # adaptive length: one sync per drafted position
-                    break
-            if i + 1 < most:
-                logits = draft.extend(token[:, None], [0], torch.ones(1, i + 1, dtype=torch.bool),
-                                      torch.tensor([i]), i)[:, 0]
+    rows = len(sequences)
+    drafts, q_rows, proposed = _draft_chain(draft, sequences, budgets, settings, rng, target.features)
     count = len(drafts)
     last = torch.tensor([sequence[-1] for sequence in sequences], device=device)[:, None]
     block = torch.cat([last] + [token[:, None] for token in drafts], 1)
@@ -236,27 +207,74 @@ def _chain_step(target: _Target, draft, sequences: list[list[int]], budgets: lis
     logits = head_logits(target.model, hidden)
     if hasattr(draft, "observe"):  # a drafter that learns from the target's scores (Token Recycling)
         draft.observe(block, logits)
-    valid = torch.arange(count, device=device)[None, :] < proposed[:, None]
-    if sampling:
-        p = torch.softmax(warp_logits(logits, settings.sampling), -1)
-        q = torch.stack(q_rows, 1) if q_rows else p.new_zeros(rows, 0, p.shape[-1])
-        q = torch.cat([q * valid[..., None], p.new_zeros(rows, 1, p.shape[-1])], 1)  # q = 0 where not drafted
-        x = block[:, 1:]
-        ok = accepts(rng.uniform(count), p[:, :count].gather(2, x[..., None])[..., 0],
-                     q[:, :count].gather(2, x[..., None])[..., 0]) & valid
-        accepted = ok.long().cumprod(1).sum(1)
-        at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
-        own = rng.sample(residual(p.gather(1, at)[:, 0], q.gather(1, at)[:, 0]))
-    else:
-        choice = logits.argmax(-1)
-        accepted = ((block[:, 1:] == choice[:, :count]) & valid).long().cumprod(1).sum(1)
-        own = choice.gather(1, accepted[:, None])[:, 0]
+    accepted, own = _accept_chain(logits, block, q_rows, proposed, settings, rng)
     if recorder is not None:
         recorder.verified(block, logits, proposed)
     target.store_features(hidden, torch.arange(count + 1, device=device).expand(rows, -1))
     packed = torch.cat([proposed[:, None], accepted[:, None], block[:, 1:], own[:, None]], 1).tolist()  # the sync
     results = [(row[0], row[1], row[2: 2 + row[1]] + [row[-1]]) for row in packed]
     return results, max(0, count - 1)
+
+
+def _draft_chain(draft, sequences: list[list[int]], budgets: list[int], settings: DecodeSettings, rng: _Rows,
+                 features: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The drafter's chain: per drafted position the tokens [rows], (sampled) the distributions q they were drawn
+    from [rows, V], and how many of them each row proposes [rows] (its budget, or fewer where it stopped)."""
+    rows, most = len(sequences), max(budgets)
+    sampling = not settings.sampling.greedy
+    drafts, q_rows = [], []
+    device = rng.device
+    proposed = torch.zeros(rows, dtype=torch.long, device=device)
+    if not most:
+        return drafts, q_rows, proposed
+    logits = draft.catch_up(sequences, features)
+    alive = torch.ones(rows, dtype=torch.bool, device=device)
+    budget = torch.tensor(budgets, device=device)
+    abstains = getattr(draft, "abstains", False)
+    for i in range(most):
+        if abstains:  # a drafter without a guess (all -inf) stops drafting that row: nothing to verify
+            alive &= torch.isfinite(logits.max(-1).values)
+            if not bool(alive.any()):
+                break
+            logits = torch.where(alive[:, None], logits, 0.0)  # finite for rows that stopped (never used)
+        if sampling:
+            q = torch.softmax(warp_logits(logits, settings.sampling), -1)
+            token = rng.sample(q)
+            q_rows.append(q)
+        else:
+            token = logits.argmax(-1)
+        drafts.append(token)
+        proposed += (alive & (budget > i)).long()
+        if settings.confidence_threshold:
+            probs = q if sampling else torch.softmax(logits, -1)
+            alive &= probs.gather(1, token[:, None])[:, 0] >= settings.confidence_threshold
+            if not bool(alive.any()):  # adaptive length: one sync per drafted position
+                break
+        if i + 1 < most:
+            logits = draft.extend(token[:, None], [0], torch.ones(1, i + 1, dtype=torch.bool),
+                                  torch.tensor([i]), i)[:, 0]
+    return drafts, q_rows, proposed
+
+
+def _accept_chain(logits: torch.Tensor, block: torch.Tensor, q_rows: list[torch.Tensor], proposed: torch.Tensor,
+                  settings: DecodeSettings, rng: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a verified chain (`block` [rows, count + 1]: the last committed token and the drafts), how many
+    drafts are accepted and the target's own token after them (greedy: its argmax; sampled: Leviathan's rule)."""
+    rows, count = block.shape[0], block.shape[1] - 1
+    valid = torch.arange(count, device=block.device)[None, :] < proposed[:, None]
+    if settings.sampling.greedy:
+        choice = logits.argmax(-1)
+        accepted = ((block[:, 1:] == choice[:, :count]) & valid).long().cumprod(1).sum(1)
+        return accepted, choice.gather(1, accepted[:, None])[:, 0]
+    p = torch.softmax(warp_logits(logits, settings.sampling), -1)
+    q = torch.stack(q_rows, 1) if q_rows else p.new_zeros(rows, 0, p.shape[-1])
+    q = torch.cat([q * valid[..., None], p.new_zeros(rows, 1, p.shape[-1])], 1)  # q = 0 where not drafted
+    x = block[:, 1:]
+    ok = accepts(rng.uniform(count), p[:, :count].gather(2, x[..., None])[..., 0],
+                 q[:, :count].gather(2, x[..., None])[..., 0]) & valid
+    accepted = ok.long().cumprod(1).sum(1)
+    at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
+    return accepted, rng.sample(residual(p.gather(1, at)[:, 0], q.gather(1, at)[:, 0]))
 
 
 def _children(tree: Tree, depth: int, current: torch.Tensor) -> torch.Tensor:
@@ -299,6 +317,20 @@ def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], s
     logits = head_logits(target.model, hidden)
     if hasattr(draft, "observe"):
         draft.observe(block, logits)
+    path, accepted, own = _accept_tree(logits, block, tree, settings, rng)
+    nodes = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=device), path], 1)
+    target.store_features(hidden, nodes)
+    packed = torch.cat([accepted[:, None], block.gather(1, path), own[:, None]], 1).tolist()  # the sync
+    results = [(depth, row[0], row[1: 1 + row[0]] + [row[-1]]) for row in packed]
+    return results, path
+
+
+def _accept_tree(logits: torch.Tensor, block: torch.Tensor, tree: Tree, settings: DecodeSettings,
+                 rng: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of a verified top-k tree (`block` [rows, tree.size]): the accepted path's nodes [rows, depth]
+    (repeating the last accepted node past it), how many are accepted, and the target's own token after them."""
+    device = block.device
+    rows, depth = block.shape[0], len(tree.branching)
     every = torch.arange(rows, device=device)
     current = torch.zeros(rows, dtype=torch.long, device=device)
     searching = torch.ones(rows, dtype=torch.bool, device=device)
@@ -340,11 +372,7 @@ def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], s
             accepted += searching.long()
         final = torch.where(searching[:, None], p[every, current], final)
         own = rng.sample(final)
-    nodes = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=device), path], 1)
-    target.store_features(hidden, nodes)
-    packed = torch.cat([accepted[:, None], block.gather(1, path), own[:, None]], 1).tolist()  # the sync
-    results = [(depth, row[0], row[1: 1 + row[0]] + [row[-1]]) for row in packed]
-    return results, path
+    return path, accepted, own
 
 
 def merge_proposals(drafted: list[tuple[list[int], list[int]]] | None, chains: list[list[int]]):
@@ -455,22 +483,13 @@ def _accept_general(logits: torch.Tensor, block: list[list[int]], parents: list[
     return results
 
 
-def _merged_step(target: _Target, merged, tree: Tree, sequences: list[list[int]], settings: DecodeSettings,
-                 rng: _Rows):
-    """One merged-tree step (`models.lookup.MergedDraft`): the lookup's continuation and the trained drafter's own
-    tree (`tree`; skipped where the lookup's guess is long enough) merged into one token tree per row
-    (`merge_proposals`), verified in one forward with each row's own ancestor mask and positions. Returns per row
-    (deepest drafted position, accepted, emitted tokens), the accepted path's nodes [rows, depth] (padded by
-    repeating its last node), the block's width, and whether the drafter ran."""
-    device = target.cache.device
-    rows = len(sequences)
-    chains = merged.lookup_chains(sequences)
-    ran = merged.drafter_needed(chains)
-    drafted = draft_pruned(merged.trained, tree, sequences, target.features, merged.min_probability) if ran else None
-    proposals = merge_proposals(drafted, chains)
+def _merged_block(proposals: list[tuple[list[int], list[int]]], sequences: list[list[int]]):
+    """The verification block of merged trees (`merge_proposals`), padded to the widest row: per row its tokens
+    (the last committed token first), its nodes' parents (-1 for padding), their depths, and the ancestor mask
+    [rows, w, w] (a node sees its ancestors; a padded one itself and the root)."""
     width = 1 + max(len(tokens) for tokens, _ in proposals)
     block, parents, depths = [], [], []
-    local = torch.zeros(rows, width, width, dtype=torch.bool)
+    local = torch.zeros(len(proposals), width, width, dtype=torch.bool)
     for row, (tokens, row_parents) in enumerate(proposals):
         padding = width - 1 - len(tokens)
         block.append([sequences[row][-1]] + tokens + [0] * padding)
@@ -487,6 +506,23 @@ def _merged_step(target: _Target, merged, tree: Tree, sequences: list[list[int]]
                     break
                 walk = max(parents[row][walk - 1], 0)
         depths.append(depth)
+    return block, parents, depths, local
+
+
+def _merged_step(target: _Target, merged, tree: Tree, sequences: list[list[int]], settings: DecodeSettings,
+                 rng: _Rows):
+    """One merged-tree step (`models.lookup.MergedDraft`): the lookup's continuation and the trained drafter's own
+    tree (`tree`; skipped where the lookup's guess is long enough) merged into one token tree per row
+    (`merge_proposals`), verified in one forward with each row's own ancestor mask and positions. Returns per row
+    (deepest drafted position, accepted, emitted tokens), the accepted path's nodes [rows, depth] (padded by
+    repeating its last node), the block's width, and whether the drafter ran."""
+    device = target.cache.device
+    chains = merged.lookup_chains(sequences)
+    ran = merged.drafter_needed(chains)
+    drafted = draft_pruned(merged.trained, tree, sequences, target.features, merged.min_probability) if ran else None
+    proposals = merge_proposals(drafted, chains)
+    block, parents, depths, local = _merged_block(proposals, sequences)
+    width = len(block[0])
     block_tensor = torch.tensor(block, device=device)
     hidden = target.forward(block_tensor, local, torch.tensor(depths))
     logits = head_logits(target.model, hidden)
