@@ -38,13 +38,12 @@ if __package__ in (None, ""):
 import torch
 
 import eval.decoder as decoder
-from data_gen.chat import end_of_turn_ids
+from bench.merged_tree import read_run
 from eval.decoder import DecodeSettings, plain_generate, speculative_generate
-from eval.speculative import aggregate, training_free
+from eval.speculative import aggregate
 from models.cache import RaggedKVCache
-from models.kinds import draft_for, load_any
-from models.loading import configured_target, load_target
-from models.lookup import BASELINES, LookupFirstDraft, MergedDraft, baseline_specs
+from models.kinds import draft_for
+from models.lookup import BASELINES, LookupFirstDraft, MergedDraft
 
 PARTS = ("target forwards", "drafter forwards", "lookup", "drafting", "acceptance", "bookkeeping")
 # the decoder's module-level functions and class methods, by part
@@ -161,21 +160,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "draftsmith")
     options = parser.parse_args()
-    report_path = options.run / "eval" / "report.json"
-    for needed in (options.run / "distill" / "model", options.run / "data_gen", report_path):
-        if not needed.exists():
-            raise SystemExit(f"{needed} is missing: run the quickstart (data_gen, distill, eval) into {options.run}")
-    report = json.loads(report_path.read_text())
-    items = report["prompts"][: options.prompts]
-    max_new = options.max_new_tokens or report["settings"]["max_new_tokens"]
-    torch.manual_seed(0)
-    target = load_target(configured_target("smollm2_135m"), options.cache_dir)
-    trained = load_any(options.run / "distill" / "model", target)
-    fronts, skipped = training_free(target, baseline_specs([options.lookup]), options.run / "data_gen")
-    if skipped:
-        raise SystemExit(f"{options.lookup}: {skipped[options.lookup]}")
-    stop_ids = report.get("stop_ids") or end_of_turn_ids(target.tokenizer, target.model.generation_config)
-    references = [item["reference_ids"][:max_new] for item in items]
+    report_path, items, max_new, target, trained, front, stop_ids, references = read_run(
+        options.run, options.lookup, options.prompts, options.max_new_tokens, options.cache_dir)
     tree = tuple(int(k) for k in options.tree.split(","))
     own = tuple(int(k) for k in options.merged_tree.split(","))
     gamma = options.gamma
@@ -184,7 +170,7 @@ def main() -> None:
         return draft_for(trained, target.model)
 
     def lookup():
-        return draft_for(fronts[options.lookup], target.model)
+        return draft_for(front, target.model)
 
     chain = DecodeSettings(gamma=gamma, max_new_tokens=max_new, batch_size=options.batch_size)
     rows = {  # name: (draft factory, settings)

@@ -66,6 +66,28 @@ def rows(target, trained, front, options) -> dict:
     return made
 
 
+def read_run(run: Path, lookup: str, prompts: int | None, max_new_tokens: int | None, cache_dir: Path):
+    """A finished quickstart-style run, as the benches decode it: (its eval report's path, the first `prompts` of
+    its eval prompts, the new tokens to decode, the target, the trained drafter, the `lookup` baseline built from
+    its data_gen records, the stop ids, the target's plain answers cut to that length)."""
+    report_path = run / "eval" / "report.json"
+    for needed in (run / "distill" / "model", run / "data_gen", report_path):
+        if not needed.exists():
+            raise SystemExit(f"{needed} is missing: run the quickstart (data_gen, distill, eval) into {run}")
+    report = json.loads(report_path.read_text())
+    items = report["prompts"][:prompts]
+    max_new = max_new_tokens or report["settings"]["max_new_tokens"]
+    torch.manual_seed(0)
+    target = load_target(configured_target("smollm2_135m"), cache_dir)
+    trained = load_any(run / "distill" / "model", target)
+    fronts, skipped = training_free(target, baseline_specs([lookup]), run / "data_gen")
+    if skipped:
+        raise SystemExit(f"{lookup}: {skipped[lookup]}")
+    stop_ids = report.get("stop_ids") or end_of_turn_ids(target.tokenizer, target.model.generation_config)
+    references = [item["reference_ids"][:max_new] for item in items]
+    return report_path, items, max_new, target, trained, fronts[lookup], stop_ids, references
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a finished run's folder (data_gen, distill, eval)")
@@ -83,28 +105,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "draftsmith")
     options = parser.parse_args()
-    report_path = options.run / "eval" / "report.json"
-    for needed in (options.run / "distill" / "model", options.run / "data_gen", report_path):
-        if not needed.exists():
-            raise SystemExit(f"{needed} is missing: run the quickstart (data_gen, distill, eval) into {options.run}")
-    report = json.loads(report_path.read_text())
-    items = report["prompts"][: options.prompts]
-    max_new = options.max_new_tokens or report["settings"]["max_new_tokens"]
-    torch.manual_seed(0)
-    target = load_target(configured_target("smollm2_135m"), options.cache_dir)
-    trained = load_any(options.run / "distill" / "model", target)
-    fronts, skipped = training_free(target, baseline_specs([options.lookup]), options.run / "data_gen")
-    if skipped:
-        raise SystemExit(f"{options.lookup}: {skipped[options.lookup]}")
+    report_path, items, max_new, target, trained, front, stop_ids, references = read_run(
+        options.run, options.lookup, options.prompts, options.max_new_tokens, options.cache_dir)
     options.bar = options.min_probability
     if options.bar is None:  # chosen by cost: what one more verified token costs here, in plain steps
         options.bar = node_cost(target.model, items[0]["prompt_ids"])
         print(f"[merged_tree] one more verified token costs {options.bar:.3f} plain steps on this machine "
               f"(v(10) - v(2)) / 8: the pruned rows verify drafter nodes at least that likely", flush=True)
-    drafts = rows(target, trained, fronts[options.lookup], options)
+    drafts = rows(target, trained, front, options)
     decode = DecodeSettings(gamma=options.gamma, max_new_tokens=max_new)
-    stop_ids = report.get("stop_ids") or end_of_turn_ids(target.tokenizer, target.model.generation_config)
-    references = [item["reference_ids"][:max_new] for item in items]
     decode_interleaved(target.model, drafts, items[:1], DecodeSettings(gamma=options.gamma, max_new_tokens=8),
                        stop_ids)  # warm-up: one-off allocations and the kernels' first calls
     for draft in drafts.values():
