@@ -38,12 +38,12 @@ if __package__ in (None, ""):
 import torch
 
 import eval.decoder as decoder
-from bench.merged_tree import read_run
+from bench.merged_tree import read_run, run_arguments
 from eval.decoder import DecodeSettings, plain_generate, speculative_generate
 from eval.speculative import aggregate
 from models.cache import RaggedKVCache
 from models.kinds import draft_for
-from models.lookup import BASELINES, LookupFirstDraft, MergedDraft
+from models.lookup import LookupFirstDraft, MergedDraft
 
 PARTS = ("target forwards", "drafter forwards", "lookup", "drafting", "acceptance", "bookkeeping")
 # the decoder's module-level functions and class methods, by part
@@ -83,7 +83,8 @@ class Clock:
 
 
 def time_methods(clock: Clock, stack: ExitStack, owner, names_to_parts: dict[str, str]) -> None:
-    """Time `owner`'s methods (an instance's, shadowing its class's, or a class's), undone when `stack` closes."""
+    """Time `owner`'s methods (an instance's, shadowing its class's, a class's, or a module's functions), undone
+    when `stack` closes."""
     for name, part in names_to_parts.items():
         if not hasattr(owner, name):
             continue
@@ -115,10 +116,7 @@ def time_draft(clock: Clock, stack: ExitStack, draft) -> None:
 def timed_decoder(clock: Clock, draft=None):
     with ExitStack() as stack:
         for part, names in DECODER_FUNCTIONS.items():
-            for name in names:
-                original = getattr(decoder, name)
-                setattr(decoder, name, clock.wrap(part, original))
-                stack.callback(setattr, decoder, name, original)
+            time_methods(clock, stack, decoder, dict.fromkeys(names, part))
         for part, methods in CLASS_METHODS.items():
             for owner, name in methods:
                 time_methods(clock, stack, owner, {name: part})
@@ -148,20 +146,14 @@ def breakdown(target, draft, items, decode: DecodeSettings, stop_ids) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a finished run's folder (data_gen, distill, eval)")
-    parser.add_argument("--lookup", default="prompt_lookup+ngram", choices=sorted(BASELINES))
+    run_arguments(parser)
     parser.add_argument("--gamma", type=int, default=3)
     parser.add_argument("--tree", default="2,1,1", help="the drafter-alone tree row's top-k per depth")
     parser.add_argument("--merged-tree", default="2", help="the drafter's own part of the merged row")
     parser.add_argument("--depth", type=int, default=4, help="the lookup branch's most tokens in the merged row")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--prompts", type=int, default=None, help="the first N of the eval's prompts (default all)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: what the run's eval decoded")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "draftsmith")
     options = parser.parse_args()
-    report_path, items, max_new, target, trained, front, stop_ids, references = read_run(
-        options.run, options.lookup, options.prompts, options.max_new_tokens, options.cache_dir)
+    report_path, items, max_new, target, trained, front, stop_ids, references = read_run(options)
     tree = tuple(int(k) for k in options.tree.split(","))
     own = tuple(int(k) for k in options.merged_tree.split(","))
     gamma = options.gamma

@@ -66,19 +66,31 @@ def rows(target, trained, front, options) -> dict:
     return made
 
 
-def read_run(run: Path, lookup: str, prompts: int | None, max_new_tokens: int | None, cache_dir: Path):
-    """A finished quickstart-style run, as the benches decode it: (its eval report's path, the first `prompts` of
-    its eval prompts, the new tokens to decode, the target, the trained drafter, the `lookup` baseline built from
-    its data_gen records, the stop ids, the target's plain answers cut to that length)."""
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `read_run` reads: the finished run, the lookup, which prompts and how many new tokens, where the
+    results and the target's cache go."""
+    parser.add_argument("run", type=Path, help="a finished run's folder (data_gen, distill, eval)")
+    parser.add_argument("--lookup", default="prompt_lookup+ngram", choices=sorted(BASELINES))
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: what the run's eval decoded")
+    parser.add_argument("--prompts", type=int, default=None, help="the first N of the eval's prompts (default all)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "draftsmith")
+
+
+def read_run(options: argparse.Namespace):
+    """A finished quickstart-style run (`run_arguments`), as the benches decode it: (its eval report's path, the
+    first `--prompts` of its eval prompts, the new tokens to decode, the target, the trained drafter, the `--lookup`
+    baseline built from its data_gen records, the stop ids, the target's plain answers cut to that length)."""
+    run, lookup = options.run, options.lookup
     report_path = run / "eval" / "report.json"
     for needed in (run / "distill" / "model", run / "data_gen", report_path):
         if not needed.exists():
             raise SystemExit(f"{needed} is missing: run the quickstart (data_gen, distill, eval) into {run}")
     report = json.loads(report_path.read_text())
-    items = report["prompts"][:prompts]
-    max_new = max_new_tokens or report["settings"]["max_new_tokens"]
+    items = report["prompts"][: options.prompts]
+    max_new = options.max_new_tokens or report["settings"]["max_new_tokens"]
     torch.manual_seed(0)
-    target = load_target(configured_target("smollm2_135m"), cache_dir)
+    target = load_target(configured_target("smollm2_135m"), options.cache_dir)
     trained = load_any(run / "distill" / "model", target)
     fronts, skipped = training_free(target, baseline_specs([lookup]), run / "data_gen")
     if skipped:
@@ -90,8 +102,7 @@ def read_run(run: Path, lookup: str, prompts: int | None, max_new_tokens: int | 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a finished run's folder (data_gen, distill, eval)")
-    parser.add_argument("--lookup", default="prompt_lookup+ngram", choices=sorted(BASELINES))
+    run_arguments(parser)
     parser.add_argument("--gamma", type=int, default=3)
     parser.add_argument("--depth", type=int, default=4, help="the lookup branch's most tokens in a merged tree")
     parser.add_argument("--skip-at", type=int, default=3)
@@ -100,13 +111,8 @@ def main() -> None:
     parser.add_argument("--min-probability", type=float, default=None,
                         help="the pruned merged rows' bar on a drafter node's path probability (default: the "
                              "measured cost of one more verified token; 0: no pruned rows)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: what the run's eval decoded")
-    parser.add_argument("--prompts", type=int, default=None, help="the first N of the eval's prompts (default all)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "draftsmith")
     options = parser.parse_args()
-    report_path, items, max_new, target, trained, front, stop_ids, references = read_run(
-        options.run, options.lookup, options.prompts, options.max_new_tokens, options.cache_dir)
+    report_path, items, max_new, target, trained, front, stop_ids, references = read_run(options)
     options.bar = options.min_probability
     if options.bar is None:  # chosen by cost: what one more verified token costs here, in plain steps
         options.bar = node_cost(target.model, items[0]["prompt_ids"])
