@@ -15,7 +15,9 @@ with the target's plain answer token for token. Rows:
   beside the drafter's own chain or tree (`--shapes`) in one verification; each shape also pruned by cost (the
   drafter's nodes whose path probability is below what one more verified token costs on this machine, in plain
   steps, are not verified: `eval.speculative.node_cost`, `eval.merged_min_probability=auto`), and the first shape
-  with the drafter sitting out steps where the lookup's guess is long (`--skip-at`).
+  with the drafter sitting out steps where the lookup's guess is long (`--skip-at`), and pruned with the drafter
+  sitting out steps where its measured gain is worth less than its measured cost (`--gate`,
+  `eval.merged_skip_at=auto`, `models.lookup.DrafterGate`).
 Prints, per row: τ, tokens per verification forward, the share of steps the drafter ran, the wall speedup over
 plain decoding (median over prompts, 95% interval) and whether every output equals plain decoding; then τ per
 category. A merged row's cost is its verification width (`bench/verify_cost.py` measures v(w) on this machine)
@@ -63,6 +65,9 @@ def rows(target, trained, front, options) -> dict:
         if index == 0 and options.skip_at:
             made[f"merged: drafter {own} + lookup {depth}, skip at {options.skip_at}"] = MergedDraft(
                 lookup(), drafter(), depth, options.skip_at, shape)
+        if index == 0 and options.gate:
+            made[f"merged: drafter {own} + lookup {depth}, nodes ≥ {options.bar:.3f}, gated"] = MergedDraft(
+                lookup(), drafter(), depth, "auto", shape, options.bar)
     return made
 
 
@@ -106,6 +111,8 @@ def main() -> None:
     parser.add_argument("--gamma", type=int, default=3)
     parser.add_argument("--depth", type=int, default=4, help="the lookup branch's most tokens in a merged tree")
     parser.add_argument("--skip-at", type=int, default=3)
+    parser.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
+                        help="a row with the drafter priced in or out per step (eval.merged_skip_at=auto)")
     parser.add_argument("--shapes", nargs="+", default=["1,1,1", "1", "2,1,1"],
                         help="the drafter's own part of each merged row: top-k per depth (1,1,1: a γ=3 chain)")
     parser.add_argument("--min-probability", type=float, default=None,
@@ -140,6 +147,8 @@ def main() -> None:
             "speedup_median": median, "speedup_interval_95": [low, high],
             "tokens_per_second": sum(len(g.tokens) for g in generations) / totals[name],
             "lossless": all(g.tokens == r for g, r in zip(generations, references)), "per_category": per_category}
+        if getattr(drafts[name], "gate", None) is not None:
+            results[name]["drafter_gate"] = drafts[name].gate.summary()
     plain = sum(map(len, references)) / totals[None]
     print(f"\n{len(items)} prompts of {report_path}, greedy, up to {max_new} new tokens; plain {plain:.1f} tok/s\n")
     print("| row | τ | tokens verified / step | drafter ran | accepted per position | wall speedup (median, 95% CI) "
@@ -155,6 +164,12 @@ def main() -> None:
     print("\nτ per category:\n\n| row | " + " | ".join(categories) + " |\n|---|" + "---|" * len(categories))
     for name, r in results.items():
         print(f"| {name} | " + " | ".join(f"{r['per_category'][c]:.3f}" for c in categories) + " |")
+    for name, r in results.items():
+        if "drafter_gate" in r:
+            gate = r["drafter_gate"]
+            print(f"\n{name}: the drafter's forwards cost {gate['cost']:.3f} verifications; per lookup guess length "
+                  "(steps it ran, its mean extra accepted tokens there, steps it was priced out): " + "; ".join(
+                      f"{length}: {v['ran']}, {v['gain']}, {v['priced_out']}" for length, v in gate["lengths"].items()))
     if options.out:
         settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(options).items()}
         options.out.write_text(json.dumps({"plain_tokens_per_second": plain, "rows": results, "settings": settings},

@@ -519,16 +519,22 @@ def _merged_step(target: _Target, merged, tree: Tree, sequences: list[list[int]]
     device = target.cache.device
     chains = merged.lookup_chains(sequences)
     ran = merged.drafter_needed(chains)
+    started = time.perf_counter()
     drafted = draft_pruned(merged.trained, tree, sequences, target.features, merged.min_probability) if ran else None
+    drafted_at = time.perf_counter()
     proposals = merge_proposals(drafted, chains)
     block, parents, depths, local = _merged_block(proposals, sequences)
     width = len(block[0])
     block_tensor = torch.tensor(block, device=device)
+    verify_at = time.perf_counter()
     hidden = target.forward(block_tensor, local, torch.tensor(depths))
     logits = head_logits(target.model, hidden)
     if hasattr(merged, "observe"):
         merged.observe(block_tensor, logits)
     accepted = _accept_general(logits, block, parents, depths, settings, rng)
+    if merged.gate is not None:  # eval.merged_skip_at=auto: what the drafter brought this step, and what it cost
+        merged.gate.record(chains, proposals, [path for path, _ in accepted], ran, drafted_at - started,
+                           time.perf_counter() - verify_at)
     most = max(1, max(len(path) for path, _ in accepted))
     nodes = torch.tensor([[0] + path + [path[-1] if path else 0] * (most - len(path)) for path, _ in accepted],
                          device=device)

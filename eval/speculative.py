@@ -36,7 +36,7 @@ from data_gen.shards import load_records
 from data_gen.sources import PromptSourceSpec, load_conversations
 from eval.decoder import DecodeSettings, plain_generate, speculative_generate, verification_seconds
 from eval.metrics import DecodeStats, median_interval, speed_model
-from infra.settings import SettingsError, at_least, check_fields
+from infra.settings import Rule, SettingsError, at_least, check_fields
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from models.drafter import DrafterSpec
@@ -72,13 +72,16 @@ class EvalSettings:
                                   # in one verified token tree: rows "NAME&KIND" (models.lookup.MergedDraft)
     merged_depth: int = 4         # the lookup branch's most tokens
     merged_tree: tuple[int, ...] = ()  # the trained drafter's own part of a merged tree (empty: `tree`, else γ)
-    merged_skip_at: int = 0       # > 0: the trained drafter sits out a step whose lookup guess is this long
+    merged_skip_at: int | str = 0  # > 0: the trained drafter sits out a step whose lookup guess is this long;
+                                  # "auto": where its measured gain is worth less than its measured cost
     merged_min_probability: float | str = 0.0  # the drafter's nodes below this path probability are not verified;
                                   # "auto": what one more verified token costs here, in plain steps (node_cost)
     LIMITS: ClassVar[dict] = {"max_new_tokens": at_least(1), "batch_size": at_least(1), "turns": at_least(1),
                               "warmup_prompts": at_least(0), "tie_tolerance": at_least(0),
                               "hybrid_min_ngram": at_least(1), "merged_depth": at_least(1),
-                              "merged_skip_at": at_least(0)}
+                              "merged_skip_at": Rule("must be ≥ 0, or 'auto'",
+                                                     lambda value: value == "auto" or not isinstance(value, str)
+                                                     and value >= 0)}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tree", tuple(self.tree))
@@ -334,6 +337,8 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
                             **{k: v for k, v in g.stats.metrics().items() if not k.endswith("position")}}
                            for i, g, r in zip(items, generations, ratios)],
         }
+        if getattr(draft, "gate", None) is not None:  # eval.merged_skip_at=auto: what it priced, per lookup length
+            metrics["drafter_gate"] = draft.gate.summary()
         report["drafters"][name] = metrics
         tracker.log({f"eval/{name}/block_efficiency": metrics["block_efficiency"],
                      f"eval/{name}/acceptance_rate": metrics["acceptance_rate"],
@@ -563,7 +568,9 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
                                          settings.merged_depth, settings.merged_skip_at, settings.merged_tree,
                                          min(float(bar), 0.99))
             parameters[merged] = parameters[name]
-            skip = (f"; the drafter sits out steps whose guess is ≥ {settings.merged_skip_at} tokens"
+            skip = ("; the drafter sits out steps where its measured gain is worth less than its measured cost"
+                    if settings.merged_skip_at == "auto" else
+                    f"; the drafter sits out steps whose guess is ≥ {settings.merged_skip_at} tokens"
                     if settings.merged_skip_at else "")
             skip += f"; its nodes below path probability {float(bar):.3f} are not verified" if float(bar) else ""
             own = settings.merged_tree or settings.tree

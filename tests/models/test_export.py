@@ -91,3 +91,24 @@ def test_each_kind_gets_the_formats_that_hold_it_and_a_mismatch_is_refused_by_na
         formats_for("lookup", ("auto",))
     with pytest.raises(SettingsError, match="name distinct formats"):
         ExportSettings(formats=["hf", "onnx"])
+
+
+def test_the_card_says_where_each_measured_row_can_be_served():
+    """serving_lines: per row of the eval, the engine and settings that serve that way of drafting (the eval's own
+    γ or tree), and "draftsmith's decoder only" where no engine does."""
+    from models.export import eagle_choices, serving_lines
+
+    assert eagle_choices([2, 1]) == [[0], [1], [0, 0], [1, 0]]
+    assert eagle_choices([1, 1, 1]) == [[0], [0, 0], [0, 0, 0]]
+    rows = ["distilled", "prompt_lookup", "prompt_lookup+ngram", "token_recycling", "distilled+prompt_lookup",
+            "distilled&prompt_lookup+ngram"]
+    report = {"settings": {"gamma": 3, "tree": []}, "drafters": dict.fromkeys(rows, {}),
+              "baselines": rows[1:4], "hybrids": rows[4:]}
+    lines = dict(line.split(": ", 1) for line in serving_lines(report) if line.startswith("- "))
+    assert "num_speculative_tokens: 3" in lines["- `distilled`"]
+    assert "method: ngram" in lines["- `prompt_lookup`"]
+    assert all("decoder only" in lines[f"- `{row}`"] for row in rows[2:])
+    report["settings"]["tree"] = [2, 1, 1]
+    tree_line = next(line for line in serving_lines(report) if line.startswith("- `distilled`"))
+    assert "eagle_choices=[[0], [1], [0, 0], [1, 0], [0, 0, 0], [1, 0, 0]]" in tree_line
+    assert "--speculative-eagle-topk 2" in tree_line and "--speculative-num-draft-tokens 7" in tree_line

@@ -229,10 +229,46 @@ def test_a_pruned_drafter_tree_keeps_the_nodes_whose_path_probability_clears_the
     assert draft_pruned(draft, tree, [[1, 2]], None, 0.7)[0] == ([], []) and draft.extends == 0  # nothing clears it
 
 
+def test_the_drafter_gate_runs_the_drafter_only_where_its_gain_pays_for_its_cost():
+    """DrafterGate: per lookup length, after `warmup` runs, the drafter runs only where its mean gain (accepted
+    depth beyond what the lookup's branch shares) beats its cost in tokens; a priced-out length is still tried
+    every `explore`-th time."""
+    from models.lookup import DrafterGate, chain_nodes
+
+    # a merged tree: the drafter's [5, 6] at the root, the lookup's chain [5, 7, 8] shares node 1
+    tokens, parents = [5, 6, 7, 8], [0, 0, 1, 3]
+    assert chain_nodes(tokens, parents, [5, 7, 8]) == [1, 3, 4] and chain_nodes(tokens, parents, []) == []
+    gate = DrafterGate(depth=3, warmup=2, explore=3)
+    for _ in range(2):  # the lookup guessed 3 tokens and got them all; the drafter's node 2 brought nothing
+        assert gate.wanted([[5, 7, 8]])
+        gate.record([[5, 7, 8]], [(tokens, parents)], [[1, 3, 4]], True, drafter_seconds=0.2, target_seconds=1.0)
+    for _ in range(2):  # no lookup guess: the drafter's own token was taken (gain 1 each time)
+        assert gate.wanted([[]])
+        gate.record([[]], [([5], [0])], [[1]], True, drafter_seconds=0.2, target_seconds=1.0)
+    assert gate.wanted([[]])  # gain 1 > cost 0.2 x (1 + 0)
+    assert [gate.wanted([[5, 7, 8]]) for _ in range(6)] == [False, False, True, False, False, True]  # explores
+    summary = gate.summary()
+    assert summary["cost"] == pytest.approx(0.2) and summary["lengths"][3] == {"ran": 2, "gain": 0.0, "priced_out": 6}
+    gate.record([[5, 7, 8]], [(tokens, parents)], [[1, 3, 4]], False, drafter_seconds=0.0, target_seconds=1.0)
+    gate.record([[]], [([5], [0])], [[1]], True, drafter_seconds=5.0, target_seconds=1.0)  # catches up: not priced
+    assert gate.summary()["cost"] == pytest.approx(0.2)  # still 3 priced runs of 0.2 s (the first follows none)
+    assert summary["lengths"][0]["gain"] == 1.0
+    assert gate.wanted([[], [5, 7, 8]])  # a batch runs it where any row wants it
+    with pytest.raises(ValueError, match="warmup"):
+        DrafterGate(depth=3, warmup=0)
+    from eval.speculative import EvalSettings
+    from infra.settings import SettingsError
+
+    assert EvalSettings(merged_skip_at="auto").merged_skip_at == "auto"
+    for bad in ("sometimes", -1):
+        with pytest.raises(SettingsError, match="eval.merged_skip_at"):
+            EvalSettings(merged_skip_at=bad)
+
+
 @EVERY_SHAPE
 @pytest.mark.parametrize("trained", ["token", "eagle3"])
-@pytest.mark.parametrize("skip_at, min_probability", [(0, 0.0), (2, 0.0), (0, 0.05)],
-                         ids=["always", "skip-at-2", "pruned"])
+@pytest.mark.parametrize("skip_at, min_probability", [(0, 0.0), (2, 0.0), (0, 0.05), ("auto", 0.0)],
+                         ids=["always", "skip-at-2", "pruned", "gated"])
 def test_a_merged_tree_of_lookup_and_trained_drafter_decodes_losslessly(tiny_target, settings, trained, skip_at,
                                                                         min_probability):
     """eval.merged: the lookup's branch beside the drafter's own chain or tree, verified as one tree per row;
@@ -252,7 +288,11 @@ def test_a_merged_tree_of_lookup_and_trained_drafter_decodes_losslessly(tiny_tar
     assert sum(s.accepted for s in stats) > 0
     assert max(len(s.accepted_at) for s in stats) == max(settings.depth, 5)  # the lookup's branch is deeper
     runs = sum(s.drafter_runs for s in stats) / sum(s.steps for s in stats)
-    if skip_at and settings.batch_size == 1:  # the tiny target repeats itself: the lookup covers some steps
+    if skip_at == "auto":  # the gate saw every step, and priced each length it met
+        summary = merged.gate.summary()
+        assert summary["cost"] > 0 and sum(v["ran"] for v in summary["lengths"].values()) == sum(
+            s.drafter_runs for s in stats)
+    elif skip_at and settings.batch_size == 1:  # the tiny target repeats itself: the lookup covers some steps
         assert 0 < runs < 1.0
     else:  # a batch skips the drafter only where every row's guess is long enough
         assert runs == 1.0 or skip_at
