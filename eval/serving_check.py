@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -142,6 +143,27 @@ def ngram_config(gamma: int) -> dict:
             "prompt_lookup_max": spec.max_ngram}
 
 
+class UnservableError(ValueError):
+    """The installed vLLM cannot serve this way of drafting for this target."""
+
+
+def eagle3_refusal(target: Path) -> str | None:
+    """Why the installed vLLM cannot serve `method: eagle3` with this target (its model class must hand the drafter
+    the target's hidden states: vLLM's SupportsEagle3), or None where it can."""
+    import vllm
+    from vllm.model_executor.models.interfaces import supports_eagle3
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    architectures = json.loads((target / "config.json").read_text()).get("architectures") or []
+    for architecture in architectures:
+        model_class = ModelRegistry._try_load_model_cls(architecture)
+        if model_class is not None and supports_eagle3(model_class):
+            return None
+    return (f"vLLM {vllm.__version__} cannot serve method eagle3 for a {' / '.join(architectures) or 'target'} "
+            f"target: its model class does not give a drafter the target's hidden states (SupportsEagle3); "
+            f"our eval's decoder runs this drafter, and a standalone (hf) export serves in vLLM as draft_model")
+
+
 def check(export_dirs: list[Path], report: Path | None = None, rows: list[str | None] | None = None,
           ngram: bool = False) -> list[dict]:
     """One plain vLLM run, then one speculative run per folder (and one of vLLM's `ngram` with `ngram`). Folders
@@ -155,6 +177,9 @@ def check(export_dirs: list[Path], report: Path | None = None, rows: list[str | 
         if differs or target_dir(other["config"]) != target:
             raise ValueError(f"{export_dir} was evaluated on other {differs or ['target']} than {export_dirs[0]}; "
                              f"check them one at a time")
+    for export_dir in export_dirs:
+        if method(export_dir) == "eagle3" and (refusal := eagle3_refusal(target)):
+            raise UnservableError(f"{export_dir}: {refusal}")
     prompts = [p["prompt_ids"] for p in inputs[0]["prompts"]]
     plain, _, plain_seconds = generate(target, prompts, inputs[0]["max_new_tokens"], inputs[0]["stop_ids"], None)
     results = [compare(export_dir, each, speculative_config(export_dir, each["gamma"]), target, plain, plain_seconds)
@@ -251,8 +276,12 @@ def main() -> None:
     folders, rows = zip(*(((item.split("=", 1) + [None])[:2]) for item in arguments.export_dirs))
     if arguments.report is None and any(rows):
         parser.error("FOLDER=ROW names a row of an eval report: pass --report")
-    results = check([Path(folder).resolve() for folder in folders], arguments.report and arguments.report.resolve(),
-                    list(rows), arguments.ngram)
+    try:
+        results = check([Path(folder).resolve() for folder in folders],
+                        arguments.report and arguments.report.resolve(), list(rows), arguments.ngram)
+    except UnservableError as error:
+        print(f"[draftsmith] error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     for result in results:
         print(result["table_markdown"])
     raise SystemExit(0 if all(result["lossless"] for result in results) else 1)

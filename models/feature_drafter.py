@@ -169,8 +169,15 @@ class FeatureDrafter(torch.nn.Module):
         return self.spec.feature_layers
 
     def input_embeddings(self, target: PreTrainedModel) -> torch.nn.Module:
-        """What embeds the tokens the drafter reads: its own embedding if it has one, else the target's."""
-        return self.embed_tokens if self.embed_tokens is not None else target.get_input_embeddings()
+        """What embeds the tokens the drafter reads: its own embedding if it has one, else the target's table as
+        engines share it with an EAGLE drafter: the rows as stored, without a scale the target's own forward
+        applies (Gemma's sqrt(hidden), inside transformers' embedding module but outside vLLM's)."""
+        if self.embed_tokens is not None:
+            return self.embed_tokens
+        shared = target.get_input_embeddings()
+        if type(shared) is torch.nn.Embedding:
+            return shared
+        return torch.nn.Embedding.from_pretrained(shared.weight, freeze=True)  # the same storage, read as stored
 
     def start_head(self, d2t: torch.Tensor, target_head: torch.Tensor) -> None:
         """Own head over the draft vocabulary `d2t`, started from the target's head rows."""

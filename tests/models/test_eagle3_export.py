@@ -15,21 +15,25 @@ from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
 SPEC = FeatureDrafterSpec(feature_layers=(1, 0), draft_vocab_size=96, layout="eagle3", seed=3)
 
 
-@pytest.fixture
-def drafter(tiny_target):
-    model = tiny_target.model
+def built_drafter(target):
     answers = [list(range(5, 200)), list(range(50, 120))]
-    built = build_feature_drafter(SPEC, model, answers)
+    built = build_feature_drafter(SPEC, target.model, answers)
     with torch.no_grad():  # a trained-looking drafter: no weight left at its initial constant
         for parameter in built.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
     return built.eval()
 
 
+@pytest.fixture
+def drafter(tiny_target):
+    return built_drafter(tiny_target)
+
+
 @pytest.mark.parametrize("fmt", eagle3_export.FORMATS)
-def test_the_export_holds_what_the_engine_reads_and_computes_the_drafters_logits(drafter, tiny_target, tmp_path,
-                                                                                 fmt):
-    config_in = tiny_target.model.config
+def test_the_export_holds_what_the_engine_reads_and_computes_the_drafters_logits(family_target, tmp_path, fmt):
+    """In every family (`family_target`)."""
+    drafter = built_drafter(family_target)
+    config_in = family_target.model.config
     out = eagle3_export.write(drafter, config_in, tmp_path / fmt, fmt, 3, "TARGET_DIR", {"drafter": "test"})
     config = json.loads((out / "config.json").read_text())
     weights = load_file(str(out / "model.safetensors"))
@@ -154,17 +158,18 @@ def test_our_saved_drafter_keeps_its_norm_options(tiny_target, tmp_path):
     assert same_drafts(drafter, loaded, model) == 0.0
 
 
-def test_an_engine_folder_is_a_drafter_the_eval_loads_and_decodes_losslessly(drafter, tiny_target, tmp_path):
+def test_an_engine_folder_is_a_drafter_the_eval_loads_and_decodes_losslessly(family_target, tmp_path):
     """A folder in the speculators layout (any trainer's) loads through the kinds like our own drafters, and
-    speculative decoding with it gives plain greedy's tokens."""
+    speculative decoding with it gives plain greedy's tokens, in every family."""
     from data_gen.chat import end_of_turn_ids
     from eval.decoder import DecodeSettings, plain_generate, speculative_generate
     from models.kinds import FeatureKind, draft_for, kind_of_folder, load_any
 
-    model, tokenizer = tiny_target.model, tiny_target.tokenizer
+    drafter = built_drafter(family_target)
+    model, tokenizer = family_target.model, family_target.tokenizer
     out = eagle3_export.write(drafter, model.config, tmp_path / "peer", "speculators", 3, "T", {})
     assert isinstance(kind_of_folder(out), FeatureKind)
-    loaded = load_any(out, tiny_target)
+    loaded = load_any(out, family_target)
     assert same_drafts(drafter, loaded, model) < 1e-5
     stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     prompts = [tokenizer.encode(text) for text in ("hello there, how", "the cat sat on the mat and")]
