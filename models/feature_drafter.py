@@ -41,7 +41,7 @@ weights, in draftsmith's format; the export stage writes the engines' EAGLE-3 an
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, LlamaConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from infra.settings import at_least, check_fields, one_of
+from infra.settings import SettingsError, at_least, check_fields, one_of
 from models.cache import RaggedKVCache, block_mask, head_logits, pad_rows
 from models.compat import cache_argument
 from models.drafter import ReducedVocabHead, frequent_tokens
@@ -65,7 +65,8 @@ class FeatureDrafterSpec:
     name: str = "feature-drafter"
     feature_sampling: bool = False  # FSPAD: fuse f_t ⊙ e(x_{t+1}) instead of f_t
     intermediate_size: int | None = None  # decoder layer MLP width (default: the target's)
-    feature_layers: tuple[int, ...] | None = None  # EAGLE-3: fuse these target layers' outputs (None: last state)
+    feature_layers: tuple[int, ...] | str | None = None  # EAGLE-3: fuse these target layers' outputs (None: last
+                                        # state; "auto": a low, a middle and a high one for the target's depth)
     draft_vocab_size: int | None = None  # EAGLE-3: own norm + head over the N most frequent training tokens
     layout: str = "linear"  # linear (EAGLE-1's fc over [f, e]) | eagle3 (EAGLE-3's midlayer: normed [e, f] into q/k/v)
     norm_before_fc: bool = False        # eagle3: RMSNorm over the fused target layers before `reduce`
@@ -78,7 +79,10 @@ class FeatureDrafterSpec:
                               "draft_vocab_size": at_least(2, none_ok=True), "layout": one_of("linear", "eagle3")}
 
     def __post_init__(self) -> None:
-        if self.feature_layers is not None:
+        if isinstance(self.feature_layers, str) and self.feature_layers != "auto":
+            raise SettingsError(f"drafter.feature_layers={self.feature_layers!r}: a list of layer indices, 'auto' or "
+                                "null", "drafter.feature_layers")
+        if self.feature_layers is not None and self.feature_layers != "auto":
             layers = tuple(int(layer) for layer in self.feature_layers)
             if not layers or len(set(layers)) != len(layers):
                 raise ValueError(f"drafter.feature_layers={list(self.feature_layers)}: name distinct layer indices")
@@ -95,6 +99,13 @@ class FeatureDrafterSpec:
                              "(two or more)")
         if self.norm_output and not self.draft_vocab_size:
             raise ValueError("drafter.norm_output needs the drafter's own norm and head: set drafter.draft_vocab_size")
+
+
+def auto_feature_layers(num_layers: int) -> tuple[int, ...]:
+    """`drafter.feature_layers=auto`: the outputs of layers 2, L/2 and L-3 of an L-layer target (SmolLM2's 30 give
+    2, 15, 27; Qwen2.5-0.5B's 24 give 2, 12, 21; Gemma 3 270M's 18 give 2, 9, 15); fewer, distinct, for a target
+    too shallow for three."""
+    return tuple(sorted({min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0)}))
 
 
 class Eagle3Layer(LlamaDecoderLayer):
@@ -125,6 +136,8 @@ class FeatureDrafter(torch.nn.Module):
         """`layer_config`: the decoder layer's own config (heads, rope, eps) where it is not the one derived from
         the target's (a drafter read from an engine folder); its width must be the target's."""
         super().__init__()
+        if spec.feature_layers == "auto":
+            spec = replace(spec, feature_layers=auto_feature_layers(target_config.num_hidden_layers))
         self.spec = spec
         hidden = target_config.hidden_size
         self.layer_config = layer_config or LlamaConfig(

@@ -20,7 +20,8 @@ TINY_TARGET = configured_target("tiny_random")
 # Every supported family's tiny model: tiny_random (Llama) and each conf/target/tiny_FAMILY.yaml. Supporting a new
 # family is that yaml file (plus its builder in models.tiny.ARCHITECTURES): every test taking `family_target` runs on it.
 FAMILIES = {"llama": TINY_TARGET} | {path.stem.removeprefix("tiny_"): configured_target(path.stem)
-                                     for path in sorted((REPO_ROOT / "conf" / "target").glob("tiny_*.yaml"))}
+                                     for path in sorted((REPO_ROOT / "conf" / "target").glob("tiny_*.yaml"))
+                                     if path.stem != "tiny_random"}
 SMOLLM2 = configured_target("smollm2_135m")  # conf/ holds its location and sha256, once
 
 
