@@ -15,14 +15,25 @@ class ChatTemplateError(ValueError):
     pass
 
 
+def has_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer, once it is known to have a chat template; a base model's is refused with what to set."""
+    if not tokenizer.chat_template:
+        raise ChatTemplateError(f"the target's tokenizer ({tokenizer.name_or_path}) has no chat template (a base "
+                                "model): set target.chat_template=plain to continue the turns as text, or give "
+                                "target.chat_template a Jinja template")
+    return tokenizer
+
+
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return has_template(tokenizer).apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                       tokenize=False)
 
 
 def chat_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
                    add_generation_prompt: bool = False) -> list[int]:
     """Token ids of `messages` rendered by the chat template (transformers may return a list or an encoding)."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    encoded = has_template(tokenizer).apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                          tokenize=True)
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 

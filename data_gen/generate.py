@@ -488,7 +488,7 @@ def run_stage(run: StageRun, settings: GenerationSettings, target: TargetSpec, d
     print(source_report.summary())
     if settings.backend == "vllm" and not settings.top_k_logprobs and not settings.on_policy_ratio:
         # vLLM holds the target; loading it into transformers as well would only take memory
-        model, tokenizer = None, load_tokenizer(model_dir, target.trust_remote_code)
+        model, tokenizer = None, load_tokenizer(model_dir, target.trust_remote_code, target.chat_template)
         stop_ids = end_of_turn_ids(tokenizer, generation_config_of(model_dir))
     else:
         loaded = run.target()

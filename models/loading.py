@@ -45,6 +45,7 @@ class TargetSpec:
     trust_remote_code: bool = False
     tiny: dict = field(default_factory=dict)
     parts: tuple = ()
+    chat_template: str | None = None  # a model without one (a base model): "plain", or a Jinja template
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parts", tuple(dict(part) for part in self.parts))
@@ -186,10 +187,20 @@ def resolve_model_dir(spec: TargetSpec, cache_dir: Path) -> tuple[Path, ModelIde
     return model_dir, _cached_identity(model_dir, spec.name, f"hf_dir:{model_dir}", cache_dir)
 
 
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+# `target.chat_template=plain`, for a base model: the turns as text one after another (its answer continues the
+# last), a blank line between, the tokenizer's bos first. Append-only, so every turn's loss mask is exact.
+PLAIN_TEMPLATE = ("{{ bos_token or '' }}{% for message in messages %}{% if not loop.first %}{{ '\n\n' }}{% endif %}"
+                  "{{ message['content'] }}{% endfor %}{% if add_generation_prompt %}{{ '\n\n' }}{% endif %}")
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False,
+                   chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; `chat_template` ("plain" or Jinja) replaces its template, for a model without one."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = PLAIN_TEMPLATE if chat_template == "plain" else chat_template
     return tokenizer
 
 
@@ -269,5 +280,5 @@ def load_target(spec: TargetSpec, cache_dir: Path, dtype: torch.dtype = torch.fl
     model_dir, identity = resolve_model_dir(spec, cache_dir)
     model = load_causal_lm(model_dir, dtype, spec.trust_remote_code).to(device)
     model.requires_grad_(False)
-    tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, spec.trust_remote_code, spec.chat_template)
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity, path=model_dir)

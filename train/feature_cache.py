@@ -6,14 +6,14 @@ A feature drafter learns from the frozen target's hidden states. With the cache,
 mode, length-sorted batches) runs the target over every training and held-out record once and keeps, per token,
 what the drafter's training reads: the fused input features (the drafter's `feature_layers`, or the last hidden
 state), the last hidden state (the teacher distribution is the target's head applied to it) and the teacher's
-top-1 token (which positions a draft vocabulary can score), in fp16/int32 safetensors shards under
+top-1 token (which positions a draft vocabulary can score), in 16-bit/int32 safetensors shards under
 `distill/features/`. Every epoch then reads them instead of running the target, so epochs cost only the drafter.
 The disk needed is printed, and checked against free space, before the prefill starts; a run killed while
 writing leaves `features.partial/`, which the next run discards; a finished cache whose fingerprint (records,
 layers, lengths, target) matches is reused. With `distill.feature_cache_dir=DIR` the cache lives in
 `DIR/<fingerprint>/` instead, made once (under a lock) and reused by every run over the same records and target,
-such as the points of a loss sweep. fp16 rounding of the stored features is the only difference from
-the online teacher.
+such as the points of a loss sweep. 16-bit rounding of the stored features (fp16, or bf16 for a row whose values
+exceed fp16's range: `compact`) is the only difference from the online teacher.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def bytes_needed(rows: list[Row], max_seq_len: int, hidden: int, layers: int) ->
 
 
 class FeatureCache:
-    """Per record id: fused features [T, k·d] fp16, last hidden states [T, d] fp16, teacher top-1 [T] int32."""
+    """Per record id: fused features [T, k·d] and last hidden states [T, d] in 16 bits, teacher top-1 [T] int32."""
 
     def __init__(self, entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                  folder: Path | None = None) -> None:
@@ -69,7 +69,7 @@ def fingerprint(rows: list[Row], layers: tuple[int, ...] | None, max_seq_len: in
     for row in sorted(rows, key=lambda r: r.id):
         digest.update(row.id.encode())
         digest.update(str(row.input_ids[:max_seq_len]).encode())
-    digest.update(json.dumps([list(layers or []), max_seq_len, target.config.to_diff_dict()], sort_keys=True,
+    digest.update(json.dumps([list(layers or []), max_seq_len, target.config.to_diff_dict(), FORMAT], sort_keys=True,
                              default=str).encode())
     parameters = list(target.parameters())
     for weight in (parameters[0], parameters[len(parameters) // 2], parameters[-1]):  # a sample of the weights:
@@ -106,7 +106,7 @@ def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, head
     hidden = target.config.hidden_size
     needed = bytes_needed(rows, max_seq_len, hidden, len(layers or ()))
     free = shutil.disk_usage(partial).free
-    line = (f"feature cache: {len(rows)} records, estimated disk use {human_bytes(needed)} (fp16 features of "
+    line = (f"feature cache: {len(rows)} records, estimated disk use {human_bytes(needed)} (16-bit features of "
             f"{len(layers) if layers else 'the last'} layer(s) + last hidden state); free on {partial}: "
             f"{human_bytes(free)}")
     if needed > free * (1 - headroom):
@@ -118,8 +118,8 @@ def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, head
                                                   "feature cache (target prefill)"):
         key = str(len(shard))
         if layers:  # else the fused features are the last hidden state: stored once
-            shard[f"{key}.fused"] = fused.half().contiguous()
-        shard[f"{key}.last"] = last.half().contiguous()
+            shard[f"{key}.fused"] = compact(fused)
+        shard[f"{key}.last"] = compact(last)
         shard[f"{key}.top1"] = top1.int().contiguous()
         shard[f"{key}.id"] = torch.tensor(list(row.id.encode()), dtype=torch.uint8)
         tokens += len(last)
@@ -135,6 +135,17 @@ def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, head
     partial.rename(folder)
     print(f"[distill] feature cache: {tokens:,} tokens in {seconds:.0f} s ({tokens / max(seconds, 1e-9):.0f} "
           f"tokens/s) -> {folder}", flush=True)
+
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+FORMAT = 2  # in the fingerprint: 2 stores a row beyond fp16's range in bf16 (1 held it as inf), so 1's are rebuilt
+
+
+def compact(features: torch.Tensor) -> torch.Tensor:
+    """A row's features in 16 bits: fp16 (finer) where every value fits in its range, else bf16. Gemma 3's middle
+    layers reach 1e5, past fp16's 65,504: in fp16 they would be inf, and training NaN at its first step."""
+    fits = bool(features.abs().max() <= FP16_MAX) if features.numel() else True
+    return (features.half() if fits else features.bfloat16()).contiguous()
 
 
 def target_features(target: PreTrainedModel, rows: list[Row], layers: tuple[int, ...] | None, max_seq_len: int,

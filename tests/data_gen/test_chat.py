@@ -75,3 +75,22 @@ def test_template_that_rewrites_history_is_refused():
                                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     with pytest.raises(ChatTemplateError, match="not append-only at assistant turn 2"):
         assistant_token_mask(tokenizer, CONVERSATION, [tokenizer.eos_token_id])
+
+
+def test_a_base_model_is_refused_without_a_template_and_continues_text_with_the_plain_one():
+    """A tokenizer without a chat template (Gemma 3 270M's, a base model) is refused with the key to set; with
+    target.chat_template=plain the turns are text one after another, and each assistant turn's mask is exactly its
+    text (a base model ends nothing with an end-of-turn token)."""
+    from data_gen.chat import prompt_token_ids
+    from models.loading import PLAIN_TEMPLATE
+
+    tokenizer = byte_chatml_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ChatTemplateError, match="target.chat_template=plain"):
+        prompt_token_ids(tokenizer, CONVERSATION[:2])
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    ids, mask = assistant_token_mask(tokenizer, CONVERSATION, [tokenizer.eos_token_id])
+    answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    assert [tokenizer.decode(span) for span in masked_spans(ids, mask)] == answers
+    prompt = tokenizer.decode(prompt_token_ids(tokenizer, CONVERSATION[:2]))
+    assert prompt == tokenizer.bos_token + "You are terse.\n\nWhat is 2+2?\n\n"

@@ -281,3 +281,17 @@ def test_lookup_aware_distillation_leaves_out_exactly_the_guessed_positions(tiny
         guessed = torch.tensor([(hits[row.id][2: 2 + width] + [False] * width)[:width] for row in rows])[mask]
         assert guessed.any() and (~guessed).any()
         assert torch.equal(keep_aware[0], keep_plain[0] & ~guessed)
+
+
+def test_features_beyond_fp16_range_are_cached_in_bf16_not_as_inf():
+    """Gemma 3's middle layers reach 1e5, past fp16's 65,504: such a row is stored in bf16 (finite, within bf16's
+    rounding), and a row that fits keeps fp16's finer rounding."""
+    from train.feature_cache import compact
+
+    small = torch.tensor([[1.0, -2.5, 60000.0]])
+    large = torch.tensor([[1.0, -2.5, 101000.4]])
+    assert compact(small).dtype == torch.float16 and torch.equal(compact(small).float(), small.half().float())
+    assert large.half().isinf().any()  # what a plain fp16 cache would hold
+    stored = compact(large)
+    assert stored.dtype == torch.bfloat16 and torch.isfinite(stored).all()
+    assert torch.allclose(stored.float(), large, rtol=1 / 128)
