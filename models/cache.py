@@ -159,7 +159,8 @@ def windowed(mask: torch.Tensor, positions: torch.Tensor, starts: list[int], win
     required of trees."""
     rows, _, width, span = mask.shape
     device = mask.device
-    depth = int((positions.to(device) - torch.tensor(starts, device=device)[:, None]).max())
+    positions = positions.to(device)
+    depth = int((positions - torch.tensor(starts, device=device)[:, None]).max())
     chain = torch.equal(local.bool().cpu(), torch.ones(local.shape, dtype=torch.bool).tril(offset))
     if offset and depth >= window and not chain:
         raise ValueError(f"a sliding window of {window} tokens is shorter than a drafted tree's depth of {depth + 1}: "
@@ -168,8 +169,8 @@ def windowed(mask: torch.Tensor, positions: torch.Tensor, starts: list[int], win
     columns = torch.tensor(starts, device=device)[:, None] + offset + torch.arange(width, device=device)
     inside = columns < span
     row_index = torch.arange(rows, device=device)[:, None].expand(-1, width)
-    key_positions[row_index[inside], columns[inside]] = positions.to(device)[inside]
-    return mask & (key_positions[:, None, None, :] > positions.to(device)[:, None, :, None] - window)
+    key_positions[row_index[inside], columns[inside]] = positions[inside]
+    return mask & (key_positions[:, None, None, :] > positions[:, None, :, None] - window)
 
 
 def layer_masks(model: PreTrainedModel, mask: torch.Tensor, positions: torch.Tensor, starts: list[int],

@@ -69,10 +69,10 @@ class TargetSpec:
 
     @property
     def gguf_name(self) -> str:
-        """The GGUF's file name: its member's, or a split file's last part's without its part suffix."""
-        last = Path(self.parts[-1]["file"] if self.parts else self.file or self.location).name
-        stem, dot, suffix = last.rpartition(".")
-        return stem if dot and suffix.startswith("part") and stem.endswith(".gguf") else f"{self.name}.gguf"
+        """A split GGUF's file name once joined: its parts' name without the part suffix (X.gguf.part03 -> X.gguf),
+        else the target's name + .gguf (Qwen's parts are data/partNN.bin)."""
+        stem, _, suffix = Path(self.parts[-1]["file"]).name.rpartition(".")
+        return stem if suffix.startswith("part") and stem.endswith(".gguf") else f"{self.name}.gguf"
 
 
 @dataclass(frozen=True)

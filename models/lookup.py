@@ -327,11 +327,17 @@ class LookupFirstDraft(_LookupPair):
                              self.trained.extend(tokens, parents, local, relative, offset))
 
 
+def child_of(tokens: list[int], parents: list[int], node: int, token: int) -> int | None:
+    """In a token tree (node 0 the root, node i > 0 holding tokens[i-1] below parents[i-1]): the child of `node`
+    that holds `token`, or None."""
+    return next((i + 1 for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == token), None)
+
+
 def chain_nodes(tokens: list[int], parents: list[int], chain: list[int]) -> list[int]:
     """The nodes of a merged tree (`eval.decoder.merge_proposals`' form) that hold the lookup's `chain`, in order."""
     nodes, node = [], 0
     for token in chain:
-        node = next(i + 1 for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == token)
+        node = child_of(tokens, parents, node, token)
         nodes.append(node)
     return nodes
 
@@ -341,9 +347,10 @@ class DrafterGate:
     what it brought before: per length L of the lookup's guess, the drafter's gain in steps where it ran (the
     accepted path's depth beyond the part it shares with the lookup's branch, which is what the lookup alone would
     have got) against its cost in tokens (its forwards' seconds over a verification's, timed in runs that follow a
-    run, since one after skipped steps also catches up on theirs; times the tokens a step yields at L without it). Each length is tried `warmup` times first, and a length it skips is still tried every
-    `explore`-th time, so an estimate that was unlucky early recovers. The decision only chooses what is drafted:
-    every output is still the target's."""
+    run, since one after skipped steps also catches up on theirs; times the tokens a step yields at L without it).
+    Each length is tried `warmup` times first, and a length it skips is still tried every `explore`-th time, so an
+    estimate that was unlucky early recovers. The decision only chooses what is drafted: every output is still the
+    target's."""
 
     def __init__(self, depth: int, warmup: int = 8, explore: int = 8) -> None:
         if warmup < 1 or explore < 1:
@@ -394,9 +401,11 @@ class DrafterGate:
                 self.gain[len(chain)][1] += 1
 
     def summary(self) -> dict:
-        """Per lookup length: steps the drafter ran, its mean gain there, steps it was priced out (explored or not); its measured cost."""
+        """Per lookup length: steps the drafter ran, its mean gain there, steps it was priced out (explored or not);
+        and its measured cost."""
         return {"cost": round(self._cost(), 4), "lengths": {
-            length: {"ran": runs, "gain": round(total / runs, 4) if runs else None, "priced_out": self.skipped[length]}
+            length: {"ran": runs, "gain": round(total / runs, 4) if runs else None,
+                     "priced_out": self.skipped[length]}
             for length, (total, runs) in enumerate(self.gain)}}
 
 
