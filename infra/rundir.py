@@ -139,13 +139,19 @@ class StageDir:
             f"to redo this stage and those after it.")
 
     def begin(self, settings: dict) -> Path:
-        """The `.partial` folder to write into: kept if it was started with these settings, else emptied."""
+        """The `.partial` folder to write into: kept if it was started with these settings, else emptied.
+
+        Processes that write disjoint parts of one stage (data_gen's workers) begin it at the same moment: the
+        check, the emptying and the stamp happen under one lock, so no process empties a folder another has just
+        made and not yet stamped."""
         stamp = self.partial / "settings.fingerprint"
-        if self.partial.exists() and (not stamp.exists() or stamp.read_text() != fingerprint(settings)):
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True, exist_ok=True)
-        if not stamp.exists():
-            write_atomically(stamp, fingerprint(settings))
+        with exclusive(self.run_dir / ".locks" / f"{self.stage}.begin.lock", f"{self.partial} (setting up)",
+                       wait=True):
+            if self.partial.exists() and (not stamp.exists() or stamp.read_text() != fingerprint(settings)):
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True, exist_ok=True)
+            if not stamp.exists():
+                write_atomically(stamp, fingerprint(settings))
         return self.partial
 
     def commit(self, settings: dict, resolved_config: dict, target_identity: dict, summary: dict) -> Path:

@@ -69,3 +69,44 @@ def test_a_stage_lock_has_one_holder_and_dies_with_it(tmp_path):
         holder.wait()
     with exclusive(lock, "distill"):  # nothing to clean up by hand after a crash
         assert f"pid {os.getpid()} " in lock.read_text()
+
+
+def test_workers_beginning_one_stage_together_keep_each_others_folder(tmp_path, monkeypatch):
+    """data_gen's workers begin the stage at the same moment (CI saw one empty the `.partial` folder the other had
+    made but not yet stamped, which then failed writing its stamp). Worker A is held between making the folder and
+    stamping it while worker B begins: B must wait, then find A's stamp and keep the folder."""
+    import threading
+
+    import infra.rundir as rundir
+
+    inside, release, errors = threading.Event(), threading.Event(), []
+    real_write = rundir.write_atomically
+
+    def slow_write(path, text):
+        if threading.current_thread().name == "A":
+            inside.set()
+            release.wait(5)
+        real_write(path, text)
+
+    monkeypatch.setattr(rundir, "write_atomically", slow_write)
+    settings = {"data_gen": {"seed": 0}}
+
+    def begin():
+        try:
+            rundir.StageDir(tmp_path, "data_gen").begin(settings)
+            (tmp_path / "data_gen.partial" / f"{threading.current_thread().name}.shard").write_text("rows")
+        except Exception as error:  # noqa: BLE001 - the assertion below names it
+            errors.append(repr(error))
+
+    first = threading.Thread(target=begin, name="A")
+    first.start()
+    assert inside.wait(5)
+    second = threading.Thread(target=begin, name="B")
+    second.start()
+    second.join(0.5)
+    assert second.is_alive(), "B did not wait for A's set-up"
+    release.set()
+    first.join(5), second.join(5)
+    assert errors == []
+    assert sorted(p.name for p in (tmp_path / "data_gen.partial").iterdir()) == ["A.shard", "B.shard",
+                                                                                 "settings.fingerprint"]
