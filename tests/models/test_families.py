@@ -178,3 +178,19 @@ def test_split_wheel_targets_are_configured_with_every_part_and_the_joined_sha25
     with pytest.raises(ValueError, match=r"target.parts\[0\]"):
         TargetSpec(name="x", kind="wheel_gguf", parts=[{"location": "a==1"}], sha256="0" * 64)
     assert set(FAMILIES) == {"llama", "qwen2", "gemma3"}  # tiny_random is Llama's, listed once
+
+
+def test_the_card_of_a_standalone_drafter_for_a_sliding_window_target_carries_vllms_cache_switch(gemma3, tiny_target):
+    """vLLM 0.32 serves a draft_model losslessly for a target that mixes sliding and full layers only with one
+    KV-cache group (tests/eval/test_serving_check.py shows it in vLLM): the model card's serving lines say so, and
+    a target with one attention kind gets the plain lines."""
+    from models.export import usage, vllm_draft_model_flags
+
+    flags = vllm_draft_model_flags(gemma3.path)
+    assert flags == {"disable_hybrid_kv_cache_manager": True}
+    assert vllm_draft_model_flags(tiny_target.path) == {}
+    card = "\n".join(usage("hf", 3, flags))
+    assert "vllm serve TARGET --disable-hybrid-kv-cache-manager --speculative-config" in card
+    assert "LLM(model=TARGET, disable_hybrid_kv_cache_manager=True, speculative_config=" in card
+    plain = "\n".join(usage("hf", 3, {}))
+    assert "vllm serve TARGET --speculative-config" in plain and "hybrid" not in plain
