@@ -29,6 +29,7 @@ ROLE_ALIASES = {
 }
 SOURCE_FORMATS = ("sharegpt", "mtbench", "jsonl", "hf", "text")  # text: plain documents, for pretraining
 BAD_RECORDS = ("error", "skip")
+SELECTIONS = ("all", "code")
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,10 @@ class PromptSourceSpec:
     offset: int = 0
     shuffle_seed: int | None = 0
     bad_records: str = "error"  # a malformed line (bad JSON, bad UTF-8, not an object): error, or counted skip
+    select: str = "all"  # code: only conversations whose first recorded answer holds a fenced (```) code block
 
     LIMITS: ClassVar[dict] = {"format": one_of(*SOURCE_FORMATS), "bad_records": one_of(*BAD_RECORDS),
+                              "select": one_of(*SELECTIONS),
                               "limit": at_least(1, none_ok=True), "offset": at_least(0)}
 
     def __post_init__(self) -> None:
@@ -347,6 +350,12 @@ def text_documents(path: Path, report: SourceReport, bad_records: str = "error")
                 report.skipped["empty document"] += 1
 
 
+def has_code_answer(conversation: Conversation) -> bool:
+    """The first recorded answer holds a fenced code block: the conversation asked for code."""
+    answers = [m["content"] for m in conversation.messages if m["role"] == "assistant"]
+    return bool(answers) and "```" in answers[0]
+
+
 def load_conversations(spec: PromptSourceSpec, cache_dir: Path) -> tuple[list[Conversation], SourceReport]:
     """All usable conversations of a source, shuffled by `shuffle_seed`, then sliced [offset : offset+limit].
     A `text` source (pretraining corpus) gives one single-message conversation per document, role "text"."""
@@ -361,6 +370,11 @@ def load_conversations(spec: PromptSourceSpec, cache_dir: Path) -> tuple[list[Co
         conversations = list(records_to_conversations(hf_rows(path), report, spec.name, spec.bad_records))
     else:
         conversations = list(read_jsonl(path, report, spec.name, spec.bad_records))
+    if spec.select == "code":  # before shuffling and slicing, so slices of one selection stay disjoint
+        selected = [c for c in conversations if has_code_answer(c)]
+        report.notes["select=code: left out, no fenced code block in the first recorded answer"] += (
+            len(conversations) - len(selected))
+        report.kept, conversations = len(selected), selected
     if spec.shuffle_seed is not None:
         random.Random(spec.shuffle_seed).shuffle(conversations)
     end = None if spec.limit is None else spec.offset + spec.limit

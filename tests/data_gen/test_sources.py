@@ -31,6 +31,24 @@ def test_real_sharegpt_file_truncated_mid_record(shared_cache):
         assert all(m["role"] in {"system", "user", "assistant"} for m in conversation.messages)
 
 
+def test_code_selection_keeps_answers_with_code_blocks_before_slicing(shared_cache):
+    """qwen_coder's prompts: ShareGPT conversations whose first recorded answer holds a fenced code block, counted;
+    slices of the selection (data_gen's, the held-out one) come from one shuffled order, so they cannot overlap."""
+    from dataclasses import replace
+
+    code = replace(SHAREGPT, select="code")
+    conversations, report = load_conversations(code, shared_cache)
+    assert report.kept == len(conversations) == 4460
+    assert report.notes["select=code: left out, no fenced code block in the first recorded answer"] == 17384 - 4460
+    assert all("```" in next(m["content"] for m in c.messages if m["role"] == "assistant") for c in conversations)
+    head, _ = load_conversations(replace(code, limit=50), shared_cache)
+    tail, _ = load_conversations(replace(code, limit=50, offset=4000), shared_cache)
+    assert [c.id for c in head] == [c.id for c in conversations[:50]]
+    assert not {c.id for c in head} & {c.id for c in tail}
+    with pytest.raises(ValueError, match="select"):
+        replace(SHAREGPT, select="python")
+
+
 def test_real_mtbench_questions(shared_cache):
     conversations, report = load_conversations(MTBENCH, shared_cache)
     assert report.records == report.kept == 80
