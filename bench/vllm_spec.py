@@ -75,7 +75,8 @@ def main() -> None:
     if arguments.ngram:
         sides.append(("(training-free)", ngram_config(inputs["gamma"])))
     for name, speculative in sides:
-        engine = LLM(**settings, speculative_config=speculative)
+        engine = LLM(**engine_settings(target, prompts, inputs["max_new_tokens"], speculative),
+                     speculative_config=speculative)
         outputs, rates = timed(engine, prompts, params, arguments.batch, arguments.repeats)
         del engine
         rows.append((f"vLLM {speculative['method']} {name}", statistics.median(rates), rates, outputs == plain))
