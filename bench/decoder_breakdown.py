@@ -106,7 +106,7 @@ def time_draft(clock: Clock, stack: ExitStack, draft) -> None:
         pair.update({name: "bookkeeping" for name in ("start", "commit", "keep_rows")})
         time_methods(clock, stack, draft, pair)
         return
-    lookup = not hasattr(draft, "networks")
+    lookup = not draft.networks  # a training-free drafter: no network of its own
     time_methods(clock, stack, draft, {name: "lookup" if lookup else ("drafter " + part if part == "forwards"
                                                                        else part)
                                        for name, part in DRAFT_METHODS.items()})

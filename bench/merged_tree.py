@@ -130,8 +130,7 @@ def main() -> None:
     decode_interleaved(target.model, drafts, items[:1], DecodeSettings(gamma=options.gamma, max_new_tokens=8),
                        stop_ids)  # warm-up: one-off allocations and the kernels' first calls
     for draft in drafts.values():
-        if hasattr(draft, "reset"):
-            draft.reset()
+        draft.reset()
     outputs, seconds, totals = decode_interleaved(target.model, drafts, items, decode, stop_ids)
     results = {}
     for name, generations in outputs.items():
@@ -147,7 +146,7 @@ def main() -> None:
             "speedup_median": median, "speedup_interval_95": [low, high],
             "tokens_per_second": sum(len(g.tokens) for g in generations) / totals[name],
             "lossless": all(g.tokens == r for g, r in zip(generations, references)), "per_category": per_category}
-        if getattr(drafts[name], "gate", None) is not None:
+        if drafts[name].merged and drafts[name].gate is not None:
             results[name]["drafter_gate"] = drafts[name].gate.summary()
     plain = sum(map(len, references)) / totals[None]
     print(f"\n{len(items)} prompts of {report_path}, greedy, up to {max_new} new tokens; plain {plain:.1f} tok/s\n")

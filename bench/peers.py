@@ -195,7 +195,7 @@ def main() -> None:
     from data_gen.chat import end_of_turn_ids
     from models.feature_drafter import load_feature_drafter
     from models.loading import load_target
-    from train.distill import corpus_rows, distill_rows
+    from train.core.rows import corpus_rows, distill_rows
 
     run_dir = options.runs_root / options.experiment / options.run_name
     out = options.runs_root / "peers" / options.run_name

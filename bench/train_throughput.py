@@ -31,7 +31,7 @@ from losses.mix import LossMix
 from models.drafter import DrafterSpec, build_drafter
 from models.loading import configured_target, load_target
 from train.distill import DistillSettings, distill
-from train.optim import OptimSettings
+from train.core.optim import OptimSettings
 
 DRAFTER = DrafterSpec(name="smollm2-draft-11m", hidden_size=192, num_layers=4, num_heads=3, num_kv_heads=1,
                       intermediate_size=512, init="target_embeddings")

@@ -34,7 +34,7 @@ from data_gen.chat import assistant_token_mask, end_of_turn_ids, prompt_token_id
 from data_gen.shards import MANIFEST, complete_shards, read_shard, shard_path, write_shard
 from data_gen.sources import Conversation, PromptSourceSpec, load_conversations
 from infra import preemption
-from infra.rundir import NotEnoughSpace, RunLocked, exclusive
+from infra.rundir import NotEnoughSpace, RunLocked, exclusive, human_bytes
 from infra.settings import at_least, between, check_fields, one_of
 from infra.stage import StageRun
 from infra.tracking import Tracker
@@ -211,14 +211,6 @@ def check_disk(out_dir: Path, needed: int, headroom: float) -> str:
         raise NotEnoughSpace(f"{line}. Not enough space: free some, lower data.limit / max_new_tokens / "
                       f"top_k_logprobs, or write elsewhere (runs_root=...)")
     return line
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:,.1f} {unit}"
-        count /= 1024
-    return f"{count:,.1f} TiB"
 
 
 @torch.inference_mode()

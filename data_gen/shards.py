@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 
+from infra.settings import SettingsError
+
 SHARDS = "shards"
 MANIFEST = "manifest.json"
 
@@ -99,3 +101,16 @@ def load_records(data_dir: Path) -> Dataset:
             raise ValueError(f"{data_dir / shard['file']}: {table.num_rows} records, manifest says {shard['records']}")
         tables.append(table.replace_schema_metadata(None))
     return Dataset(pa.concat_tables(tables))
+
+
+def check_held_out(conversations, data_gen_dir: Path | None, what: str = "eval prompts",
+                   key: str = "eval_data.offset") -> None:
+    """An eval prompt seen in training inflates acceptance: refuse eval prompts that are in this run's data."""
+    if data_gen_dir is None:
+        return
+    records = load_records(data_gen_dir).select_columns(["source", "conversation_id"])
+    seen = set(zip(records["source"], records["conversation_id"]))
+    overlap = sorted(c.id for c in conversations if (c.source, c.id) in seen)
+    if overlap:
+        raise SettingsError(f"{len(overlap)} {what} are in this run's training data ({overlap[:5]}); "
+                         f"choose another slice ({key}) so results stay held out")

@@ -206,7 +206,7 @@ def _chain_step(target: _Target, draft, sequences: list[list[int]], budgets: lis
     block = torch.cat([last] + [token[:, None] for token in drafts], 1)
     hidden = target.forward(block, torch.ones(count + 1, count + 1).tril().bool(), torch.arange(count + 1))
     logits = head_logits(target.model, hidden)
-    if hasattr(draft, "observe"):  # a drafter that learns from the target's scores (Token Recycling)
+    if draft.observes:  # a drafter that learns from the target's scores (Token Recycling)
         draft.observe(block, logits)
     accepted, own = _accept_chain(logits, block, q_rows, proposed, settings, rng)
     if recorder is not None:
@@ -231,7 +231,7 @@ def _draft_chain(draft, sequences: list[list[int]], budgets: list[int], settings
     logits = draft.catch_up(sequences, features)
     alive = torch.ones(rows, dtype=torch.bool, device=device)
     budget = torch.tensor(budgets, device=device)
-    abstains = getattr(draft, "abstains", False)
+    abstains = draft.abstains
     for i in range(most):
         if abstains:  # a drafter without a guess (all -inf) stops drafting that row: nothing to verify
             alive &= torch.isfinite(logits.max(-1).values)
@@ -316,7 +316,7 @@ def _tree_step(target: _Target, draft, tree: Tree, sequences: list[list[int]], s
     block = torch.cat([last] + levels, 1)  # [rows, tree.size]
     hidden = target.forward(block, tree.ancestors, torch.tensor(tree.depth))
     logits = head_logits(target.model, hidden)
-    if hasattr(draft, "observe"):
+    if draft.observes:
         draft.observe(block, logits)
     path, accepted, own = _accept_tree(logits, block, tree, settings, rng)
     nodes = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=device), path], 1)
@@ -530,7 +530,7 @@ def _merged_step(target: _Target, merged, tree: Tree, sequences: list[list[int]]
     verify_at = time.perf_counter()
     hidden = target.forward(block_tensor, local, torch.tensor(depths))
     logits = head_logits(target.model, hidden)
-    if hasattr(merged, "observe"):
+    if merged.observes:
         merged.observe(block_tensor, logits)
     accepted = _accept_general(logits, block, parents, depths, settings, rng)
     if merged.gate is not None:  # eval.merged_skip_at=auto: what the drafter brought this step, and what it cost
@@ -562,7 +562,7 @@ class _TimedDraft:
         return getattr(self.draft, name)
 
     def extend(self, *arguments):
-        device = self.draft.cache.device if hasattr(self.draft, "cache") else self.draft.device
+        device = self.draft.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
@@ -615,7 +615,7 @@ def speculative_generate(target: PreTrainedModel, draft, prompts: list[list[int]
     if timings is not None:
         draft = _TimedDraft(draft, timings)
     generations = []
-    with few_row_linears(target, *getattr(draft, "networks", ())):
+    with few_row_linears(target, *draft.networks):
         for first in range(0, len(prompts), settings.batch_size):
             chunk = slice(first, first + settings.batch_size)
             generations += _generate_batch(target, draft, prompts[chunk], settings, stop_ids, keys[chunk],
@@ -637,13 +637,13 @@ class _Offset:
 
 
 def _generate_batch(target_model, draft, prompts, settings, stop_ids, keys, recorder=None) -> list[Generation]:
-    merged = getattr(draft, "merged", False)  # models.lookup.MergedDraft: a lookup's and a drafter's tree in one
+    merged = draft.merged  # models.lookup.MergedDraft: a lookup's and a drafter's tree in one
     tree = Tree(settings.tree) if settings.tree else None
     if merged:  # the drafter's own part of the merged tree
         tree = Tree(draft.drafter_branching(settings.tree, settings.gamma))
     extra = draft.depth if merged else 0
     capacity = _capacity(prompts, settings, tree, extra)
-    target = _Target(target_model, prompts, capacity, draft.needs_features, getattr(draft, "feature_layers", None))
+    target = _Target(target_model, prompts, capacity, draft.needs_features, draft.feature_layers)
     draft.start(len(prompts), capacity)
     rng = _Rows([request_seed(settings.seed, key) for key in keys], target.cache.device)
     depth = max(len(tree.branching), draft.depth) if merged else settings.depth
@@ -762,3 +762,7 @@ def verification_seconds(target_model: PreTrainedModel, prompt_ids: list[int], w
                             ).argmax(-1).tolist()
                 times[w].append(time.perf_counter() - started)
     return {w: statistics.median(t[1:]) for w, t in times.items()}
+
+
+class LosslessnessError(AssertionError):
+    pass

@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from data_gen.chat import end_of_turn_ids, prompt_token_ids
-from data_gen.shards import load_records
+from data_gen.shards import check_held_out, load_records
 from data_gen.sources import PromptSourceSpec, load_conversations
-from eval.decoder import DecodeSettings, plain_generate, speculative_generate, verification_seconds
+from eval.decoder import DecodeSettings, LosslessnessError, plain_generate, speculative_generate, verification_seconds
 from eval.metrics import DecodeStats, median_interval, speed_model
 from infra.settings import Rule, SettingsError, at_least, check_fields
 from infra.stage import StageRun
@@ -132,10 +132,6 @@ class EvalPrompt:
     category: str
     system: list[dict]
     turns: list[str]
-
-
-class LosslessnessError(AssertionError):
-    pass
 
 
 def _timed(function, *args, **kwargs):
@@ -276,8 +272,7 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
             speculative_generate(target, draft, [encode([{"role": "user", "content": prompt.turns[0]}])], warm,
                                  stop_ids)
     for draft in drafters.values():
-        if hasattr(draft, "reset"):  # what a learning baseline saw during the warm-up must not help it
-            draft.reset()
+        draft.reset()  # what a learning baseline saw during the warm-up must not help it
     items, references, plain_total = build_turns(target, tokenizer, prompts, settings, stop_ids, encode)
     report = {"settings": asdict(settings) | {"drafters": dict(settings.drafters)}, "num_prompts": len(prompts),
               "num_turns": len(items), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
@@ -307,12 +302,12 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
         median, low, high = median_interval(ratios)
         metrics = aggregate([g.stats for g in generations], decode.depth)
         # a merged tree's drafter forwards are its trained drafter's (the lookup's cost nothing)
-        cost = measure_cost_ratio(target, draft.trained if getattr(draft, "merged", False) else draft,
+        cost = measure_cost_ratio(target, draft.trained if draft.merged else draft,
                                   items[0]["prompt_ids"])
         width = round(metrics["mean_verified_per_step"])  # a merged tree verifies a width of its own
         # drafter forwards per step: a merged tree's drafter runs its own depth, and only where it runs
         forwards = (len(draft.drafter_branching(decode.tree, decode.gamma)) * metrics["drafter_run_fraction"]
-                    if getattr(draft, "merged", False) else metrics["mean_drafted_per_step"])
+                    if draft.merged else metrics["mean_drafted_per_step"])
         row_verify = verify_cost if width == decode.block_width else measure_verify_cost(
             target, items[0]["prompt_ids"], max(width, 1))
         c_params = parameters.get(name, 0) / parameters["target"]
@@ -337,7 +332,7 @@ def evaluate(target: PreTrainedModel, tokenizer, drafters: dict, prompts: list[E
                             **{k: v for k, v in g.stats.metrics().items() if not k.endswith("position")}}
                            for i, g, r in zip(items, generations, ratios)],
         }
-        if getattr(draft, "gate", None) is not None:  # eval.merged_skip_at=auto: what it priced, per lookup length
+        if draft.merged and draft.gate is not None:  # eval.merged_skip_at=auto: what it priced, per lookup length
             metrics["drafter_gate"] = draft.gate.summary()
         report["drafters"][name] = metrics
         tracker.log({f"eval/{name}/block_efficiency": metrics["block_efficiency"],
@@ -472,19 +467,6 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     figure.savefig(out_dir / "tau_per_category.png", dpi=100)
     plt.close(figure)
     return ["acceptance_per_position.png", "tau_per_category.png"]
-
-
-def check_held_out(conversations, data_gen_dir: Path | None, what: str = "eval prompts",
-                   key: str = "eval_data.offset") -> None:
-    """An eval prompt seen in training inflates acceptance: refuse eval prompts that are in this run's data."""
-    if data_gen_dir is None:
-        return
-    records = load_records(data_gen_dir).select_columns(["source", "conversation_id"])
-    seen = set(zip(records["source"], records["conversation_id"]))
-    overlap = sorted(c.id for c in conversations if (c.source, c.id) in seen)
-    if overlap:
-        raise SettingsError(f"{len(overlap)} {what} are in this run's training data ({overlap[:5]}); "
-                         f"choose another slice ({key}) so results stay held out")
 
 
 def training_free(target, specs: dict, data_gen_dir: Path | None, records: dict | None = None

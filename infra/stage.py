@@ -1,8 +1,8 @@
 """What every stage function gets besides its own typed settings: `StageRun`.
 
-A stage is a plain function in its own file, `run_stage(run: StageRun, **settings) -> dict` (its summary):
-`data_gen/generate.py`, `train/pretrain.py`, `train/distill.py`, `eval/speculative.py`, `models/export.py`.
-`train/run.py` builds the typed settings from the config, the `StageRun`, and the run directory around each call.
+A stage is a plain function in its own module, `run_stage(run: StageRun, **settings) -> dict` (its summary),
+registered in the stage table (`train/pipeline/stages.py`); the runner (`train/pipeline/runner.py`) builds the typed
+settings from the config, the `StageRun`, and the run directory around each call.
 """
 from __future__ import annotations
 

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from transformers import (AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase,
+                          PretrainedConfig)
 
 from infra.settings import at_least, between, check_fields, one_of, positive
 from models.cache import RaggedKVCache, check_supported, forward_on_cache, head_logits, pad_rows
+from models.draft import DraftDefaults
 from models.loading import check_safetensors, load_causal_lm, load_tokenizer
 
 INIT_CHOICES = ("random", "target_embeddings", "target_layers")
@@ -176,7 +177,6 @@ def to_draft_vocabulary(teacher_logits: torch.Tensor | None, labels: torch.Tenso
     return teacher_logits, draft_labels.clamp_min(0), keep
 
 
-
 class VocabularyMismatchError(ValueError):
     pass
 
@@ -325,7 +325,7 @@ def load_drafter(path: Path, target: PreTrainedModel, target_tokenizer: PreTrain
     return drafter
 
 
-class TokenDraft:
+class TokenDraft(DraftDefaults):
     """A standalone drafter: a causal LM over the target's vocabulary (a reduced draft vocabulary gives -inf
     outside it, which the rules above handle as q = 0)."""
 
@@ -335,6 +335,10 @@ class TokenDraft:
         check_supported(model)
         self.model = model
         self.networks = (model,)  # what the decoder's few-row kernels apply to (models.kernels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def start(self, rows: int, capacity: int) -> None:
         self.cache = RaggedKVCache.for_model(self.model, rows, capacity)
@@ -363,3 +367,8 @@ class TokenDraft:
     def keep_rows(self, rows: list[int]) -> None:
         self.cache.keep_rows(rows)
         self.lengths = [self.lengths[row] for row in rows]
+
+
+def draft_vocabulary(model: PreTrainedModel) -> torch.Tensor | None:
+    """d2t (draft id -> target id) of a drafter with a reduced vocabulary, else None."""
+    return getattr(model.get_output_embeddings(), "d2t", None)

@@ -245,17 +245,18 @@ def parameters_in(model_dir: Path) -> int:
         return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
 
 
-def formats_for(kind_name: str, formats: tuple[str, ...]) -> tuple[str, ...]:
-    """The formats to write for a drafter of kind `kind_name` (`auto`: what fits it); a mismatch is refused."""
-    if kind_name not in ("token", "feature"):
-        raise SettingsError(f"export.drafter is a {kind_name} drafter (training-free): nothing to export")
+def formats_for(kind, formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The formats to write for a drafter of `kind` (`auto`: every one its kind's `export_formats` names); a
+    format the kind cannot be written as is refused."""
+    if not kind.export_formats:
+        raise SettingsError(f"export.drafter is a {kind.name} drafter (training-free): nothing to export")
     if formats == ("auto",):
-        return ("hf",) if kind_name == "token" else eagle3_export.FORMATS
+        return kind.export_formats
     formats = tuple(f for f in formats if f != "auto")
-    if kind_name == "token" and formats != ("hf",):
+    if "hf" in kind.export_formats and formats != ("hf",):
         raise SettingsError(f"export.formats={list(formats)}: a standalone (token) drafter exports as hf only; eagle3 "
                             f"and speculators hold feature-level drafters")
-    if kind_name == "feature" and "hf" in formats:
+    if "hf" not in kind.export_formats and "hf" in formats:
         raise SettingsError("export.formats: hf holds standalone drafters; a feature-level drafter reads the target's "
                             "hidden states, which transformers' assistant_model and vLLM's draft_model do not pass. "
                             "Use export.formats=[eagle3,speculators]")
@@ -295,7 +296,7 @@ def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> di
     except FileNotFoundError as error:
         raise FileNotFoundError(f"export.drafter={settings.drafter!r} resolved to {drafter_dir}, which is not a "
                                 f"drafter checkpoint ({error})") from None
-    formats = formats_for(kind.name, settings.formats)
+    formats = formats_for(kind, settings.formats)
     target_dir, identity = resolve_model_dir(target, run.cache_dir)
     card_report = report if report is not None and choice in report["drafters"] else None
     gamma = card_report["settings"]["gamma"] if card_report else 3

@@ -53,6 +53,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from infra.settings import SettingsError, at_least, check_fields, one_of
 from models.cache import RaggedKVCache, block_mask, head_logits, pad_rows
 from models.compat import cache_argument
+from models.draft import DraftDefaults
 from models.drafter import ReducedVocabHead, frequent_tokens
 from models.loading import check_safetensors
 
@@ -301,7 +302,7 @@ def load_feature_drafter(folder: Path, target: PreTrainedModel) -> FeatureDrafte
     return drafter.to(target.device).eval()
 
 
-class FeatureDraft:
+class FeatureDraft(DraftDefaults):
     """A feature-level drafter (`models.feature_drafter.FeatureDrafter`) with the target's embedding and head.
 
     Its input at position t pairs the target feature f_t with the embedding of x_{t+1}; it predicts f_{t+1},
@@ -316,6 +317,10 @@ class FeatureDraft:
         self.networks = (drafter,)  # what the decoder's few-row kernels apply to (models.kernels)
         self.embed = drafter.input_embeddings(target)
         self.feature_layers = getattr(drafter, "feature_layers", None)  # which target features the decoder keeps
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.drafter.parameters()).device
 
     def start(self, rows: int, capacity: int) -> None:
         config = self.drafter.layer_config

@@ -1,12 +1,14 @@
 """One interface for every kind of drafter; the stages and the decoder see drafters only through it.
 
 A kind says how to build a drafter from its spec (the dataclass its `conf/drafter/*.yaml` names), save and load
-it, how it drafts for the speculative decoder given the target, how many parameters one drafted token reads
-(MBSU's c), whether it has a pretraining stage, whether it trains at all and whether on the target's features.
+it, how it drafts for the speculative decoder given the target (a `models.draft.Draft`), how many parameters one
+drafted token reads (MBSU's c), whether it has a pretraining stage, how it trains (`training`: the key of its
+distill objective, `train/core/objectives.py`, and of its online learner, `train/online/learners.py`; None for a
+training-free kind), what it is checked against the target's vocabulary with, and the export formats that hold it.
 Kinds today: token-level (`models/drafter.py`, a small causal LM over the target's vocabulary), feature-level
 (`models/feature_drafter.py`, EAGLE/FSPAD) and training-free lookup (`models/lookup.py`: prompt lookup, corpus
-n-grams). Adding one: a module with its spec, its drafting class and a
-`DrafterKind` subclass, an entry in `KINDS`, a conf file and tests.
+n-grams). Adding one: a module with its spec, its `Draft` and a `DrafterKind` subclass, an entry in `KINDS` and a
+conf file in `conf/drafter/`; `tests/models/test_kinds.py` lists what each kind must provide and checks it.
 """
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ class DrafterKind(ABC):
     model_type: type          # the class of a built or loaded drafter
     pretrainable: bool        # has a pretrain stage (FastDraft) of its own
     trainable: bool = True    # distill can train it (False: training-free, built from data alone)
-    trains_on_features: bool  # distill feeds it the target's hidden states
+    training: str | None      # how it trains: "tokens" (its logits against the target's) or "features" (it reads the
+                              # target's hidden states); the key of train/core/objectives.OBJECTIVES and
+                              # train/online/learners.LEARNERS. None: training-free
     lora_task: str | None     # peft task type for distill.lora (None: a plain module keeping its forward)
+    export_formats: tuple[str, ...] = ()  # what models/export.py can write it as, the first `auto`'s choice
 
     @abstractmethod
     def build(self, spec, target, token_lists=None, masks=None) -> torch.nn.Module:
@@ -58,10 +63,14 @@ class DrafterKind(ABC):
         """Parameters read per drafted token: the drafter's own."""
         return count_parameters(drafter)
 
+    def vocabulary_of(self, drafter: torch.nn.Module):
+        """What must share the target's vocabulary (`models.drafter.check_same_vocabulary`): the drafter itself."""
+        return drafter
+
 
 class TokenKind(DrafterKind):
     name, spec_type, model_type = "token", DrafterSpec, PreTrainedModel
-    pretrainable, trains_on_features, lora_task = True, False, "CAUSAL_LM"
+    pretrainable, training, lora_task, export_formats = True, "tokens", "CAUSAL_LM", ("hf",)
 
     def build(self, spec, target, token_lists=None, masks=None):
         return build_drafter(spec, target.model, target.tokenizer, token_lists=token_lists)
@@ -82,7 +91,7 @@ class TokenKind(DrafterKind):
 
 class FeatureKind(DrafterKind):
     name, spec_type, model_type = "feature", FeatureDrafterSpec, FeatureDrafter
-    pretrainable, trains_on_features, lora_task = False, True, None
+    pretrainable, training, lora_task, export_formats = False, "features", None, eagle3_export.FORMATS
 
     def build(self, spec, target, token_lists=None, masks=None):
         return build_feature_drafter(spec, target.model, token_lists)
@@ -102,6 +111,10 @@ class FeatureKind(DrafterKind):
     def draft(self, drafter, target_model):
         return FeatureDraft(drafter, target_model)
 
+    def vocabulary_of(self, drafter):
+        """Its decoder layer's config, which names the target's vocabulary size."""
+        return drafter.layer_config
+
     def parameters_per_token(self, drafter, target_model) -> int:
         """Its own weights plus, without a draft vocabulary of its own, the target's LM head, which turns each
         predicted feature into a token; an embedding of its own is a lookup of one row, not counted (nor is the
@@ -114,7 +127,7 @@ class FeatureKind(DrafterKind):
 
 class LookupKind(DrafterKind):
     name, spec_type, model_type = "lookup", lookup.LookupSpec, lookup.LookupDrafter
-    pretrainable, trainable, trains_on_features, lora_task = False, False, False, None
+    pretrainable, trainable, training, lora_task = False, False, None, None
 
     def build(self, spec, target, token_lists=None, masks=None):
         return lookup.build_lookup_drafter(spec, target.model.config.vocab_size, token_lists, masks)

@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 
 from infra.settings import at_least, check_fields
+from models.draft import DraftDefaults
 
 CONFIG_FILE = "lookup_drafter.json"
 SOURCES = ("prompt", "corpus", "recycled")
@@ -187,7 +188,7 @@ def prompt_lookup_hits(tokens: list[int], spec: LookupSpec | None = None) -> lis
     return hits
 
 
-class LookupDraft:
+class LookupDraft(DraftDefaults):
     """The decoder's view of a lookup drafter. It keeps, per row, an n-gram index of the committed tokens (updated
     as they are committed) and the context of every node drafted this step (the committed tokens plus the path to
     it), and answers each `catch_up` / `extend` with candidate logits for the next token of each node."""
@@ -197,14 +198,13 @@ class LookupDraft:
 
     def __init__(self, drafter: LookupDrafter, device: torch.device | str = "cpu") -> None:
         self.drafter, self.device = drafter, torch.device(device)
-        if "recycled" in drafter.spec.sources:
-            self.observe = self._observe  # the decoder shows it the target's logits of every verified block
+        self.observes = "recycled" in drafter.spec.sources  # shown the target's logits of every verified block
 
     def reset(self) -> None:
         """Forget what earlier decoding taught it (the recycled table): the eval calls this after its warm-up."""
         self.drafter.forget()
 
-    def _observe(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+    def observe(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """tokens [rows, w] just scored by the target, logits [rows, w, V] its scores of what follows each."""
         top = logits.topk(self.drafter.spec.recycle_k, dim=-1).indices.reshape(-1, self.drafter.spec.recycle_k)
         self.drafter.recycled[tokens.reshape(-1).cpu()] = top.cpu()
@@ -268,23 +268,24 @@ class LookupDraft:
         self.frontier = [self.frontier[row] for row in rows]
 
 
-class _LookupPair:
+class _LookupPair(DraftDefaults):
     """A lookup drafter and a trained one decoded together: the decoder sees the trained drafter's needs (features,
     few-row kernels) and both keep their state through every step."""
 
     def __init__(self, lookup: LookupDraft, trained) -> None:
         self.lookup, self.trained = lookup, trained
         self.needs_features = trained.needs_features
-        self.feature_layers = getattr(trained, "feature_layers", None)
-        self.networks = getattr(trained, "networks", ())  # the decoder's few-row kernels apply as they would alone
+        self.feature_layers = trained.feature_layers
+        self.networks = trained.networks  # the decoder's few-row kernels apply as they would alone
         self.device = lookup.device
-        if hasattr(lookup, "observe"):
-            self.observe = lookup.observe
+        self.observes = lookup.observes
+
+    def observe(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        self.lookup.observe(tokens, logits)
 
     def reset(self) -> None:
-        for part in (self.lookup, self.trained):
-            if hasattr(part, "reset"):
-                part.reset()
+        self.lookup.reset()
+        self.trained.reset()
 
     def start(self, rows: int, capacity: int) -> None:
         self.lookup.start(rows, capacity)

@@ -9,11 +9,11 @@ from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO_ROOT
+from train.pipeline.stages import STAGES, sections
 
 CONF = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-GROUPS = ["target", "drafter", "data", "corpus", "eval_data", "data_gen", "pretrain", "distill", "loss", "deepspeed", "eval",
-          "export", "logger", "cluster"]
+GROUPS = sections()  # every section a stage of the stage table or the run reads (online included)
 # Options that need a value the user must supply (`???`).
 NEEDS_USER_VALUE = {("target", "local_dir"): ["target.location=/some/dir"], ("data", "jsonl"): ["data.location=x"],
                     ("data", "hf"): ["data.location=x"], ("corpus", "text"): ["corpus.location=x"],
@@ -114,3 +114,14 @@ def test_the_gpu_recipe_asks_for_what_its_comment_says():
     assert config.data_gen.vllm.tensor_parallel_size == config.cluster.data_gen.gpus == 8
     assert config.deepspeed.enabled and config.deepspeed.bf16 and config.deepspeed.stage == 2
     assert config.cluster.train.nodes * config.cluster.train.processes_per_node == 16
+
+
+def test_every_stage_of_the_table_has_its_conf_group_and_reads_only_its_sections():
+    """A stage is one module and one conf group of its name (selected in config.yaml), registered in the stage
+    table: its run_stage takes its own section as `settings` and, by name, only sections of its fingerprint."""
+    config = compose_config([])
+    for name, stage in STAGES.items():
+        assert (CONF / name).is_dir() and name in config and name in stage.sections, name
+        parameters = [p for p in inspect.signature(stage.run).parameters if p != "run"]
+        assert parameters[0] == "settings" and set(parameters[1:]) <= set(stage.sections), (name, parameters)
+        bind(config[name])

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data_gen.shards import load_records, shard_provenance
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # real train/run.py subprocesses: the fast command (-m "not slow") leaves them out
 STAGES = ["data_gen", "pretrain", "distill", "eval", "export"]
 SECRET = "wandb-key-that-must-never-be-written-0123456789"
 

@@ -5,7 +5,7 @@
     python train/run.py +experiment=smoke stages=[data_gen,distill] drafter=fspad loss=fspad
 
 One loop for every drafter kind; what differs is the objective: `TokenObjective` below (a causal LM's logits) or
-`train.feature_distill.FeatureObjective` (EAGLE/FSPAD, the target's features), each with its forward, loss,
+`train.core.features.FeatureObjective` (EAGLE/FSPAD, the target's features), each with its forward, loss,
 acceptance proxy and saved format.
 
 Setup: the data_gen records are split into training rows and a few held-out ones; the drafter (optionally with
@@ -35,26 +35,24 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data_gen.backends import HFBackend, Request
-from data_gen.chat import document_token_ids, end_of_turn_ids
+from data_gen.chat import end_of_turn_ids
 from data_gen.shards import load_records
-from data_gen.sources import PromptSourceSpec, load_conversations
+from data_gen.sources import PromptSourceSpec
 from infra import distributed, preemption
 from infra.settings import at_least, between, check_fields, one_of
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from losses.feature import FeatureLoss
 from losses.mix import LossMix
-from losses.tvd import expected_acceptance
-from models.drafter import (DrafterSpec, LoraSettings, TokenDraft, apply_lora, check_same_vocabulary, save_drafter,
-                            to_draft_vocabulary)
+from models.drafter import DrafterSpec, LoraSettings, apply_lora
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import kind_of, kind_of_spec
 from models.sampling import SamplingSettings, as_sampling, request_seed
-from train import checkpoint
-from train.feature_distill import FeatureObjective
-from train.engine import DeepSpeedSettings, LogitsAt, build_engine, logits_at, micro_batches, save_weights
-from train.optim import OptimSettings
-from train.rows import Row, collate, count_steps, epoch_batches, read_rows, split_heldout
+from train.core import checkpoint
+from train.core.engine import DeepSpeedSettings, build_engine, micro_batches, save_weights
+from train.core.objectives import objective_for
+from train.core.optim import OptimSettings
+from train.core.rows import Row, corpus_rows, count_steps, distill_rows, epoch_batches
 
 TEACHERS = ("online", "offline")
 SELECTIONS = ("proxy", "decoder", "last")
@@ -114,23 +112,6 @@ class DistillSettings:
         check_fields(self)
 
 
-def offline_teacher_logits(rows: list[Row], max_seq_len: int, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """Dense teacher log-probabilities [1, N, V] from stored top-k rows: the k stored values, and the rest of the
-    mass (1 − Σ top-k) spread evenly over the other tokens, so every divergence stays finite."""
-    per_row = []
-    for row in rows:
-        kept = row.loss_positions(max_seq_len)
-        ids = torch.as_tensor(row.topk_ids[:kept], dtype=torch.long)
-        values = torch.as_tensor(row.topk_logprobs[:kept], dtype=torch.float32)
-        if ids.shape[0] != kept:
-            raise ValueError(f"record {row.id}: {ids.shape[0]} top-k rows for {kept} answer positions; the data_gen "
-                             f"output is inconsistent, regenerate it")
-        tail = (1 - values.exp().sum(-1, keepdim=True)).clamp_min(1e-6) / (vocab_size - ids.shape[1])
-        dense = tail.log().expand(kept, vocab_size).clone()
-        per_row.append(dense.scatter_(-1, ids, values))
-    return torch.cat(per_row).unsqueeze(0).to(device)
-
-
 def on_policy_rows(drafter: PreTrainedModel, rows: list[Row], settings: DistillSettings, step: int, pad_id: int,
                    stop_ids: list[int]) -> list[Row]:
     """The same prompts, answered by the drafter (seeded per record and step, so identical on every rank and
@@ -148,25 +129,6 @@ def on_policy_rows(drafter: PreTrainedModel, rows: list[Row], settings: DistillS
             for row, done in zip(rows, completions)]
 
 
-@torch.no_grad()
-def acceptance_proxy(drafter: PreTrainedModel, target: PreTrainedModel, rows: list[Row], pad_id: int,
-                     max_seq_len: int, batch_size: int) -> float:
-    """Mean Σ_v min(p, q) over the held-out answer positions (every rank computes it whole, identically)."""
-    was_training = drafter.training
-    drafter.eval()
-    total, count, d2t = 0.0, 0, draft_vocabulary(drafter)
-    for start in range(0, len(rows), batch_size):
-        input_ids, attention, positions, _ = collate(rows[start: start + batch_size], pad_id, max_seq_len,
-                                                     target.device)
-        teacher = logits_at(target, input_ids, attention, positions)
-        student = logits_at(drafter, input_ids, attention, positions)
-        n = int(positions.sum())
-        total += float(expected_acceptance(student, teacher, torch.ones(1, n, dtype=torch.bool), d2t)) * n
-        count += n
-    drafter.train(was_training)
-    return total / max(count, 1)
-
-
 def decoder_block_efficiency(draft, target: PreTrainedModel, rows: list[Row], settings: DistillSettings,
                              stop_ids: list[int]) -> float:
     """τ (tokens per target forward) of greedy speculative decoding with `draft` (the decoder's view of the drafter,
@@ -179,96 +141,10 @@ def decoder_block_efficiency(draft, target: PreTrainedModel, rows: list[Row], se
     return sum(g.stats.emitted for g in generations) / max(1, sum(g.stats.steps for g in generations))
 
 
-def draft_vocabulary(model: PreTrainedModel) -> torch.Tensor | None:
-    """d2t (draft id -> target id) of a drafter with a reduced vocabulary, else None."""
-    return getattr(model.get_output_embeddings(), "d2t", None)
-
-
 def peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class TokenObjective:
-    """What a token-level drafter learns from: its logits at answer positions against the frozen target's
-    (`online`), data_gen's stored top-k (`offline`) or the labels alone, through a `LossMix`."""
-    ahead = 1  # a position's loss is on its next token
-
-    def __init__(self, kind, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, loss: LossMix,
-                 settings: DistillSettings, data_dir: Path) -> None:
-        if not isinstance(loss, LossMix):
-            raise ValueError(f"a {kind.name}-level drafter trains with a token loss (loss=fkl, tvdpp, ...), not "
-                             f"{type(loss).__name__}")
-        self.kind, self.target, self.tokenizer, self.loss = kind, target, tokenizer, loss
-        self.settings, self.data_dir, self.d2t = settings, data_dir, None
-
-    def refused(self) -> list[str]:
-        refused = []
-        if self.settings.teacher == "offline" and self.settings.train_on == "all":
-            refused.append("distill.train_on='all' (answers: data_gen stores top-k log-probabilities for answer "
-                           "tokens only; or distill.teacher=online)")
-        if self.settings.feature_cache:
-            refused.append("distill.feature_cache=True (false: a token drafter reads tokens, not the target's "
-                           "features)")
-        if self.settings.feature_cache_dir:
-            refused.append(f"distill.feature_cache_dir={self.settings.feature_cache_dir!r} (null: a token drafter "
-                           f"has no feature cache)")
-        return refused
-
-    def prepare_rows(self, rows: list[Row], out_dir: Path) -> None:
-        pass  # the teacher runs in the loop (or comes from data_gen's top-k)
-
-    def prepare(self, drafter: PreTrainedModel) -> None:
-        check_same_vocabulary(drafter, self.target)
-        self.d2t = draft_vocabulary(drafter)
-
-    def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
-        return LogitsAt(model)
-
-    def micro_loss(self, engine, micro: list[Row], on_policy: bool):
-        """(loss, its terms, positions it averages over, tokens read) for one micro-batch."""
-        settings, device = self.settings, self.target.device
-        input_ids, attention, positions, labels = collate(micro, self.tokenizer.pad_token_id, settings.max_seq_len,
-                                                          device, settings.train_on == "all" and not on_policy)
-        n = int(positions.sum())
-        if self.loss.needs_teacher and settings.teacher == "offline" and not on_policy:
-            teacher_logits = offline_teacher_logits(micro, settings.max_seq_len, self.target.config.vocab_size,
-                                                    device)
-        elif self.loss.needs_teacher:
-            with torch.inference_mode():
-                teacher_logits = logits_at(self.target, input_ids, attention, positions)
-            teacher_logits = teacher_logits.clone()  # inference tensors cannot enter autograd
-        else:
-            teacher_logits = None
-        student_logits = engine.forward(input_ids, attention, positions)
-        targets, keep = labels[positions].unsqueeze(0), torch.ones(1, n, dtype=torch.bool, device=device)
-        if self.d2t is not None:
-            teacher_logits, targets, keep = to_draft_vocabulary(teacher_logits, targets, self.d2t,
-                                                                self.target.config.vocab_size)
-        total, parts = self.loss(student_logits, teacher_logits, keep, targets)
-        return total, parts, int(keep.sum()), int(attention.sum())  # outside-vocabulary positions count as zero
-
-    def proxy(self, model: torch.nn.Module, rows: list[Row], batch_size: int) -> float:
-        return acceptance_proxy(model, self.target, rows, self.tokenizer.pad_token_id, self.settings.max_seq_len,
-                                batch_size)
-
-    def draft(self, model: torch.nn.Module):
-        return TokenDraft(model)
-
-    def save(self, model: torch.nn.Module, folder: Path) -> None:
-        save_drafter(model, self.tokenizer, folder)
-
-    def summary(self, model: torch.nn.Module) -> dict:
-        return {"drafter_kind": self.kind.name, "loss_terms": sorted(self.loss.terms),
-                "teacher": self.settings.teacher}
-
-
-def objective_for(kind, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, loss, settings: DistillSettings,
-                  data_dir: Path):
-    """How a drafter of `kind` learns (one objective per kind that trains; the loop below is shared)."""
-    objective = FeatureObjective if kind.trains_on_features else TokenObjective
-    return objective(kind, target, tokenizer, loss, settings, data_dir)
 
 
 def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
@@ -425,38 +301,6 @@ def distill(drafter: torch.nn.Module, target: PreTrainedModel, tokenizer: PreTra
                "lora": settings.lora is not None, "deepspeed_stage": deepspeed.stage if deepspeed.enabled else None}
     engine.close()
     return summary
-
-
-def distill_rows(data_dir: Path, teacher: str, heldout_records: int, extra_rows: list[Row]) -> tuple[list[Row],
-                                                                                                   list[Row]]:
-    """(training rows, held-out rows) of a distill run: the data_gen records less the held-out split, then the corpus
-    rows (`extra_rows`), which only train; the held-out rows stay the target's own answers. The online stage's
-    rehearsal draws on the same training rows through this function."""
-    train_rows, heldout = split_heldout(read_rows(data_dir, teacher), heldout_records)
-    return train_rows + extra_rows, heldout
-
-
-def corpus_rows(tokenizer: PreTrainedTokenizerBase, corpus: PromptSourceSpec, cache_dir: Path, count: int,
-                max_seq_len: int) -> tuple[list[Row], dict]:
-    """`count` conversations of `corpus` in the chat template (plain text: text + end of sequence), cut at
-    max_seq_len, every next token scored; and the source's report (what was read and skipped)."""
-    conversations, report = load_conversations(corpus, cache_dir)
-    rows = conversation_rows(tokenizer, conversations[:count], max_seq_len)
-    if len(rows) < count:
-        print(f"[distill] corpus {corpus.name}: {len(rows)} conversations of the {count} asked for "
-              f"(distill.corpus_records) are available", flush=True)
-    return rows, report.as_dict()
-
-
-def conversation_rows(tokenizer: PreTrainedTokenizerBase, conversations: list, max_seq_len: int) -> list[Row]:
-    """Corpus conversations as rows (`corpus_rows`); the ones under 3 tokens left out."""
-    rows = []
-    for conversation in conversations:
-        ids = document_token_ids(tokenizer, conversation.messages)[:max_seq_len]
-        if len(ids) >= 3:
-            rows.append(Row(id=f"corpus:{conversation.id}", input_ids=ids, loss_mask=[0] + [1] * (len(ids) - 1),
-                            prompt_ids=ids[:1]))
-    return rows
 
 
 def run_stage(run: StageRun, settings: DistillSettings, drafter: DrafterSpec | FeatureDrafterSpec,

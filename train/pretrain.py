@@ -33,9 +33,9 @@ from losses.ce import cross_entropy
 from models.drafter import DrafterSpec, save_drafter
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import kind_of_spec
-from train import checkpoint
-from train.engine import DeepSpeedSettings, build_engine, micro_batches, save_weights
-from train.optim import OptimSettings
+from train.core import checkpoint
+from train.core.engine import DeepSpeedSettings, build_engine, micro_batches, save_weights
+from train.core.optim import OptimSettings
 
 
 @dataclass(frozen=True)

@@ -1,266 +1,32 @@
-"""draftsmith's entry point: run the configured stages, in order, into `runs/<experiment>/<run_name>/<stage>/`.
+"""draftsmith's command: run the configured stages, in order, into `runs/<experiment>/<run_name>/<stage>/`.
 
     python train/run.py +experiment=smoke
     python train/run.py +experiment=quickstart stages=[eval] +eval.drafters.mine=/path/to/drafter
+    python train/run.py -m +experiment=smoke loss=fkl,tvdpp        # a sweep: one run folder per point
 
 A stage whose complete output already exists with the same settings is skipped; an interrupted one is redone.
-This file only turns the Hydra config into typed settings and hands them to each stage's own `run_stage`.
+This file only hands Hydra's config to the runner (`train/pipeline/runner.py`); the stages are registered in
+`train/pipeline/stages.py`.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import inspect
-import json
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 if __package__ in (None, ""):  # `python train/run.py` from a checkout: make the top-level packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import data_gen.generate
-import eval.speculative
-import models.export
-import train.distill
-import train.online
-import train.pretrain
-from data_gen.generate import ShardsPending, WorkerSettings
-from infra import distributed, preemption
-from infra.rundir import NotEnoughSpace, RunLocked, StageDir, StageMismatchError, git_commit
-from infra.settings import SettingsError, check_config, integer, one_of, shown
-from infra.stage import StageRun
-from infra.tracking import LoggerSettings, Tracker
-from models.compat import check_versions
-from models.drafter import VocabularyMismatchError
-from models.loading import DamagedWeightsError, load_target, resolve_device, resolve_model_dir
-from train.checkpoint import DamagedCheckpointError
-from train.engine import UnsafeCheckpointError
-from train.preflight import check_run
-from train.sweep import record_point, sweep_point
-
-
-@dataclass(frozen=True)
-class Stage:
-    run: Callable[..., dict]  # run_stage(run: StageRun, settings=<its own section>, <other sections by name>)
-    sections: tuple[str, ...]  # the config sections it reads: they (and its inputs') make its fingerprint
-    inputs: tuple[str, ...]    # earlier stages whose outputs it reads
-
-
-STAGES = {
-    "data_gen": Stage(data_gen.generate.run_stage, ("target", "data", "data_gen"), ()),
-    "pretrain": Stage(train.pretrain.run_stage, ("target", "drafter", "corpus", "pretrain", "deepspeed"), ()),
-    "distill": Stage(train.distill.run_stage, ("target", "drafter", "distill", "loss", "deepspeed", "corpus"),
-                     ("data_gen", "pretrain")),
-    "eval": Stage(eval.speculative.run_stage, ("target", "drafter", "eval_data", "eval"), ("pretrain", "distill")),
-    "export": Stage(models.export.run_stage, ("target", "export"), ("eval", "pretrain", "distill")),
-    "online": Stage(train.online.run_stage, ("target", "online", "loss"), ("pretrain", "distill")),
-}
-DISTRIBUTED_STAGES = ("pretrain", "distill")  # the stages a torchrun/deepspeed launch may run
-
-
-def say(message: str) -> None:
-    """Print once per launch (rank 0 of a torchrun/deepspeed launch)."""
-    if distributed.is_main():
-        print(message, flush=True)
-
-
-def typed(config: DictConfig, section: str):
-    return instantiate(config[section], _convert_="all")
-
-
-def stage_arguments(name: str, config: DictConfig) -> dict:
-    """run_stage's keyword arguments: `settings` is the stage's own section, every other one is named as such."""
-    wanted = [p for p in inspect.signature(STAGES[name].run).parameters if p != "run"]
-    unknown = [p for p in wanted if (name if p == "settings" else p) not in STAGES[name].sections]
-    assert not unknown, f"{name}.run_stage reads {unknown}, which its fingerprint does not cover"
-    return {p: typed(config, name if p == "settings" else p) for p in wanted}
-
-
-TOP_LEVEL = {"experiment", "run_name", "stages", "runs_root", "cache_dir", "seed", "device", "worker", "resume",
-             "preflight", "overwrite"}
-TOP_LEVEL_RULES = {"resume": one_of("auto", "never"), "seed": integer, "preflight": one_of(True, False),
-                   "overwrite": one_of(True, False)}
-
-
-def check_settings(config: DictConfig, launched: bool | None = None) -> tuple[list[str], Path]:
-    """Every setting the run will use, checked before anything loads or is written: the stages' sections (types,
-    ranges, unknown keys: infra.settings), the top-level keys, and combinations that cannot work. Returns the
-    stages in running order and the run directory (inside runs_root, writable). `launched`: whether the training
-    stages will run under a distributed launcher (default: whether this process was; slurm/pipeline.py's jobs
-    are)."""
-    unknown = [s for s in config.stages if s not in STAGES]
-    if unknown:
-        raise SettingsError(f"stages={list(config.stages)}: unknown {unknown}; choose from {list(STAGES)}")
-    stages = sorted(config.stages, key=list(STAGES).index)
-    sections = {section for stage in STAGES.values() for section in stage.sections} | {"logger", "cluster"}
-    extra = sorted(set(config) - TOP_LEVEL - sections)
-    if extra:
-        raise SettingsError(f"{extra[0]} is not a setting (top-level keys: {sorted(TOP_LEVEL)}, sections: "
-                            f"{sorted(sections)})")
-    for key, rule in TOP_LEVEL_RULES.items():
-        if not rule.test(config[key]):
-            raise SettingsError(f"{key}={shown(config[key])}: {rule.allowed}")
-    try:
-        WorkerSettings(**config.worker)
-    except (SettingsError, ValueError, TypeError) as error:
-        raise SettingsError(f"worker: {error}") from None
-    check_config(config, sorted({s for stage in stages for s in STAGES[stage].sections} | {"target", "logger",
-                                                                                            "cluster"}))
-    runs_root = Path(config.runs_root).resolve()
-    run_dir = runs_root / config.experiment / config.run_name
-    for key in ("experiment", "run_name"):
-        name = str(config[key])
-        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise SettingsError(f"{key}={name!r}: must be a name inside runs_root={config.runs_root} (no '..', not an "
-                                f"absolute path); to write elsewhere, set runs_root=...")
-    if "export" in stages and (Path(config.export.name).name != config.export.name or config.export.name in (
-            "", ".", "..")):
-        raise SettingsError(f"export.name={config.export.name!r}: must be a plain folder name (no '/' or '..')")
-    launched = distributed.launched() if launched is None else launched
-    if config.deepspeed.enabled and set(stages) & set(DISTRIBUTED_STAGES) and not launched:
-        raise SettingsError(f"deepspeed.enabled=true (ZeRO stage {config.deepspeed.stage}) trains through a "
-                            f"distributed launcher, and this process was started without one. Run "
-                            f"`torchrun --nproc_per_node=N train/run.py {' '.join(sys.argv[1:])}` (N processes; N=1 "
-                            f"works), or deepspeed=none for one plain process")
-    if "eval" in stages:
-        trained = {s for s in ("pretrain", "distill") if s in stages or StageDir(run_dir, s).meta() is not None}
-        if not (config.eval.include_untrained or config.eval.drafters or trained):
-            raise SettingsError("eval has no drafter to evaluate: this run has no pretrain or distill output, "
-                                "eval.include_untrained=false and eval.drafters is empty; add "
-                                "+eval.drafters.NAME=/path/to/drafter or include_untrained=true")
-    writable(runs_root, "runs_root")
-    return stages, run_dir
-
-
-def writable(folder: Path, key: str) -> None:
-    """One line naming the folder when it cannot be written, instead of a traceback later."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-    except OSError as error:
-        raise SettingsError(f"{key}={folder}: cannot write there ({error.strerror or error}); choose a writable "
-                            f"folder with {key}=...") from None
-
-
-def run(config: DictConfig) -> dict[str, Path]:
-    """Run `config.stages` in order; returns each stage's output directory."""
-    check_versions()
-    git_commit()  # pinned now: the stages' meta.json name the code this process loaded, not a later checkout
-    stages, run_dir = check_settings(config)
-    if distributed.world_size() > 1:
-        outside = [s for s in stages if s not in DISTRIBUTED_STAGES]
-        if outside:
-            raise SettingsError(f"{distributed.world_size()} processes were launched, but stages {outside} run in one "
-                             f"process: run them first without torchrun, then launch stages={list(DISTRIBUTED_STAGES)}")
-        distributed.init()
-    cache_dir = Path(config.cache_dir)
-    resolved = OmegaConf.to_container(config, resolve=True)
-    target_spec, logger_settings, loaded = typed(config, "target"), typed(config, "logger"), []
-
-    def load_once():
-        if not loaded:
-            loaded.append(load_target(target_spec, cache_dir, device=resolve_device(config.device)))
-        return loaded[0]
-
-    outputs, checked = {}, not config.preflight
-    for index, stage in enumerate(stages):
-        stage_dir = StageDir(run_dir, stage)
-        with stage_dir.lock(lock_name(stage, config.worker)) if distributed.is_main() else contextlib.nullcontext():
-            settings = {section: resolved[section] for section in STAGES[stage].sections}
-            settings["inputs"] = {name: (StageDir(run_dir, name).meta() or {}).get("fingerprint")
-                                  for name in STAGES[stage].inputs}
-            if stage_dir.check_reusable(settings, bool(config.overwrite)):
-                say(f"[draftsmith] {stage}: complete output in {stage_dir.final} made with these settings, skipped")
-                outputs[stage] = stage_dir.final
-                continue
-            if not checked:  # before the first stage that does work: can every stage still to come run here?
-                seconds = check_run(stages[index:], target_spec, cache_dir, data_gen=typed(config, "data_gen"),
-                                    drafter=typed(config, "drafter"), deepspeed=typed(config, "deepspeed"))
-                say(f"[draftsmith] preflight: {', '.join(stages[index:])} can run here (checked in {seconds:.1f} s)")
-                checked = True
-            say(f"[draftsmith] {stage}: running into {stage_dir.final}")
-            if distributed.is_main():
-                stage_dir.begin(settings)
-            distributed.barrier()
-            tracker = Tracker(logger_settings if distributed.is_main() else LoggerSettings(backend="none"), run_dir,
-                              stage, resolved)
-            _, identity = resolve_model_dir(target_spec, cache_dir)
-            context = StageRun(stage=stage, out_dir=stage_dir.partial, run_dir=run_dir, cache_dir=cache_dir,
-                               tracker=tracker, config=resolved, target_identity=identity.as_dict(),
-                               load_target=load_once, resume=config.resume, worker=WorkerSettings(**config.worker))
-            try:
-                summary = STAGES[stage].run(context, **stage_arguments(stage, config))
-            except ShardsPending as pending:  # other data_gen workers still at work, or a dry run: stop here
-                tracker.finish({})
-                print(f"[draftsmith] {stage}: not complete: {pending}", flush=True)
-                return outputs
-            except preemption.Preempted:
-                tracker.finish({})
-                raise
-            tracker.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-            if distributed.is_main():
-                stage_dir.commit(settings, resolved, identity.as_dict(), summary)
-            distributed.barrier()
-        outputs[stage] = stage_dir.final
-        printable = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-        say(f"[draftsmith] {stage}: done -> {outputs[stage]}\n  {json.dumps(printable, default=str)}")
-    return outputs
-
-
-def lock_name(stage: str, worker: DictConfig) -> str:
-    """data_gen workers of one run write disjoint shards, so each holds the lock of its own slice."""
-    if stage == "data_gen" and worker.world_size > 1:
-        return f"data_gen.worker-{worker.rank}-of-{worker.world_size}"
-    return stage
-
-
-REFUSALS = (SettingsError, RunLocked, StageMismatchError, DamagedCheckpointError, UnsafeCheckpointError,
-            DamagedWeightsError, VocabularyMismatchError)
-DISK_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+from train.pipeline import runner
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(config: DictConfig) -> None:
     """A refused setting, a busy run folder or a read-only / full disk is one line and exit status 2; a stop on the
-    cluster's warning signal (infra/preemption.py), after its checkpoint, is one line and exit status 3."""
-    preemption.install()
-    point = sweep_point(config)  # a point of a sweep (-m): its own run folder, recorded for the comparison
-    outputs: dict = {}
-    try:
-        outputs = run(config)
-    except preemption.Preempted as stopped:
-        record_point(point, config, f"preempted: {stopped}")
-        say(f"[draftsmith] preempted: {stopped}")
-        preemption.mark(str(stopped))
-        sys.exit(preemption.EXIT_CODE)
-    except REFUSALS as error:
-        record_point(point, config, f"refused: {error}")
-        refuse(str(error))
-    except OSError as error:
-        if error.errno not in DISK_ERRORS and not isinstance(error, NotEnoughSpace):
-            raise
-        record_point(point, config, f"refused: {error}")
-        refuse(f"{error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
-    except BaseException as error:
-        record_point(point, config, f"failed: {type(error).__name__}: {error}")
-        raise
-    finally:
-        distributed.shutdown()  # leave the process group while every rank is alive, not in exit's destructors
-    missing = [stage for stage in config.stages if stage not in outputs]
-    record_point(point, config, f"not complete: {missing} did not finish (see its log)" if missing else "done")
-
-
-def refuse(message: str) -> None:
-    print(f"[draftsmith] error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    cluster's warning signal, after its checkpoint, is one line and exit status 3 (`runner.main`)."""
+    runner.main(config)
 
 
 if __name__ == "__main__":

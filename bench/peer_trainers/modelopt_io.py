@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from bench.peer_trainers.speculators_io import _hidden_states, speculators_layer_ids
 from bench.peer_trainers.speculators_io import epoch_checkpoints as epoch_exports  # `<save>/<epoch>/` folders too
-from train.rows import Row
+from train.core.rows import Row
 
 PEER = "nvidia-modelopt[hf]==0.47.0"
 WRAPPER = Path(__file__).with_name("modelopt_cpu.py")

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from train.rows import Row
+from train.core.rows import Row
 
 PEER = "speculators==0.9.0"
 WRAPPER = Path(__file__).with_name("speculators_cpu.py")

@@ -15,7 +15,7 @@ from bench.peer_trainers import modelopt_io as modelopt
 from bench.peer_trainers import speculators_io as speculators
 from models import eagle3_export
 from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
-from train.rows import Row
+from train.core.rows import Row
 
 
 def rows(count: int, start: int = 0) -> list[Row]:

@@ -1,7 +1,7 @@
 """What the eval measures and what distill optimises cannot drift apart: on the target's own greedy answers,
 1. the decoder's acceptance of each step's first draft equals the drafter's teacher-forced top-1 agreement with
-   the target at the same answer positions, computed by the training code's forward (`train.engine.logits_at`
-   for a token-level drafter, `train.feature_distill.feature_batch` for a feature-level one);
+   the target at the same answer positions, computed by the training code's forward (`train.core.engine.logits_at`
+   for a token-level drafter, `train.core.features.feature_batch` for a feature-level one);
 2. distill's acceptance proxy (what `select=proxy` picks checkpoints by) equals the mean Σ min(p, q) over the
    answer tokens with q taken from the decoder's own view of the drafter (its `catch_up` on each prefix).
 An off-by-one or a template mismatch on either side breaks the equality. The drafters are trained a little first on
@@ -21,11 +21,12 @@ from models.drafter import DrafterSpec, build_drafter
 from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
 from models.kinds import draft_for
 from tests.conftest import quiet_tracker
-from train.distill import DistillSettings, acceptance_proxy, distill
-from train.engine import logits_at
-from train.feature_distill import FeatureObjective, FeatureTraining, feature_batch
-from train.optim import OptimSettings
-from train.rows import Row, collate, read_rows, split_heldout
+from train.core.engine import logits_at
+from train.core.features import FeatureTraining, feature_batch
+from train.core.objectives import FeatureObjective, acceptance_proxy
+from train.core.optim import OptimSettings
+from train.core.rows import Row, collate, read_rows, split_heldout
+from train.distill import DistillSettings, distill
 
 KINDS = ("token", "feature", "eagle3")  # eagle3: fused target layers, a draft vocabulary, a training-time test
 

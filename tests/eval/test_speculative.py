@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from data_gen.chat import end_of_turn_ids, prompt_token_ids
-from eval.decoder import DecodeSettings, plain_generate, speculative_generate
+from eval.decoder import DecodeSettings, LosslessnessError, plain_generate, speculative_generate
 from eval.metrics import DecodeStats, median_interval, speed_model
-from eval.speculative import EvalPrompt, EvalSettings, LosslessnessError, classify_divergence, evaluate
+from eval.speculative import EvalPrompt, EvalSettings, classify_divergence, evaluate
 from infra.tracking import LoggerSettings, Tracker
 from models.drafter import DrafterSpec, TokenDraft, build_drafter
 from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter

@@ -10,7 +10,7 @@ from infra.settings import SettingsError, check_fields
 from tests.conftest import REPO_ROOT
 from tests.test_configs import EXPERIMENTS, compose_config
 from train.distill import DistillSettings
-from train.run import check_settings
+from train.pipeline.runner import check_settings
 
 PROBES = [  # (override, what the error must say)
     ("distill.epochs=-1", "distill.epochs=-1: must be ≥ 1"),

@@ -8,9 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models.drafter import DrafterSpec, VocabularyMismatchError, build_drafter, save_drafter
 from infra.settings import SettingsError
+from models.drafter import DrafterSpec, VocabularyMismatchError, build_drafter, save_drafter
 from models.export import ExportSettings, export_drafter, formats_for
+from models.kinds import KINDS
 from models.loading import DamagedWeightsError, check_finite, load_causal_lm
 
 SPEC = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
@@ -80,15 +81,16 @@ def test_a_truncated_weights_file_is_named(tiny_target, tmp_path):
 
 
 def test_each_kind_gets_the_formats_that_hold_it_and_a_mismatch_is_refused_by_name():
-    assert formats_for("token", ("auto",)) == ("hf",)
-    assert formats_for("feature", ("auto",)) == ("eagle3", "speculators")
-    assert formats_for("feature", ("speculators",)) == ("speculators",)
+    KIND = {kind.name: kind for kind in KINDS}
+    assert formats_for(KIND["token"], ("auto",)) == ("hf",)
+    assert formats_for(KIND["feature"], ("auto",)) == ("eagle3", "speculators")
+    assert formats_for(KIND["feature"], ("speculators",)) == ("speculators",)
     with pytest.raises(SettingsError, match="standalone .token. drafter exports as hf only"):
-        formats_for("token", ("hf", "eagle3"))
+        formats_for(KIND["token"], ("hf", "eagle3"))
     with pytest.raises(SettingsError, match="hf holds standalone drafters"):
-        formats_for("feature", ("hf",))
+        formats_for(KIND["feature"], ("hf",))
     with pytest.raises(SettingsError, match="training-free"):
-        formats_for("lookup", ("auto",))
+        formats_for(KIND["lookup"], ("auto",))
     with pytest.raises(SettingsError, match="name distinct formats"):
         ExportSettings(formats=["hf", "onnx"])
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from eval.decoder import DecodeSettings, plain_generate, speculative_generate
+from models.draft import DraftDefaults
 from models.kinds import kind_of, kind_of_folder, kind_of_spec
-from models.lookup import (BASELINES, LookupDraft, LookupFirstDraft, LookupSpec, baseline_specs,
-                           build_lookup_drafter)
+from models.lookup import BASELINES, LookupDraft, LookupFirstDraft, LookupSpec, baseline_specs, build_lookup_drafter
 from models.sampling import SamplingSettings
 
 VOCAB = 20
@@ -117,7 +117,7 @@ def test_min_ngram_ignores_shorter_matches():
         LookupSpec(min_ngram=4)
 
 
-class FixedDraft:
+class FixedDraft(DraftDefaults):
     """A stand-in trained drafter: the same logits at every node, and a record of what it was shown."""
 
     needs_features = False

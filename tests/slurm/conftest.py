@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.slurm import cluster as slurm_cluster
-from train.cluster import JobState, job_state
+from slurm.cluster import JobState, job_state
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def cluster(tmp_path_factory):
         pytest.skip(reason)
     running = slurm_cluster.up(tmp_path_factory.mktemp("slurm"))
     before = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = running.env["SLURM_CONF"]  # this session's clients (train.cluster) talk to it
+    os.environ["SLURM_CONF"] = running.env["SLURM_CONF"]  # this session's clients (slurm.cluster) talk to it
     yield running
     slurm_cluster.down(running)
     if before is None:

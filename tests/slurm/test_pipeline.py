@@ -1,4 +1,4 @@
-"""The whole pipeline as dependent SLURM jobs (slurm/pipeline.py, train/cluster.py) on a real cluster."""
+"""The whole pipeline as dependent SLURM jobs (slurm/pipeline.py, slurm/cluster.py) on a real cluster."""
 from __future__ import annotations
 
 import json

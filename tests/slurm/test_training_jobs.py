@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.slurm.conftest import curve, draftsmith, finished, run, sbatch, wait_until
-from train.cluster import job_state
+from slurm.cluster import job_state
 
 pytestmark = pytest.mark.slow
 

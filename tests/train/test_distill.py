@@ -17,9 +17,9 @@ from losses.kl import forward_kl
 from losses.mix import LossMix
 from models.drafter import DrafterSpec, LoraSettings, build_drafter, load_drafter
 from tests.conftest import TINY_PROMPTS, quiet_tracker
-from train.distill import DistillSettings, OnPolicySettings, distill, offline_teacher_logits, on_policy_rows
-from train.rows import Row, collate, read_rows
-from train.optim import OptimSettings
+from train.core.optim import OptimSettings
+from train.core.rows import Row, collate, offline_teacher_logits, read_rows
+from train.distill import DistillSettings, OnPolicySettings, distill, on_policy_rows
 
 SPEC = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
 LOSS_CONFIGS = [path for path in sorted((Path(__file__).resolve().parents[2] / "conf" / "loss").glob("*.yaml"))
@@ -70,7 +70,7 @@ def test_select_decoder_keeps_the_weights_with_the_best_measured_tau(tiny_target
     the weights whose τ is highest; τ is recomputed here from the saved model/ to check it is the one chosen."""
     from eval.decoder import DecodeSettings, speculative_generate
     from models.drafter import TokenDraft
-    from train.rows import read_rows, split_heldout
+    from train.core.rows import read_rows, split_heldout
 
     summary, _ = run(tiny_target, records_dir, tmp_path, epochs=6, eval_every=6, select="decoder",
                      select_gamma=3, select_max_new_tokens=12)
@@ -216,7 +216,7 @@ def test_corpus_rows_score_every_token_and_join_training_only(tiny_target, recor
     """distill.corpus_records: conversations of the corpus group become training rows (every next token scored),
     the held-out rows stay data_gen's; too few documents are reported, not silently accepted."""
     from data_gen.sources import PromptSourceSpec
-    from train.distill import corpus_rows
+    from train.core.rows import corpus_rows
 
     folder = tmp_path / "texts"
     folder.mkdir()

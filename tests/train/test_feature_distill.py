@@ -17,8 +17,8 @@ from models.drafter import LoraSettings
 from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter, load_feature_drafter
 from tests.conftest import quiet_tracker
 from train.distill import DistillSettings, OnPolicySettings, distill
-from train.optim import OptimSettings
-from train.rows import read_rows, split_heldout
+from train.core.optim import OptimSettings
+from train.core.rows import read_rows, split_heldout
 
 
 def run(tiny_target, records_dir, out, loss=FeatureLoss(feature_noise=0.1), sampling=False, spec=None, **overrides):
@@ -265,7 +265,7 @@ def test_lookup_aware_distillation_leaves_out_exactly_the_guessed_positions(tiny
     """loss.lookup_hit_weight=0 drops from the token term every scored position whose label prompt lookup guesses
     from its own row, and nothing else; 1 is the plain loss."""
     from models.lookup import prompt_lookup_hits
-    from train.feature_distill import FeatureTraining, feature_batch
+    from train.core.features import FeatureTraining, feature_batch
 
     target = tiny_target.model
     rows = read_rows(records_dir, "online")[:3]
@@ -286,7 +286,7 @@ def test_lookup_aware_distillation_leaves_out_exactly_the_guessed_positions(tiny
 def test_features_beyond_fp16_range_are_cached_in_bf16_not_as_inf():
     """Gemma 3's middle layers reach 1e5, past fp16's 65,504: such a row is stored in bf16 (finite, within bf16's
     rounding), and a row that fits keeps fp16's finer rounding."""
-    from train.feature_cache import compact
+    from train.core.feature_cache import compact
 
     small = torch.tensor([[1.0, -2.5, 60000.0]])
     large = torch.tensor([[1.0, -2.5, 101000.4]])

@@ -1,4 +1,4 @@
-"""Stage `online` (train/online.py) on the tiny random target: what the buffer holds comes from verification, greedy
+"""Stage `online` (train/online/stage.py) on the tiny random target: what the buffer holds comes from verification, greedy
 replay equals real serving, a harmful update is rolled back, kill -9 resumes exactly, bad settings are refused."""
 from __future__ import annotations
 
@@ -20,16 +20,18 @@ from data_gen.stream import StreamPhase, domain_of
 from eval.decoder import DecodeSettings, VerificationRecorder, speculative_generate
 from infra.settings import SettingsError
 from infra.stage import StageRun
-from losses.mix import LossMix
 from losses.kl import forward_kl
+from losses.mix import LossMix
 from models.drafter import TokenDraft, save_drafter
 from tests.conftest import REPO_ROOT, TINY_PROMPTS, quiet_tracker
-from train.checkpoint import MANIFEST, STEP_FOLDER
-from train.online import (Arm, ArmState, OnlineSettings, PublishSettings, ScheduleSettings, arms_for, replay_steps,
-                          run_stage)
-from train.online_buffer import BufferSettings, Served, rows_from
-from train.online_learners import TokenLearner
-from train.optim import OptimSettings
+from train.core.checkpoint import MANIFEST, STEP_FOLDER
+from train.core.optim import OptimSettings
+from train.online.arms import Arm, ArmState, arms_for
+from train.online.buffer import BufferSettings, Served, rows_from
+from train.online.learners import TokenLearner
+from train.online.replay import replay_steps
+from train.online.settings import OnlineSettings, PublishSettings, ScheduleSettings
+from train.online.stage import run_stage
 
 FKL = LossMix({"fkl": {"fn": forward_kl, "weight": 1.0}})
 
@@ -241,7 +243,7 @@ def test_recovery_counts_requests_until_an_arm_stays_ahead_of_the_frozen_drafter
     """Paired per request: an arm whose accepted tokens, summed from the phase's start, stay above the frozen
     drafter's from request 3 on recovers in 3; one that pulls ahead and then gives it all back never does; a single
     lucky request early does not count; the frozen arm itself has no recovery."""
-    from train.online import phase_table
+    from train.online.report import phase_table
 
     def lines(accepted, phase="b", first=0):
         return [{"index": first + i, "phase": phase, "accepted": a, "drafted": 9, "emitted": a + 1, "steps": 3,
@@ -339,7 +341,7 @@ def test_a_rejected_candidate_falls_back_to_the_starting_drafter_when_that_is_be
     the new candidate is no better, and the starting drafter wins on the window: it serves again, as a new version,
     and the trainer restarts from it."""
     from eval.decoder import plain_generate
-    from train.rows import Row
+    from train.core.rows import Row
 
     model = tiny_target.model
     prompts = [tiny_target.tokenizer.encode(t) for t in TINY_PROMPTS[:4]]
@@ -394,7 +396,7 @@ def eagle3_drafter(tiny_target, records_dir, tmp_path_factory):
     from losses.feature import FeatureLoss
     from models.feature_drafter import FeatureDrafterSpec, build_feature_drafter
     from train.distill import DistillSettings, distill
-    from train.rows import read_rows
+    from train.core.rows import read_rows
 
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
     out = tmp_path_factory.mktemp("eagle3")
@@ -412,7 +414,7 @@ def test_feature_drafter_replay_is_what_serving_drafts_at_every_depth(tiny_targe
     accepted counts the real decoder records; deeper drafts read the drafter's own features, so a depth-blind
     replay (a token drafter's) would differ."""
     from models.kinds import draft_for, load_any
-    from train.online_learners import learner_for
+    from train.online.learners import learner_for
 
     model, tokenizer = tiny_target.model, tiny_target.tokenizer
     drafter = load_any(eagle3_drafter, tiny_target)
@@ -482,7 +484,7 @@ def test_the_stream_passes_over_conversations_the_drafter_trained_on(tmp_path):
     """A domain's scan can reach the slice distill took corpus conversations from (distill.corpus_records): those
     are passed over and counted, found from the distill stage's recorded config."""
     from data_gen.stream import build_stream
-    from train.online import corpus_trained_on, distilled_on
+    from train.online.stage import corpus_trained_on, distilled_on
 
     source = prompts_file(tmp_path, "a", TINY_PROMPTS)
     distill_dir = tmp_path / "run" / "distill"
@@ -517,8 +519,8 @@ def test_rehearsal_batches_hold_the_rows_the_drafter_was_distilled_on(tiny_targe
     """buffer.rehearsal_share: that share of every batch of ours comes from distill's training rows (its held-out rows
     never), cut as distill cut them, each with the target's top-k at its scored positions; the draws are seeded by
     update and step (a resumed run draws the same), and the reference arms never rehearse."""
-    from train.online_learners import answer_logits
-    from train.rows import read_rows, split_heldout
+    from train.online.learners import answer_logits
+    from train.core.rows import read_rows, split_heldout
 
     distilled_run(tmp_path, copy_of_target, records_dir)
     seen = []
@@ -563,9 +565,9 @@ def test_feature_rehearsal_reads_distills_feature_cache(tiny_target, eagle3_draf
     """A feature drafter's rehearsal rows take their target features from distill's cache (fp16, as distill trained
     on them) where it holds them at the row's length, and compute the rest: the two agree to fp16 rounding."""
     from models.kinds import load_any
-    from train.feature_cache import FeatureCache, build_or_load
-    from train.online_learners import FeatureLearner
-    from train.rows import read_rows
+    from train.core.feature_cache import FeatureCache, build_or_load
+    from train.online.learners import FeatureLearner
+    from train.core.rows import read_rows
 
     model = tiny_target.model
     drafter = load_any(eagle3_drafter, tiny_target)
@@ -589,8 +591,8 @@ def test_feature_rehearsal_finds_the_cache_where_distill_recorded_it(tiny_target
     as distill records it), and computes nothing it holds."""
     from losses.feature import FeatureLoss
     from models.kinds import load_any
-    from train.feature_cache import build_or_load
-    from train.rows import read_rows, split_heldout
+    from train.core.feature_cache import build_or_load
+    from train.core.rows import read_rows, split_heldout
 
     run_dir = distilled_run(tmp_path, eagle3_drafter, records_dir, summary={"feature_cache_folder": "kept"})
     drafter = load_any(eagle3_drafter, tiny_target)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from infra.settings import SettingsError
-from train.engine import DeepSpeedEngine, PlainEngine
-from train.optim import MuonAdamW, OptimSettings, build_optimizer
+from train.core.engine import DeepSpeedEngine, PlainEngine
+from train.core.optim import MuonAdamW, OptimSettings, build_optimizer
 
 
 class Toy(torch.nn.Module):

@@ -12,8 +12,8 @@ from packaging.version import Version
 
 from models.cache import RaggedKVCache
 from tests.conftest import REPO_ROOT
-from train.preflight import PreflightError, check_stages, tiny_like
-from train.run import run
+from train.pipeline.preflight import PreflightError, check_stages, tiny_like
+from train.pipeline.runner import run
 
 ALL_STAGES = ["data_gen", "pretrain", "distill", "eval", "export"]
 

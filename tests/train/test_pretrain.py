@@ -6,7 +6,7 @@ import torch
 
 from models.drafter import DrafterSpec, build_drafter, load_drafter
 from tests.conftest import quiet_tracker
-from train.optim import OptimSettings
+from train.core.optim import OptimSettings
 from train.pretrain import PretrainSettings, block_inputs, pack_documents, pretrain
 
 SPEC = DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
@@ -32,7 +32,7 @@ def test_block_inputs_keep_attention_positions_and_targets_inside_documents():
 
 
 def test_packed_forward_equals_each_document_alone(tiny_target):
-    from train.engine import logits_at
+    from train.core.engine import logits_at
 
     drafter = build_drafter(SPEC, tiny_target.model, tiny_target.tokenizer).eval()
     documents = [[5, 9, 13, 2, 7], [11, 3, 8], [4, 6, 10, 12]]

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.conftest import REPO_ROOT
-from train.checkpoint import MANIFEST, STEP_FOLDER
+from train.core.checkpoint import MANIFEST, STEP_FOLDER
 
 pytestmark = pytest.mark.slow  # a real training subprocess, killed and resumed: not in .ci/check-latest's fast part
 

@@ -1,34 +1,21 @@
-"""What a feature-level drafter (EAGLE, FSPAD) learns from, for the distill stage's one training loop
-(`train/distill.py`, which gives it checkpoints and exact resume, DeepSpeed data parallel, LoRA, accumulation and
-`select=proxy|decoder|last`, as for token drafters).
+"""Feature-level drafters' (EAGLE, FSPAD) training pieces, shared by the distill stage's `FeatureObjective`
+(`train/core/objectives.py`) and the online stage's `FeatureLearner` (`train/online/learners.py`).
 
-    python train/run.py +experiment=smoke stages=[data_gen,distill] drafter=fspad loss=fspad
-
-One frozen target forward gives the features f (last hidden states) and, through its LM head, the teacher
+One frozen target forward (or the feature cache) gives the features f and, through its LM head, the teacher
 distributions; the drafter reads (f_t, e(x_{t+1})) and predicts f̂_{t+1}; the target's head turns that into the
 drafter's distribution over x_{t+2}. The loss (`losses.feature.FeatureLoss`) is taken where x_{t+2} is an answer
-token. The acceptance proxy is Σ min(p, q) for the first drafted token on held-out answers. Settings this
-objective cannot honour (an offline teacher, on-policy answers) are refused by key before anything is written.
+token. The acceptance proxy is Σ min(p, q) for the first drafted token on held-out answers.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from losses.feature import FeatureLoss
 from losses.tvd import expected_acceptance
 from models.cache import captured_layers
 from models.drafter import to_draft_vocabulary
-from models.feature_drafter import FeatureDraft
-from models.lookup import prompt_lookup_hits
-from train.feature_cache import FeatureCache, build_or_load
-from train.rows import Row, collate
-
-if TYPE_CHECKING:
-    from train.distill import DistillSettings
+from train.core.feature_cache import FeatureCache
+from train.core.rows import Row, collate
 
 
 class FeatureTraining(torch.nn.Module):
@@ -66,7 +53,7 @@ def feature_batch(forward, target: PreTrainedModel, drafter: torch.nn.Module, ro
     engine's); logits are [1, N, V'] over the mask's N positions, V' the draft vocabulary where the drafter has
     one and `compact` (the teacher restricted to it, positions whose label or teacher choice falls outside it
     left out), else the full vocabulary (`forward` must then give full logits: `FeatureTraining(compact=False)`).
-    With a `cache` (train/feature_cache.py) the target's side is read from it instead of computed. With
+    With a `cache` (train/core/feature_cache.py) the target's side is read from it instead of computed. With
     `lookup_hits` (row id -> whether prompt lookup guesses each token, `models.lookup.prompt_lookup_hits`), a
     position whose label the lookup guesses stays in `keep` with probability `hit_weight` (lookup-aware
     distillation), drawn from torch's generator."""
@@ -133,88 +120,3 @@ def first_draft_acceptance(model: torch.nn.Module, target: PreTrainedModel, rows
     return total / max(count, 1)
 
 
-class FeatureObjective:
-    ahead = 2  # the prediction of f_{t+1} is scored on x_{t+2}
-
-    def __init__(self, kind, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, loss: FeatureLoss,
-                 settings: DistillSettings, data_dir: Path) -> None:
-        if not isinstance(loss, FeatureLoss):
-            raise ValueError(f"a {kind.name}-level drafter trains with a feature loss: choose loss=eagle or "
-                             f"loss=fspad")
-        self.kind, self.target, self.tokenizer, self.loss, self.settings = kind, target, tokenizer, loss, settings
-        self.cache: FeatureCache | None = None
-        self.lookup_hits: dict[str, list[bool]] | None = None
-
-    def refused(self) -> list[str]:
-        """Every setting this objective cannot honour, as `key=value (what to use)`."""
-        settings = self.settings
-        return [f"distill.{key}={value!r} ({allowed})" for key, value, allowed, ok in (
-            ("teacher", settings.teacher, "online: it learns from the target's features", settings.teacher == "online"),
-            ("on_policy.ratio", settings.on_policy.ratio, "0: a feature drafter cannot answer prompts on its own",
-             not settings.on_policy.ratio),
-            ("feature_cache_dir", settings.feature_cache_dir, "null, or set distill.feature_cache=true to use it",
-             settings.feature_cache or not settings.feature_cache_dir)) if not ok]
-
-    def prepare(self, drafter: torch.nn.Module) -> None:
-        self.feature_layers = drafter.feature_layers
-
-    def prepare_rows(self, rows: list[Row], out_dir: Path) -> None:
-        """With `distill.feature_cache`, the target's features for `rows` (training and held-out), once; with
-        `loss.lookup_hit_weight` < 1, where prompt lookup guesses each row's tokens from the row itself."""
-        self.out_dir = out_dir
-        if self.loss.lookup_hit_weight < 1:
-            self.lookup_hits = {row.id: prompt_lookup_hits(row.input_ids[: self.settings.max_seq_len]) for row in rows}
-            scored = [hit for row in rows for hit in self.lookup_hits[row.id][2:]]
-            print(f"[distill] lookup-aware: prompt lookup guesses {sum(scored) / max(len(scored), 1):.1%} of the "
-                  f"{len(scored)} training tokens from their own rows; those are scored with probability "
-                  f"{self.loss.lookup_hit_weight}", flush=True)
-        if self.settings.feature_cache:
-            shared = self.settings.feature_cache_dir
-            self.cache = build_or_load(self.target, rows, self.feature_layers, self.settings.max_seq_len,
-                                       self.tokenizer.pad_token_id, out_dir / "features",
-                                       shared=Path(shared).expanduser() if shared else None)
-
-    def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
-        return FeatureTraining(model, self.loss.unroll)
-
-    def micro_loss(self, engine, micro: list[Row], on_policy: bool):
-        """(loss, its terms, positions it averages over, tokens read) for one micro-batch: the step losses of the
-        unrolled drafter, weighted `unroll_decay`^j and normalised by their sum; positions are step 0's."""
-        model = engine.module.drafter if hasattr(engine.module, "drafter") else engine.module
-        steps, read = feature_batch(engine.forward, self.target, model, micro, self.tokenizer.pad_token_id,
-                                    self.settings.max_seq_len, self.loss.feature_noise, self.loss.unroll,
-                                    self.settings.train_on == "all", cache=self.cache,
-                                    lookup_hits=self.lookup_hits, hit_weight=self.loss.lookup_hit_weight)
-        total, parts = self.loss.unrolled(steps)
-        return total, parts, int(steps[0][-1].sum()), read
-
-    @torch.no_grad()
-    def proxy(self, model: torch.nn.Module, rows: list[Row], batch_size: int) -> float:
-        """Σ min(p, q) of the first draft on held-out answers, p and q over the target's whole vocabulary (q is 0
-        outside a draft vocabulary), as the decoder sees them."""
-        return first_draft_acceptance(model, self.target, rows, self.tokenizer.pad_token_id,
-                                      self.settings.max_seq_len, batch_size, self.cache)
-
-    def draft(self, model: torch.nn.Module):
-        return FeatureDraft(model, self.target)
-
-    def save(self, model: torch.nn.Module, folder: Path) -> None:
-        self.kind.save(model, None, folder)
-
-    def summary(self, model: torch.nn.Module) -> dict:
-        return {"drafter_kind": self.kind.name, "feature_sampling": model.spec.feature_sampling,
-                "feature_layers": list(model.spec.feature_layers or []) or "last",
-                "draft_vocab_size": model.spec.draft_vocab_size, "unroll": self.loss.unroll,
-                "aligned_fraction": self.loss.aligned_fraction, "loss_terms": sorted(self.loss.terms),
-                "lookup_hit_weight": self.loss.lookup_hit_weight,
-                "teacher": "online", "train_on": self.settings.train_on,
-                "feature_cache": self.settings.feature_cache,
-                "feature_cache_folder": self.cache_folder()}
-
-    def cache_folder(self) -> str | None:
-        """Where the cache lives, for the online stage's rehearsal: relative to the stage's folder when inside it
-        (written into `distill.partial/`, which is renamed when the stage is done), else a shared folder's path."""
-        if self.cache is None:
-            return None
-        inside = self.cache.folder.is_relative_to(self.out_dir)
-        return str(self.cache.folder.relative_to(self.out_dir) if inside else self.cache.folder)

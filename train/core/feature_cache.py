@@ -29,11 +29,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from data_gen.generate import human_bytes
 from infra import distributed
-from infra.rundir import exclusive
+from infra.rundir import exclusive, human_bytes
 from models.cache import captured_layers
-from train.rows import Row, collate
+from train.core.rows import Row, collate
 
 SHARD_ROWS = 256
 MANIFEST = "manifest.json"
@@ -52,7 +51,7 @@ class FeatureCache:
         self.entries, self.folder = entries, folder  # folder: where the shards were read from, if anywhere
 
     def batch(self, rows: list[Row], max_seq_len: int, device: torch.device):
-        """(fused, last, top1) right-padded to the batch's width, as `train.rows.collate` pads the tokens."""
+        """(fused, last, top1) right-padded to the batch's width, as `train.core.rows.collate` pads the tokens."""
         width = max(min(len(row.input_ids), max_seq_len) for row in rows)
         first = self.entries[rows[0].id]
         fused = torch.zeros(len(rows), width, first[0].shape[-1])

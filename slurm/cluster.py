@@ -29,10 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from infra.settings import SettingsError, at_least, check_fields
+from train.pipeline.stages import JOB_KINDS, job_stages
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-JOB_ORDER = ("data_gen", "train", "run")
-JOB_STAGES = {"data_gen": ("data_gen",), "train": ("pretrain", "distill"), "run": ("eval", "export", "online")}
+JOB_ORDER = JOB_KINDS
+JOB_STAGES = {kind: job_stages(kind) for kind in JOB_KINDS}  # which stages each job runs: the stage table's `job`
 JOB_SCRIPTS = {"data_gen": "slurm/data_gen_array.sbatch", "train": "slurm/train.sbatch", "run": "slurm/run.sbatch"}
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
@@ -264,7 +265,7 @@ def main(argv: list[str]) -> int:
     from hydra.errors import HydraException
     from hydra.utils import instantiate
 
-    from train.run import check_settings
+    from train.pipeline.runner import check_settings
 
     flags = {a for a in argv if a.startswith("--")}
     unknown = flags - {"--wait", "--dry-run", "--help"} - {a for a in flags if a.startswith("--status")}

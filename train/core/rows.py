@@ -1,5 +1,5 @@
 """The distill stage's training rows: data_gen records read back, a stable held-out split, length-grouped batches
-and their padded tensors. Token-level and feature-level objectives (`train/distill.py`, `train/feature_distill.py`)
+and their padded tensors. Token-level and feature-level objectives (`train/distill.py`, `train/core/features.py`)
 read the same rows.
 """
 from __future__ import annotations
@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from data_gen.chat import document_token_ids
 from data_gen.shards import load_records
+from data_gen.sources import PromptSourceSpec, load_conversations
 
 
 @dataclass
@@ -89,3 +92,52 @@ def collate(rows: list[Row], pad_id: int, max_seq_len: int, device: torch.device
         loss_positions[b, : len(ids) - 1] = True if every_position else torch.tensor(mask[1:], dtype=torch.bool)
     labels = torch.roll(input_ids, -1, dims=1)
     return input_ids.to(device), attention.to(device), loss_positions.to(device), labels.to(device)
+
+
+def offline_teacher_logits(rows: list[Row], max_seq_len: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Dense teacher log-probabilities [1, N, V] from stored top-k rows: the k stored values, and the rest of the
+    mass (1 − Σ top-k) spread evenly over the other tokens, so every divergence stays finite."""
+    per_row = []
+    for row in rows:
+        kept = row.loss_positions(max_seq_len)
+        ids = torch.as_tensor(row.topk_ids[:kept], dtype=torch.long)
+        values = torch.as_tensor(row.topk_logprobs[:kept], dtype=torch.float32)
+        if ids.shape[0] != kept:
+            raise ValueError(f"record {row.id}: {ids.shape[0]} top-k rows for {kept} answer positions; the data_gen "
+                             f"output is inconsistent, regenerate it")
+        tail = (1 - values.exp().sum(-1, keepdim=True)).clamp_min(1e-6) / (vocab_size - ids.shape[1])
+        dense = tail.log().expand(kept, vocab_size).clone()
+        per_row.append(dense.scatter_(-1, ids, values))
+    return torch.cat(per_row).unsqueeze(0).to(device)
+
+
+def distill_rows(data_dir: Path, teacher: str, heldout_records: int, extra_rows: list[Row]) -> tuple[list[Row],
+                                                                                                   list[Row]]:
+    """(training rows, held-out rows) of a distill run: the data_gen records less the held-out split, then the corpus
+    rows (`extra_rows`), which only train; the held-out rows stay the target's own answers. The online stage's
+    rehearsal draws on the same training rows through this function."""
+    train_rows, heldout = split_heldout(read_rows(data_dir, teacher), heldout_records)
+    return train_rows + extra_rows, heldout
+
+
+def corpus_rows(tokenizer: PreTrainedTokenizerBase, corpus: PromptSourceSpec, cache_dir: Path, count: int,
+                max_seq_len: int) -> tuple[list[Row], dict]:
+    """`count` conversations of `corpus` in the chat template (plain text: text + end of sequence), cut at
+    max_seq_len, every next token scored; and the source's report (what was read and skipped)."""
+    conversations, report = load_conversations(corpus, cache_dir)
+    rows = conversation_rows(tokenizer, conversations[:count], max_seq_len)
+    if len(rows) < count:
+        print(f"[distill] corpus {corpus.name}: {len(rows)} conversations of the {count} asked for "
+              f"(distill.corpus_records) are available", flush=True)
+    return rows, report.as_dict()
+
+
+def conversation_rows(tokenizer: PreTrainedTokenizerBase, conversations: list, max_seq_len: int) -> list[Row]:
+    """Corpus conversations as rows (`corpus_rows`); the ones under 3 tokens left out."""
+    rows = []
+    for conversation in conversations:
+        ids = document_token_ids(tokenizer, conversation.messages)[:max_seq_len]
+        if len(ids) >= 3:
+            rows.append(Row(id=f"corpus:{conversation.id}", input_ids=ids, loss_mask=[0] + [1] * (len(ids) - 1),
+                            prompt_ids=ids[:1]))
+    return rows

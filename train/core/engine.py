@@ -28,7 +28,7 @@ import torch
 from infra import distributed
 from infra.settings import SettingsError, check_fields
 from models.loading import check_safetensors
-from train.optim import OptimSettings, build_optimizer
+from train.core.optim import OptimSettings, build_optimizer
 
 STAGES = (0, 1, 2, 3)
 
@@ -192,7 +192,7 @@ class DeepSpeedEngine:
                           str(error).splitlines()[0])
             raise UnsafeCheckpointError(
                 f"{folder / 'deepspeed'}: refused to unpickle a file holding a type outside DeepSpeed's allow-list "
-                f"(train.engine.DEEPSPEED_PICKLED_TYPES); such a file can run code when loaded. Remove that "
+                f"(train.core.engine.DEEPSPEED_PICKLED_TYPES); such a file can run code when loaded. Remove that "
                 f"checkpoint folder, or pass resume=never. ({reason.strip()})") from None
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from")

@@ -34,13 +34,12 @@ from tqdm.auto import tqdm
 from losses.feature import FeatureLoss
 from losses.mix import LossMix
 from losses.tvd import expected_acceptance
-from models.drafter import to_draft_vocabulary
+from models.drafter import draft_vocabulary, to_draft_vocabulary
 from models.kinds import kind_of
-from train.distill import draft_vocabulary, offline_teacher_logits
-from train.engine import logits_at
-from train.feature_cache import MANIFEST, FeatureCache, load_cache, target_features
-from train.feature_distill import FeatureTraining, feature_batch, first_draft_acceptance
-from train.rows import Row, collate
+from train.core.engine import logits_at
+from train.core.feature_cache import FeatureCache, MANIFEST, load_cache, target_features
+from train.core.features import FeatureTraining, feature_batch, first_draft_acceptance
+from train.core.rows import Row, collate, offline_teacher_logits
 
 Item = tuple[str, list[int], list[int]]  # (request key, prompt, answer)
 
@@ -67,6 +66,7 @@ def answer_logits(model: torch.nn.Module, items: list[Item], max_seq_len: int, p
 
 class TokenLearner:
     """A standalone token drafter online."""
+    modes = ("serve", "replay")  # online.mode values it learns in
 
     def __init__(self, target: torch.nn.Module, gamma: int, max_seq_len: int, pad_id: int) -> None:
         self.target, self.gamma, self.max_seq_len, self.pad_id = target, gamma, max_seq_len, pad_id
@@ -118,6 +118,7 @@ class TokenLearner:
 
 class FeatureLearner:
     """A feature drafter online (module docstring); `features` holds the target's side of every request."""
+    modes = ("replay",)  # the verification recorder keeps the target's top-k, not the hidden states it trains on
 
     def __init__(self, target: torch.nn.Module, gamma: int, max_seq_len: int, pad_id: int,
                  features: FeatureCache, layers: tuple[int, ...] | None) -> None:
@@ -191,10 +192,16 @@ def trace_features(target: torch.nn.Module, drafter: torch.nn.Module, items: lis
 def learner_for(drafter: torch.nn.Module, target: torch.nn.Module, gamma: int, max_seq_len: int, pad_id: int,
                 items: list[Item] | None = None):
     """The learner of `drafter`'s kind; a feature drafter needs the trace's `items` (replay mode)."""
-    if not kind_of(drafter).trains_on_features:
+    training = kind_of(drafter).training
+    if training not in LEARNERS:
+        raise ValueError(f"a {kind_of(drafter).name} drafter has no online learner (learners: {sorted(LEARNERS)})")
+    if training == "tokens":
         return TokenLearner(target, gamma, max_seq_len, pad_id)
     if items is None:
         raise ValueError("a feature drafter learns online in online.mode=replay only: the verification recorder "
                          "keeps the target's top-k, not its hidden states, which this drafter trains on")
     return FeatureLearner(target, gamma, max_seq_len, pad_id, trace_features(target, drafter, items, max_seq_len,
                                                                              pad_id), drafter.feature_layers)
+
+
+LEARNERS = {"tokens": TokenLearner, "features": FeatureLearner}  # by DrafterKind.training

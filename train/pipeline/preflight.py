@@ -13,9 +13,11 @@ that uses no cache at all, so a silent change is caught as well as a crash:
 - eval: speculative decoding (chain and tree) through the ragged KV cache equals plain decoding and the
   cache-free reference, token for token.
 - export: a drafter saved, exported and loaded back with transformers.
+- online: the training and eval checks.
 
-`train/run.py` calls `check_run` (turn off with `preflight=false`); a failure raises `PreflightError`, naming
-each stage that cannot run, why, the installed library versions and what to do.
+Which checks a stage needs is its `checks` in the stage table (`train/pipeline/stages.py`). The runner
+(`train/pipeline/runner.py`) calls `check_run` (turn off with `preflight=false`); a failure raises `PreflightError`,
+naming each stage that cannot run, why, the installed library versions and what to do.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from models.feature_drafter import FeatureDrafter, FeatureDrafterSpec
 from models.kinds import kind_of_spec
 from models.loading import TargetSpec, resolve_model_dir
 from models.tiny import spread_weights
+from train.pipeline.stages import DISTRIBUTED_STAGES, STAGES
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -92,7 +95,7 @@ def check_vllm_import() -> None:
 
 
 def _one_step(model: torch.nn.Module, loss_fn) -> None:
-    from train.optim import OptimSettings, build_optimizer
+    from train.core.optim import OptimSettings, build_optimizer
 
     optimizer, _ = build_optimizer(model, OptimSettings(warmup_steps=1), total_steps=1)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -184,16 +187,17 @@ def check_stages(stages: list[str], target_config: PretrainedConfig, *, data_gen
     with torch.random.fork_rng(devices=[]):  # training and sampling seeds stay exactly as they would be
         torch.manual_seed(0)
         target = tiny_like(target_config)
-        if "data_gen" in stages:
+        needed = {check for stage in stages for check in STAGES[stage].checks}  # the stage table's `checks`
+        if "data_gen" in needed:
             checks["data_gen"] = (check_vllm_import if data_gen_backend == "vllm"
                                   else lambda: check_data_gen_hf(target, data_gen_cache))
-        if "pretrain" in stages or "distill" in stages:
+        if "training" in needed:
             checks["training"] = lambda: check_training(target, feature_level)
-            if deepspeed:
+            if deepspeed and set(stages) & set(DISTRIBUTED_STAGES):
                 checks["deepspeed"] = lambda: __import__("deepspeed")
-        if "eval" in stages:
+        if "eval" in needed:
             checks["eval"] = lambda: check_eval(target, feature_level)
-        if "export" in stages:
+        if "export" in needed:
             checks["export"] = lambda: check_export(target)
         failures = {}
         for name, check in checks.items():
@@ -217,4 +221,4 @@ def check_run(stages: list[str], target: TargetSpec, cache_dir: Path, *, data_ge
     model_dir, _ = resolve_model_dir(target, cache_dir)
     return check_stages(stages, AutoConfig.from_pretrained(model_dir, trust_remote_code=target.trust_remote_code),
                         data_gen_backend=data_gen.backend, data_gen_cache=data_gen.cache,
-                        feature_level=kind_of_spec(drafter).trains_on_features, deepspeed=deepspeed.enabled)
+                        feature_level=kind_of_spec(drafter).training == "features", deepspeed=deepspeed.enabled)

@@ -6,7 +6,7 @@ Nothing is recomputed: position j of a step scores the token after the committed
 drafts, so positions 0..accepted lie on the served (target's) path and the ones after a rejection on the drafter's
 own proposal.
 
-Rows (`train.rows.Row`, the distill stage's format, top-k as data_gen stores them) by `source`:
+Rows (`train.core.rows.Row`, the distill stage's format, top-k as data_gen stores them) by `source`:
 - `teacher`: the served sequence, scored at the `positions` of every step: `corrected` (the token the target
   emitted itself, a correction or the bonus: OSD's `wrong_token_ids`), `drafted` (every position the drafter
   proposed at, up to and including the first rejection) or `all` (every generated position);
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from infra.settings import at_least, between, check_fields, one_of
-from train.rows import Row
+from train.core.rows import Row
 
 POSITIONS = ("corrected", "drafted", "all")
 SOURCES = ("teacher", "student", "mixed_token", "mixed_request")
