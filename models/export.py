@@ -19,20 +19,21 @@ import json
 import math
 import shutil
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from infra.stage import StageRun
 from infra.settings import SettingsError, check_fields
+from infra.stage import StageRun
 from models import eagle3_export
+from models.cache import layer_types
 from models.drafter import check_same_vocabulary
 from models.kinds import kind_of_folder
-from models.lookup import BASELINES
 from models.loading import (TargetSpec, check_finite, check_safetensors, load_causal_lm, load_tokenizer,
                             resolve_model_dir)
+from models.lookup import BASELINES
 from models.sampling import sampling_in
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -70,8 +71,8 @@ def vllm_draft_model_flags(target_dir: Path) -> dict:
     the target's sliding-window cache: the target then reads the drafter's keys and its output drifts from plain
     (tests/eval/test_serving_check.py shows both). One cache group for every layer avoids it; each layer keeps its
     window."""
-    config = json.loads((target_dir / "config.json").read_text())
-    kinds = set(config.get("layer_types") or config.get("text_config", {}).get("layer_types") or [])
+    config = AutoConfig.from_pretrained(target_dir)
+    kinds = set(layer_types(getattr(config, "text_config", None) or config))  # the decoder's one reader of them
     return {"disable_hybrid_kv_cache_manager": True} if len(kinds) > 1 else {}
 
 
