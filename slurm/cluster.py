@@ -32,8 +32,6 @@ from infra.settings import SettingsError, at_least, check_fields
 from train.pipeline.stages import JOB_KINDS, job_stages
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-JOB_ORDER = JOB_KINDS
-JOB_STAGES = {kind: job_stages(kind) for kind in JOB_KINDS}  # which stages each job runs: the stage table's `job`
 JOB_SCRIPTS = {"data_gen": "slurm/data_gen_array.sbatch", "train": "slurm/train.sbatch", "run": "slurm/run.sbatch"}
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
@@ -117,8 +115,8 @@ def plan(stages: list[str], cluster: ClusterSettings, overrides: list[str], run_
     """The jobs for `stages` (in running order), each waiting for the one before it."""
     logs, jobs, previous = run_dir / "slurm", [], None
     passed = user_overrides(overrides)
-    for kind in JOB_ORDER:
-        mine = [s for s in stages if s in JOB_STAGES[kind]]
+    for kind in JOB_KINDS:  # in running order; which stages each runs is the stage table's `job`
+        mine = [s for s in stages if s in job_stages(kind)]
         if not mine:
             continue
         spec = getattr(cluster, kind)
