@@ -70,7 +70,7 @@ def main() -> None:
         if not (root / name / "data_gen").exists():  # the n-gram baseline's table comes from it
             shutil.copytree(root / base / "data_gen", root / name / "data_gen")
         run([*common, f"run_name={name}", "stages=[eval]", f"eval_data.limit={options.eval_prompts}",
-             f"eval.turns={options.turns}", "eval.gamma=3", "eval.include_untrained=false", *mode_overrides,
+             f"eval.turns={options.turns}", "eval.decode.gamma=3", "eval.include_untrained=false", *mode_overrides,
              *[f"+eval.drafters.{label}={path}" for label, path in drafters.items()]])
         print((root / name / "eval" / "report.md").read_text())
         reports[mode] = json.loads((root / name / "eval" / "report.json").read_text())["drafters"]

@@ -93,7 +93,7 @@ def read_run(options: argparse.Namespace):
             raise SystemExit(f"{needed} is missing: run the quickstart (data_gen, distill, eval) into {run}")
     report = json.loads(report_path.read_text())
     items = report["prompts"][: options.prompts]
-    max_new = options.max_new_tokens or report["settings"]["max_new_tokens"]
+    max_new = options.max_new_tokens or report["settings"]["decode"]["max_new_tokens"]
     torch.manual_seed(0)
     target = load_target(configured_target("smollm2_135m"), options.cache_dir)
     trained = load_any(run / "distill" / "model", target)

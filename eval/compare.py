@@ -10,33 +10,30 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from eval.speculative import markdown_report
-from models.sampling import sampling_in
+from eval.report import EvalReport, markdown_report
 
 
 def combine(paths: list[Path]) -> dict:
     reports = []
     for path in paths:
         try:
-            reports.append((path, json.loads(path.read_text())))
-        except (OSError, json.JSONDecodeError) as error:
-            raise SystemExit(f"{path}: not a readable eval report ({error})")
-        if "drafters" not in reports[-1][1]:
-            raise SystemExit(f"{path}: not an eval report (no 'drafters' key)")
-    first = reports[0][1]
-    combined = dict(first, drafters={})
-    for path, report in reports:
-        run = path.resolve().parent.parent.name
-        for name, metrics in report["drafters"].items():
+            reports.append(EvalReport.read(path))
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(str(error)) from None
+    combined = dict(reports[0].data, drafters={})
+    for report in reports:
+        run = report.path.resolve().parent.parent.name
+        for name, metrics in report.drafters.items():
             combined["drafters"][f"{run}/{name}"] = metrics
-    keys = ("gamma", "tree", "sampling", "max_new_tokens", "turns", "confidence_threshold")
-    values = [dict(r["settings"], sampling=sampling_in(r["settings"])) for _, r in reports]
-    differing = {key: [v.get(key) for v in values] for key in keys
-                 if len({json.dumps(v.get(key), sort_keys=True) for v in values}) > 1}
-    if len({(r["num_prompts"], r["num_turns"]) for _, r in reports}) > 1:
-        differing["prompts (conversations, turns)"] = [(r["num_prompts"], r["num_turns"]) for _, r in reports]
+    values = [{f"decode.{key}": value for key, value in asdict(r.settings.decode).items()} | {"turns": r.settings.turns}
+              for r in reports]
+    differing = {key: [v[key] for v in values] for key in values[0]
+                 if len({json.dumps(v[key], sort_keys=True) for v in values}) > 1}
+    if len({(r.num_prompts, r.num_turns) for r in reports}) > 1:
+        differing["prompts (conversations, turns)"] = [(r.num_prompts, r.num_turns) for r in reports]
     combined["differing_settings"] = differing
     return combined
 

@@ -42,7 +42,7 @@ import torch
 from transformers import PreTrainedModel
 
 from eval.metrics import DecodeStats
-from infra.settings import at_least, check_fields
+from infra.settings import SettingsError, at_least, check_fields
 from models.cache import RaggedKVCache, captured_layers, check_supported, forward_on_cache, head_logits, pad_rows
 from models.kernels import few_row_linears
 from models.lookup import child_of
@@ -65,15 +65,13 @@ class DecodeSettings:
         object.__setattr__(self, "sampling", as_sampling(self.sampling))
         check_fields(self)
         if any(k < 1 for k in self.tree):
-            raise ValueError(f"tree={self.tree}: every depth needs at least one child per node")
+            raise SettingsError(f"tree={list(self.tree)}: every depth needs at least one child per node", "tree")
         if not 0 <= self.confidence_threshold < 1:
-            raise ValueError(f"confidence_threshold={self.confidence_threshold} must be in [0, 1)")
+            raise SettingsError(f"confidence_threshold={self.confidence_threshold}: must be in [0, 1)",
+                                "confidence_threshold")
         if self.tree and self.confidence_threshold:
-            raise ValueError("confidence_threshold (adaptive draft length) applies to chains; use tree=[] with it")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+            raise SettingsError(f"confidence_threshold={self.confidence_threshold}: adaptive draft length applies "
+                                f"to chains; use tree=[] with it", "confidence_threshold")
 
     @property
     def depth(self) -> int:
@@ -83,6 +81,11 @@ class DecodeSettings:
     def block_width(self) -> int:
         """Tokens in one verification forward: the last committed token and the drafts (chain or tree)."""
         return Tree(self.tree).size if self.tree else self.gamma + 1
+
+
+def as_decode(value: DecodeSettings | dict) -> DecodeSettings:
+    """`DecodeSettings` from itself or from a mapping (a report's recorded settings, a test's dict)."""
+    return value if isinstance(value, DecodeSettings) else DecodeSettings(**value)
 
 
 @dataclass

@@ -65,12 +65,15 @@ def eval_inputs(report_path: Path) -> dict:
     report = json.loads(report_path.read_text())
     if "prompts" not in report:
         raise ValueError(f"{report_path} predates serving checks (no prompt token ids); re-run the eval stage")
-    settings = report["settings"]
-    if settings["sampling"]["temperature"] != 0:
-        raise ValueError("the serving check replays greedy evals only (eval.sampling.temperature=0)")
+    decode = report["settings"].get("decode")
+    if not isinstance(decode, dict):
+        raise ValueError(f"{report_path} was written with flat eval settings (before eval.decode); re-run the eval "
+                         f"stage")
+    if decode["sampling"]["temperature"] != 0:
+        raise ValueError("the serving check replays greedy evals only (eval.decode.sampling.temperature=0)")
     return {"rows": report["drafters"], "report_dir": report_path.parent, "prompts": report["prompts"],
-            "gamma": settings["gamma"], "tree": settings.get("tree") or [],
-            "max_new_tokens": settings["max_new_tokens"], "stop_ids": report["stop_ids"],
+            "gamma": decode["gamma"], "tree": decode["tree"],
+            "max_new_tokens": decode["max_new_tokens"], "stop_ids": report["stop_ids"],
             "config": json.loads(meta_path.read_text())["config"]}
 
 

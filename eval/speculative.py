@@ -1,7 +1,7 @@
 """Stage `eval`: the acceptance benchmark, built on the lossless decoder in `eval/decoder.py`.
 
     python train/run.py +experiment=quickstart stages=[eval]
-    python train/run.py +experiment=quickstart stages=[eval] eval.tree=[3,2,1] eval.sampling.temperature=1.0
+    python train/run.py +experiment=quickstart stages=[eval] eval.decode.tree=[3,2,1] eval.decode.sampling.temperature=1.0
     python train/run.py +experiment=quickstart stages=[eval] eval_data=sharegpt_heldout +eval.drafters.mine=DIR
 
 For each conversation, each user turn up to `turns` (MT-Bench has two) is answered by plain target decoding on
@@ -23,9 +23,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +35,8 @@ from data_gen.shards import check_held_out, load_records
 from data_gen.sources import PromptSourceSpec, load_conversations
 from eval.decoder import DecodeSettings, LosslessnessError, plain_generate, speculative_generate, verification_seconds
 from eval.metrics import DecodeStats, median_interval, speed_model
-from infra.settings import Rule, SettingsError, at_least, check_fields
+from eval.report import SUMMARY_COLUMNS, markdown_report, summary_rows
+from eval.settings import EvalSettings
 from infra.stage import StageRun
 from infra.tracking import Tracker
 from models.drafter import DrafterSpec
@@ -44,86 +44,7 @@ from models.eagle3_export import is_engine_folder
 from models.feature_drafter import FeatureDrafterSpec
 from models.kinds import draft_for, kind_of, kind_of_spec, load_any
 from models.loading import check_finite
-from models.lookup import LookupFirstDraft, LookupSpec, MergedDraft, baseline_specs
-from models.sampling import SamplingSettings, as_sampling, sampling_in
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    SECTION: ClassVar[str] = "eval"
-    gamma: int = 4
-    tree: tuple[int, ...] = ()
-    confidence_threshold: float = 0.0
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # greedy by default; target and drafter alike
-    max_new_tokens: int = 128
-    batch_size: int = 1  # > 1: speedups are per batch, not per prompt
-    seed: int = 0
-    turns: int = 2  # user turns replayed per conversation (MT-Bench has 2)
-    warmup_prompts: int = 1
-    require_lossless: bool = True
-    tie_tolerance: float = 0.5  # half precision: a divergence within this top-2 logit gap is a near-tie
-    include_untrained: bool = True
-    baselines: tuple[str, ...] = ("prompt_lookup", "ngram", "prompt_lookup+ngram", "token_recycling")
-    plots: bool = True
-    drafters: dict = field(default_factory=dict)  # extra drafters to compare: {name: checkpoint directory}
-    hybrid: tuple[str, ...] = ()  # training-free kinds put in front of every trained drafter: rows "NAME+KIND"
-    hybrid_min_ngram: int = 1     # the shortest match the lookup in front (or in a merged tree) must find
-    merged: tuple[str, ...] = ()  # training-free kinds whose guess joins every trained drafter's own tree or chain
-                                  # in one verified token tree: rows "NAME&KIND" (models.lookup.MergedDraft)
-    merged_depth: int = 4         # the lookup branch's most tokens
-    merged_tree: tuple[int, ...] = ()  # the trained drafter's own part of a merged tree (empty: `tree`, else γ)
-    merged_skip_at: int | str = 0  # > 0: the trained drafter sits out a step whose lookup guess is this long;
-                                  # "auto": where its measured gain is worth less than its measured cost
-    merged_min_probability: float | str = 0.0  # the drafter's nodes below this path probability are not verified;
-                                  # "auto": what one more verified token costs here, in plain steps (node_cost)
-    LIMITS: ClassVar[dict] = {"max_new_tokens": at_least(1), "batch_size": at_least(1), "turns": at_least(1),
-                              "warmup_prompts": at_least(0), "tie_tolerance": at_least(0),
-                              "hybrid_min_ngram": at_least(1), "merged_depth": at_least(1),
-                              "merged_skip_at": Rule("must be ≥ 0, or 'auto'",
-                                                     lambda value: value == "auto" or not isinstance(value, str)
-                                                     and value >= 0)}
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tree", tuple(self.tree))
-        object.__setattr__(self, "sampling", as_sampling(self.sampling))
-        object.__setattr__(self, "baselines", tuple(self.baselines))
-        object.__setattr__(self, "hybrid", tuple(self.hybrid))
-        object.__setattr__(self, "merged", tuple(self.merged))
-        object.__setattr__(self, "merged_tree", tuple(self.merged_tree))
-        if any(k < 1 for k in self.merged_tree):
-            raise SettingsError(f"eval.merged_tree={list(self.merged_tree)}: every depth needs at least one child",
-                                "eval.merged_tree")
-        baseline_specs(self.baselines)  # validates the names
-        self.hybrid_specs  # validates
-        self.merged_specs  # validates
-        bar = self.merged_min_probability
-        if isinstance(bar, str) and bar != "auto" or not isinstance(bar, str) and not 0 <= bar < 1:
-            raise SettingsError(f"eval.merged_min_probability={bar!r}: a probability in [0, 1), or 'auto'",
-                                "eval.merged_min_probability")
-        check_fields(self)
-        self.decode  # validates
-
-    def _lookup_specs(self, key: str) -> dict[str, LookupSpec]:
-        """The lookups that `eval.<key>` names, each needing a match of `hybrid_min_ngram` tokens or more."""
-        try:
-            specs = baseline_specs(getattr(self, key))
-        except ValueError as error:
-            raise ValueError(str(error).replace("eval.baselines", f"eval.{key}")) from None
-        return {name: replace(spec, min_ngram=min(self.hybrid_min_ngram, spec.max_ngram))
-                for name, spec in specs.items()}
-
-    @property
-    def hybrid_specs(self) -> dict[str, LookupSpec]:
-        return self._lookup_specs("hybrid")
-
-    @property
-    def merged_specs(self) -> dict[str, LookupSpec]:
-        return self._lookup_specs("merged")
-
-    @property
-    def decode(self) -> DecodeSettings:
-        return DecodeSettings(self.gamma, self.tree, self.confidence_threshold, self.sampling, self.max_new_tokens,
-                              self.batch_size, self.seed)
+from models.lookup import LookupFirstDraft, MergedDraft, baseline_specs
 
 
 @dataclass
@@ -378,62 +299,6 @@ def losslessness(greedy: bool, half: bool, mismatches: list[dict], outputs: int)
         f"greedy fp32: {outputs - len(mismatches)} of {outputs} outputs equal plain greedy decoding token for token")}
 
 
-LOSSLESS_CELL = {True: "yes", False: "NO", None: "not checked (sampled)"}
-
-
-SUMMARY_COLUMNS = ["drafter", "block_efficiency", "acceptance_rate", "c_measured", "v_measured", "mbsu",
-                   "predicted_speedup",
-                   "speedup_median", "lossless"]
-
-
-def summary_rows(report: dict) -> list[list]:
-    return [[n] + [m[c] for c in SUMMARY_COLUMNS[1:]] for n, m in report["drafters"].items()]
-
-
-def markdown_report(report: dict, label: str = "") -> str:
-    """The overall table (one row per drafter), then τ per category."""
-    settings = report["settings"]
-    depth = len(settings["tree"]) or settings["gamma"]
-    head = (f"| {label or 'drafter'} | τ | acceptance | accepted per position 1..{depth} (uncond. / cond.) | c meas. "
-            f"| v meas. | MBSU | predicted | wall speedup (median, 95% CI) | lossless |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, m in report["drafters"].items():
-        unconditional = "/".join(f"{v:.2f}" for v in m["accepted_per_position"])
-        conditional = "/".join(f"{v:.2f}" for v in m["conditional_acceptance_per_position"])
-        low, high = m["speedup_interval_95"]
-        verify = m.get("v_measured", float("nan"))  # reports before v was measured lack it
-        shown = f"{name} (training-free)" if name in report.get("baselines", ()) else name
-        lines.append(f"| {shown} | {m['block_efficiency']:.3f} | {m['acceptance_rate']:.3f} | {unconditional} ; "
-                     f"{conditional} | {m['c_measured']:.3f} | {verify:.2f} | {m['mbsu']:.2f} | "
-                     f"{m['predicted_speedup']:.2f}× "
-                     f"| {m['speedup_median']:.2f}× [{low:.2f}, {high:.2f}] | {LOSSLESS_CELL[m['lossless']]} |")
-    widths = {n: m for n, m in report["drafters"].items() if "mean_verified_per_step" in m}  # older reports lack it
-    if widths:
-        lines += ["", "Tokens per verification forward (mean) and, where below 1, the share of steps the trained "
-                  "drafter ran: " + ", ".join(
-                      f"{n} {m['mean_verified_per_step']:.1f}" + (f" (drafter ran {m['drafter_run_fraction']:.0%})"
-                                                                  if m["drafter_run_fraction"] < 1 else "")
-                      for n, m in widths.items()) + "."]
-    categories = sorted({c for m in report["drafters"].values() for c in m["per_category"]})
-    if categories and categories != [""]:
-        lines += ["", "τ per category:", "", "| drafter | " + " | ".join(c or "-" for c in categories) + " |",
-                  "|---|" + "---|" * len(categories)]
-        for name, m in report["drafters"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{m['per_category'][c]['block_efficiency']:.3f}"
-                                                     if c in m["per_category"] else "" for c in categories) + " |")
-    temperature = sampling_in(settings)["temperature"]
-    mode = "greedy" if temperature == 0 else f"T={temperature}"
-    shape = f"tree {settings['tree']}" if settings["tree"] else f"γ={settings['gamma']}"
-    lines += ["", f"{report['num_turns']} prompts ({report['num_prompts']} conversations), {mode}, {shape}, "
-                  f"up to {settings['max_new_tokens']} new tokens, {report['dtype']}."]
-    plain = report["plain"]
-    if "drift" in plain:  # reports written before wall times were interleaved have no drift
-        lines[-1] += (f" Wall times interleaved (each prompt decoded plainly and by every drafter in turn): plain "
-                      f"{plain['tokens_per_second']:.1f} tok/s, {plain['drift']:.2f}× the time of the first plain "
-                      f"pass.")
-    return "\n".join(lines) + "\n"
-
-
 def plot_report(report: dict, out_dir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -555,8 +420,8 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
                     f"; the drafter sits out steps whose guess is ≥ {settings.merged_skip_at} tokens"
                     if settings.merged_skip_at else "")
             skip += f"; its nodes below path probability {float(bar):.3f} are not verified" if float(bar) else ""
-            own = settings.merged_tree or settings.tree
-            shape = f"its tree {list(own)}" if own else f"its γ={settings.gamma} chain"
+            own = settings.merged_tree or settings.decode.tree
+            shape = f"its tree {list(own)}" if own else f"its γ={settings.decode.gamma} chain"
             paths[merged] = (f"{paths[name]}, {shape} and training-free {kind}'s guess (up to "
                              f"{settings.merged_depth} tokens, matches ≥ {front.spec.min_ngram}) in one token "
                              f"tree{skip}")

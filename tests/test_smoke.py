@@ -147,7 +147,7 @@ def test_a_feature_level_drafter_trains_and_is_evaluated_by_the_decoder(smoke_ru
     (eagle / "data_gen").symlink_to(default / "data_gen", target_is_directory=True)
     # eval.hybrid and eval.merged rows too
     hybrids = ["distilled+prompt_lookup", "distilled+ngram", "distilled&prompt_lookup"] if name == "eagle3" else []
-    run_cli(tmp_path, "logger=none", f"run_name={name}", "stages=[distill,eval]", *overrides, "eval.tree=[2,2]",
+    run_cli(tmp_path, "logger=none", f"run_name={name}", "stages=[distill,eval]", *overrides, "eval.decode.tree=[2,2]",
             *(["eval.hybrid=[prompt_lookup,ngram]", "eval.merged=[prompt_lookup]", "eval.merged_skip_at=3"]
               if hybrids else []))
     summary = json.loads((eagle / "distill" / "meta.json").read_text())["summary"]

@@ -74,7 +74,7 @@ def test_vllm_runs_every_export_format_losslessly_and_reports_acceptance_beside_
         done = subprocess.run(
             [sys.executable, "train/run.py", "+experiment=standalone", f"run_name={run_name}", f"runs_root={tmp_path}",
              "logger=none", "stages=[eval,export]", "eval.include_untrained=false", f"eval.baselines={baselines}",
-             f"+eval.drafters.{run_name}={drafter}", "eval_data.limit=2", "eval.max_new_tokens=24",
+             f"+eval.drafters.{run_name}={drafter}", "eval_data.limit=2", "eval.decode.max_new_tokens=24",
              "eval.plots=false"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
         return tmp_path / "standalone" / run_name

@@ -11,7 +11,8 @@ import torch
 from data_gen.chat import end_of_turn_ids, prompt_token_ids
 from eval.decoder import DecodeSettings, LosslessnessError, plain_generate, speculative_generate
 from eval.metrics import DecodeStats, median_interval, speed_model
-from eval.speculative import EvalPrompt, EvalSettings, classify_divergence, evaluate
+from eval.settings import EvalSettings
+from eval.speculative import EvalPrompt, classify_divergence, evaluate
 from infra.tracking import LoggerSettings, Tracker
 from models.drafter import DrafterSpec, TokenDraft, build_drafter
 from models.feature_drafter import FeatureDraft, FeatureDrafterSpec, build_feature_drafter
@@ -39,8 +40,9 @@ def test_speed_formulas_match_the_reference_vectors():
     assert median == 1.1 and low <= median <= high and low >= 0.9 and high <= 1.3
 
 
-def tiny_settings(**overrides) -> EvalSettings:
-    return EvalSettings(**({"gamma": 3, "max_new_tokens": 16, "warmup_prompts": 0} | overrides))
+def tiny_settings(decode: dict | None = None, **overrides) -> EvalSettings:
+    return EvalSettings(decode=DecodeSettings(**{"gamma": 3, "max_new_tokens": 16} | (decode or {})),
+                        **{"warmup_prompts": 0} | overrides)
 
 
 def two_turn_prompts() -> list[EvalPrompt]:
@@ -101,11 +103,11 @@ def test_eval_replays_both_turns_on_the_targets_own_answers_and_writes_its_repor
     for run, gamma in (("a", 3), ("b", 5)):
         (tmp_path / run / "eval").mkdir(parents=True)
         saved = json.loads((tmp_path / "report.json").read_text())
-        saved["settings"]["gamma"] = gamma
+        saved["settings"]["decode"]["gamma"] = gamma
         (tmp_path / run / "eval" / "report.json").write_text(json.dumps(saved))
     combined = combine([tmp_path / "a" / "eval" / "report.json", tmp_path / "b" / "eval" / "report.json"])
     assert set(combined["drafters"]) == {"a/small", "a/self", "b/small", "b/self"}
-    assert combined["differing_settings"] == {"gamma": [3, 5]}
+    assert combined["differing_settings"] == {"decode.gamma": [3, 5]}
     # turn 2's prompt holds the target's own first answer, decoded by plain decoding on the same settings
     from eval.speculative import build_turns
     stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
@@ -155,7 +157,7 @@ def test_wall_times_are_interleaved_so_a_drifting_machine_biases_no_row(tiny_tar
 def test_eval_with_sampling_and_trees_runs_and_reports(tiny_target, tmp_path):
     model = tiny_target.model
     report = run_eval(tiny_target, tmp_path, {"self": TokenDraft(model)},
-                      tiny_settings(sampling=SamplingSettings(temperature=1.0), tree=(2, 2), plots=False))
+                      tiny_settings({"sampling": SamplingSettings(temperature=1.0), "tree": (2, 2)}, plots=False))
     self_report = report["drafters"]["self"]
     assert self_report["lossless"] is None and self_report["lossless_check"].startswith("not checked here")
     assert "| not checked (sampled) |" in report["table_markdown"]  # sampled: test_decoder checks it statistically

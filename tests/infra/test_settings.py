@@ -27,7 +27,7 @@ PROBES = [  # (override, what the error must say)
     ("pretrain.optim.betas=[0.9,1.5]", "pretrain.optim.betas=[0.9, 1.5]: must be two numbers in [0, 1)"),
     ("loss.terms.fkl.weight=abc", "loss.terms.fkl.weight='abc': must be a number ≥ 0"),
     ("drafter.num_layers=0", "drafter.num_layers=0: must be ≥ 1"),
-    ("eval.gamma=0", "eval.gamma=0: must be ≥ 1"),
+    ("eval.decode.gamma=0", "eval.decode.gamma=0: must be ≥ 1"),
     ("data_gen.on_policy_ratio=2", "data_gen.on_policy_ratio=2: must be a number in [0, 1]"),
     ("resume=sometimes", "resume='sometimes': must be one of ['auto', 'never']"),
     ("+distil.epochs=2", "distil is not a setting"),

@@ -1,16 +1,18 @@
-"""Export (models/export.py): what engines cannot load, or what would not speak the target's vocabulary, is refused;
+"""Export (models/export.py, export/stage.py): what engines cannot load, or what would not speak the target's vocabulary, is refused;
 eval refuses drafters it could only rank by accident (NaN weights)."""
 from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from infra.settings import SettingsError
 from models.drafter import DrafterSpec, VocabularyMismatchError, build_drafter, save_drafter
-from models.export import ExportSettings, export_drafter, formats_for
+from export.stage import ExportSettings
+from models.export import export_drafter, formats_for
 from models.kinds import KINDS
 from models.loading import DamagedWeightsError, check_finite, load_causal_lm
 
@@ -98,19 +100,61 @@ def test_each_kind_gets_the_formats_that_hold_it_and_a_mismatch_is_refused_by_na
 def test_the_card_says_where_each_measured_row_can_be_served():
     """serving_lines: per row of the eval, the engine and settings that serve that way of drafting (the eval's own
     γ or tree), and "draftsmith's decoder only" where no engine does."""
-    from models.export import eagle_choices, serving_lines
+    from eval.report import EvalReport
+    from eval.settings import EvalSettings
+    from export.stage import serving_lines
+    from models.export import eagle_choices
 
     assert eagle_choices([2, 1]) == [[0], [1], [0, 0], [1, 0]]
     assert eagle_choices([1, 1, 1]) == [[0], [0, 0], [0, 0, 0]]
     rows = ["distilled", "prompt_lookup", "prompt_lookup+ngram", "token_recycling", "distilled+prompt_lookup",
             "distilled&prompt_lookup+ngram"]
-    report = {"settings": {"gamma": 3, "tree": []}, "drafters": dict.fromkeys(rows, {}),
-              "baselines": rows[1:4], "hybrids": rows[4:]}
-    lines = dict(line.split(": ", 1) for line in serving_lines(report) if line.startswith("- "))
+    def report(tree: list[int]) -> EvalReport:
+        settings = EvalSettings(decode={"gamma": 3, "tree": tree})
+        return EvalReport(Path("report.json"), settings, dict.fromkeys(rows, {}), rows[0], {}, tuple(rows[1:4]),
+                          tuple(rows[4:]), 1, 1, "float32", "", {})
+
+    lines = dict(line.split(": ", 1) for line in serving_lines(report([])) if line.startswith("- "))
     assert "num_speculative_tokens: 3" in lines["- `distilled`"]
     assert "method: ngram" in lines["- `prompt_lookup`"]
     assert all("decoder only" in lines[f"- `{row}`"] for row in rows[2:])
-    report["settings"]["tree"] = [2, 1, 1]
-    tree_line = next(line for line in serving_lines(report) if line.startswith("- `distilled`"))
+    tree_line = next(line for line in serving_lines(report([2, 1, 1])) if line.startswith("- `distilled`"))
     assert "eagle_choices=[[0], [1], [0, 0], [1, 0], [0, 0, 0], [1, 0, 0]]" in tree_line
     assert "--speculative-eagle-topk 2" in tree_line and "--speculative-num-draft-tokens 7" in tree_line
+
+
+
+def test_the_export_stage_takes_gamma_and_the_table_from_the_eval_report(tiny_target, tmp_path):
+    """The card gives the γ the eval measured with (5 here, not the decoder's default of 4) and its table, read
+    through the typed report; a report whose settings do not fit is refused with its path, never read with a
+    default."""
+    from eval.decoder import DecodeSettings
+    from eval.settings import EvalSettings
+    from export.stage import ExportSettings, run_stage
+    from infra.stage import StageRun
+    from tests.conftest import TINY_TARGET, quiet_tracker
+    from tests.eval.test_report import report_dict
+
+    drafter = saved_drafter(tiny_target, tmp_path / "d")
+    run_dir = tmp_path / "run"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "meta.json").write_text("{}")
+    report = report_dict(EvalSettings(decode=DecodeSettings(gamma=5)), str(drafter))
+    (run_dir / "eval" / "report.json").write_text(json.dumps(report))
+
+    def export(name: str) -> dict:
+        out = run_dir / f"{name}.partial"
+        out.mkdir()
+        stage = StageRun(stage="export", out_dir=out, run_dir=run_dir, cache_dir=tiny_target.path.parent.parent,
+                         tracker=quiet_tracker(tmp_path, "export"), config={"experiment": "x", "run_name": "y"},
+                         target_identity={}, load_target=lambda: tiny_target)
+        return run_stage(stage, ExportSettings(name=name), TINY_TARGET)
+
+    summary = export("a")
+    card = (run_dir / "a.partial" / "a" / "README.md").read_text()
+    assert summary["drafter"] == "distilled" and '"num_speculative_tokens": 5' in card and "γ=5" in card
+    assert "| the table |" in card and "greedy fp32: 2 of 2 equal" in card
+    report["settings"]["gamma"] = 5  # as reports were written before eval.decode
+    (run_dir / "eval" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"eval/report\.json: written with eval settings .*\['gamma'\]"):
+        export("b")

@@ -256,7 +256,7 @@ def test_the_drafter_gate_runs_the_drafter_only_where_its_gain_pays_for_its_cost
     assert gate.wanted([[], [5, 7, 8]])  # a batch runs it where any row wants it
     with pytest.raises(ValueError, match="warmup"):
         DrafterGate(depth=3, warmup=0)
-    from eval.speculative import EvalSettings
+    from eval.settings import EvalSettings
     from infra.settings import SettingsError
 
     assert EvalSettings(merged_skip_at="auto").merged_skip_at == "auto"

@@ -7,8 +7,8 @@ import torch
 
 from data_gen.generate import GenerationSettings
 from eval.decoder import DecodeSettings
-from eval.speculative import EvalSettings
-from models.sampling import SamplingSettings, as_sampling, choose_tokens, draw, make_generator, sampling_in
+from eval.settings import EvalSettings
+from models.sampling import SamplingSettings, as_sampling, choose_tokens, draw, make_generator
 from tests.conftest import chi_square_p_value
 from train.distill import OnPolicySettings
 
@@ -35,16 +35,12 @@ def test_sampling_is_nested_the_same_way_everywhere():
     block = {"temperature": 0.5, "top_p": 0.9}
     expected = SamplingSettings(temperature=0.5, top_p=0.9)
     assert GenerationSettings(sampling=block).sampling == expected
-    assert EvalSettings(sampling=block).decode.sampling == expected
+    assert EvalSettings(decode={"sampling": block}).decode.sampling == expected
     assert DecodeSettings(sampling=block).sampling == expected
     assert OnPolicySettings(sampling=block).sampling == expected
-    assert OnPolicySettings().sampling.temperature == 1.0 and EvalSettings().sampling.greedy
+    assert OnPolicySettings().sampling.temperature == 1.0 and EvalSettings().decode.sampling.greedy
     with pytest.raises(ValueError, match=r"sampling has no keys \['temprature'\]"):
         as_sampling({"temprature": 1.0})
     with pytest.raises(ValueError, match="sampling.top_p=0"):
         SamplingSettings(top_p=0)
 
-
-def test_reports_written_before_the_nesting_still_read():
-    assert sampling_in({"temperature": 1.0, "top_p": 0.9, "top_k": 0})["temperature"] == 1.0
-    assert sampling_in({"sampling": {"temperature": 0.3, "top_p": 1.0, "top_k": 5}})["top_k"] == 5

@@ -161,9 +161,9 @@ def test_replay_equals_real_serving_and_updates_never_run_the_target(tiny_target
     """The frozen arm's per-request counts in replay mode equal real serving's; the spot checks agree; during an
     update the target never runs (what it learns from was stored at verification)."""
     phases = two_phases(tmp_path)
-    common = dict(stream=phases, init_from=str(copy_of_target), gamma=3, max_new_tokens=10, max_prompt_tokens=64,
-                  max_seq_len=128, baselines=("frozen",), schedule=ScheduleSettings(every_requests=2, steps=1,
-                                                                                    batch_size=2),
+    common = dict(stream=phases, init_from=str(copy_of_target), decode=DecodeSettings(gamma=3, max_new_tokens=10),
+                  max_prompt_tokens=64, max_seq_len=128, baselines=("frozen",),
+                  schedule=ScheduleSettings(every_requests=2, steps=1, batch_size=2),
                   publish=PublishSettings(heldout_every=3, window=2, min_window=1), moving_window=2, plots=False)
     with updates_never_run(tiny_target.model):
         served = run_stage(stage_run(tmp_path, tiny_target, "serve"), OnlineSettings(mode="serve", **common), FKL)
@@ -188,8 +188,9 @@ def test_a_harmful_update_is_rolled_back(tiny_target, copy_of_target, tmp_path, 
     """lr = 1 (Adam moves every weight by about 1 per step) wrecks a drafter that equals its target; the check (on
     held-out requests, or on the requests served after the candidate was made) sees τ (or α) fall and rolls back:
     the serving drafter keeps its weights and the trainer returns to them."""
-    settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(copy_of_target), mode="replay", gamma=3,
-                              max_new_tokens=10, max_prompt_tokens=64, max_seq_len=128, baselines=(),
+    settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(copy_of_target), mode="replay",
+                              decode=DecodeSettings(gamma=3, max_new_tokens=10), max_prompt_tokens=64,
+                              max_seq_len=128, baselines=(),
                               schedule=ScheduleSettings(every_requests=2, steps=2, batch_size=2),
                               publish=PublishSettings(heldout_every=3, window=2, min_window=1, metric=metric,
                                                       tolerance=0.01, check_on=check_on),
@@ -227,7 +228,8 @@ def test_osd_arm_is_the_public_codes_online_path():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"mode": "replay", "sampling": {"temperature": 1.0}}, "online.mode=replay replays greedy"),
+    ({"mode": "replay", "decode": {"sampling": {"temperature": 1.0}}}, "online.mode=replay replays greedy"),
+    ({"decode": {"tree": (2, 2)}}, "online.decode: online serving drafts fixed γ chains"),
     ({"mode": "replay", "buffer": BufferSettings(source="student")}, "buffer.source=student"),
     ({"baselines": ("frozen", "medusa")}, "unknown ['medusa']"),
     ({"stream": {}}, "online.stream is empty"),
@@ -274,7 +276,7 @@ def test_sigkill_then_rerun_resumes_exactly(tiny_target, copy_of_target, tmp_pat
             "~online.stream.english_again", "online.stream.english.source.format=jsonl",
             f"online.stream.english.source.location={a.location}", "online.stream.english.source.file=null",
             "online.stream.english.source.shuffle_seed=null", "online.stream.english.source.offset=0", "online.stream.english.domain=any",
-            "online.stream.english.count=10", "online.max_new_tokens=24", "online.schedule.every_requests=1",
+            "online.stream.english.count=10", "online.decode.max_new_tokens=24", "online.schedule.every_requests=1",
             "online.schedule.steps=2", "online.schedule.batch_size=2", "online.publish.heldout_every=2",
             "online.publish.min_window=1", "online.optim.lr=1e-4", "online.plots=false", "online.baselines=[]"]
     env = dict(os.environ, DRAFTSMITH_CACHE=str(tmp_path / "cache"))
@@ -319,8 +321,9 @@ def test_sigkill_then_rerun_resumes_exactly(tiny_target, copy_of_target, tmp_pat
 
 def test_updates_follow_the_token_schedule(tiny_target, copy_of_target, tmp_path):
     """every_tokens: an update once the buffered requests hold that many generated tokens (held-out ones aside)."""
-    settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(copy_of_target), mode="replay", gamma=3,
-                              max_new_tokens=10, max_prompt_tokens=64, max_seq_len=128, baselines=(),
+    settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(copy_of_target), mode="replay",
+                              decode=DecodeSettings(gamma=3, max_new_tokens=10), max_prompt_tokens=64,
+                              max_seq_len=128, baselines=(),
                               schedule=ScheduleSettings(every_requests=1, every_tokens=25, steps=1, batch_size=2),
                               publish=PublishSettings(check=False), plots=False, spot_check_every=0)
     run_stage(stage_run(tmp_path, tiny_target), settings, FKL)
@@ -353,8 +356,8 @@ def test_a_rejected_candidate_falls_back_to_the_starting_drafter_when_that_is_be
     rows = [Row(id=f"r{i}", input_ids=p + a, loss_mask=[0] * len(p) + [1] * len(a), prompt_ids=p,
                 topk_ids=s.indices.tolist(), topk_logprobs=s.values.tolist())
             for i, (p, a, s) in enumerate(zip(prompts, answers, scores))]
-    settings = OnlineSettings(stream=two_phases_stub(), gamma=3, max_new_tokens=10, max_prompt_tokens=64,
-                              max_seq_len=128)
+    settings = OnlineSettings(stream=two_phases_stub(), decode=DecodeSettings(gamma=3, max_new_tokens=10),
+                              max_prompt_tokens=64, max_seq_len=128)
     arm = Arm("ours", True, BufferSettings(), ScheduleSettings(every_requests=1, steps=2, batch_size=2),
               PublishSettings(metric="tau", fallback_to_base=True, min_window=1),
               OptimSettings(lr=1.0, warmup_steps=0, min_lr_ratio=1.0), FKL)
@@ -451,8 +454,9 @@ def test_a_feature_drafter_learns_online_in_replay(tiny_target, eagle3_drafter, 
     from losses.feature import FeatureLoss
     from models.kinds import kind_of, load_any
 
-    settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(eagle3_drafter), mode="replay", gamma=3,
-                              max_new_tokens=12, max_prompt_tokens=64, max_seq_len=128, spot_check_every=1,
+    settings = OnlineSettings(stream=two_phases(tmp_path), init_from=str(eagle3_drafter), mode="replay",
+                              decode=DecodeSettings(gamma=3, max_new_tokens=12), max_prompt_tokens=64,
+                              max_seq_len=128, spot_check_every=1,
                               schedule=ScheduleSettings(every_requests=2, steps=2, batch_size=2),
                               publish=PublishSettings(heldout_every=3, window=2, min_window=1, metric=metric),
                               optim=OptimSettings(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0), moving_window=2,
@@ -527,7 +531,8 @@ def test_rehearsal_batches_hold_the_rows_the_drafter_was_distilled_on(tiny_targe
     real_step = ArmState.train_step
     monkeypatch.setattr(ArmState, "train_step", lambda self, rows: seen.append((self.arm.name, rows)) or
                         real_step(self, rows))
-    settings = OnlineSettings(stream=two_phases(tmp_path), mode="replay", gamma=3, max_new_tokens=10,
+    settings = OnlineSettings(stream=two_phases(tmp_path), mode="replay",
+                              decode=DecodeSettings(gamma=3, max_new_tokens=10),
                               max_prompt_tokens=64, max_seq_len=128, spot_check_every=0, plots=False,
                               buffer=BufferSettings(positions="all", rehearsal_share=0.5),
                               schedule=ScheduleSettings(every_requests=2, steps=2, batch_size=4),
@@ -598,7 +603,8 @@ def test_feature_rehearsal_finds_the_cache_where_distill_recorded_it(tiny_target
     drafter = load_any(eagle3_drafter, tiny_target)
     trained, _ = split_heldout(read_rows(records_dir, "online"), 2)
     build_or_load(tiny_target.model, trained, drafter.feature_layers, 48, 0, run_dir / "distill" / "kept")
-    settings = OnlineSettings(stream=two_phases(tmp_path), mode="replay", gamma=3, max_new_tokens=8,
+    settings = OnlineSettings(stream=two_phases(tmp_path), mode="replay",
+                              decode=DecodeSettings(gamma=3, max_new_tokens=8),
                               max_prompt_tokens=64, max_seq_len=128, spot_check_every=0, plots=False,
                               buffer=BufferSettings(rehearsal_share=0.5),
                               schedule=ScheduleSettings(every_requests=4, steps=1, batch_size=2))

@@ -201,7 +201,7 @@ class ArmState:
 
     def check_metric(self) -> str:
         chosen = self.arm.publish.metric
-        return ("tau" if self.settings.sampling.greedy else "alpha") if chosen == "auto" else chosen
+        return ("tau" if self.settings.decode.sampling.greedy else "alpha") if chosen == "auto" else chosen
 
 
 class WindowCheck:
@@ -219,7 +219,7 @@ class WindowCheck:
         settings = self.settings
         if self.metric == "alpha":
             return self.learner.alpha(model, self.items, self.rows)
-        total = DecodeStats(depth=settings.gamma)
+        total = DecodeStats(depth=settings.decode.gamma)
         for (_, _, answer), guesses in zip(self.items, self.learner.guesses(model, self.items)):
-            total.merge(replay_steps(answer, guesses, settings.gamma, settings.max_new_tokens)[1])
+            total.merge(replay_steps(answer, guesses, settings.decode.gamma, settings.decode.max_new_tokens)[1])
         return total.metrics()["block_efficiency"]

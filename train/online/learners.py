@@ -71,6 +71,11 @@ class TokenLearner:
     def __init__(self, target: torch.nn.Module, gamma: int, max_seq_len: int, pad_id: int) -> None:
         self.target, self.gamma, self.max_seq_len, self.pad_id = target, gamma, max_seq_len, pad_id
 
+    @classmethod
+    def for_drafter(cls, drafter: torch.nn.Module, target: torch.nn.Module, gamma: int, max_seq_len: int,
+                    pad_id: int, items: list[Item] | None) -> "TokenLearner":
+        return cls(target, gamma, max_seq_len, pad_id)
+
     @torch.no_grad()
     def rehearse(self, rows: list[Row], top_k: int, cache_folder: Path | None = None) -> None:
         """Each row's teacher: the target's top-k log-probabilities at its scored positions, as data_gen stores them."""
@@ -124,6 +129,16 @@ class FeatureLearner:
                  features: FeatureCache, layers: tuple[int, ...] | None) -> None:
         self.target, self.gamma, self.max_seq_len, self.pad_id = target, gamma, max_seq_len, pad_id
         self.features, self.layers = features, layers
+
+    @classmethod
+    def for_drafter(cls, drafter: torch.nn.Module, target: torch.nn.Module, gamma: int, max_seq_len: int,
+                    pad_id: int, items: list[Item] | None) -> "FeatureLearner":
+        """The target's features along every traced request (`items`, replay mode's trace)."""
+        if items is None:
+            raise ValueError("a feature drafter learns online in online.mode=replay only: the verification recorder "
+                             "keeps the target's top-k, not its hidden states, which this drafter trains on")
+        return cls(target, gamma, max_seq_len, pad_id, trace_features(target, drafter, items, max_seq_len, pad_id),
+                   drafter.feature_layers)
 
     def rehearse(self, rows: list[Row], top_k: int, cache_folder: Path | None = None) -> None:
         """Each row's target features: from the distill stage's cache (`cache_folder`) where it holds the row, at
@@ -195,13 +210,7 @@ def learner_for(drafter: torch.nn.Module, target: torch.nn.Module, gamma: int, m
     training = kind_of(drafter).training
     if training not in LEARNERS:
         raise ValueError(f"a {kind_of(drafter).name} drafter has no online learner (learners: {sorted(LEARNERS)})")
-    if training == "tokens":
-        return TokenLearner(target, gamma, max_seq_len, pad_id)
-    if items is None:
-        raise ValueError("a feature drafter learns online in online.mode=replay only: the verification recorder "
-                         "keeps the target's top-k, not its hidden states, which this drafter trains on")
-    return FeatureLearner(target, gamma, max_seq_len, pad_id, trace_features(target, drafter, items, max_seq_len,
-                                                                             pad_id), drafter.feature_layers)
+    return LEARNERS[training].for_drafter(drafter, target, gamma, max_seq_len, pad_id, items)
 
 
 LEARNERS = {"tokens": TokenLearner, "features": FeatureLearner}  # by DrafterKind.training

@@ -26,7 +26,7 @@ def replayed(request: StreamRequest, prompt: list[int], trace: Trace, state: Arm
     index, settings = request.index, state.settings
     answer = trace.answers[index]
     guesses = state.learner.guesses(state.serving, [(request.key, prompt, answer)])[0]
-    steps, stats = replay_steps(answer, guesses, settings.gamma, settings.max_new_tokens)
+    steps, stats = replay_steps(answer, guesses, settings.decode.gamma, settings.decode.max_new_tokens)
     for step in steps:
         on_path = range(step["start"], min(step["start"] + step.pop("accepted") + 1, len(answer)))
         step["topk_ids"] = [trace.topk_ids[index][at] for at in on_path]
@@ -43,7 +43,7 @@ def serve_arm(state: ArmState, requests: list[StreamRequest], prompts: list[list
     """Serve requests[start:] with the arm, learning as configured; checkpoints after updates."""
     settings, counters = state.settings, state.counters
     stream_log, update_log = arm_dir / "stream.jsonl", arm_dir / "updates.jsonl"
-    step = settings.batch_size if settings.mode == "serve" else 1
+    step = settings.decode.batch_size if settings.mode == "serve" else 1
     progress = tqdm(total=len(requests), initial=start, desc=f"online: {state.arm.name}", unit="request")
     for first in range(start, len(requests), step):
         chunk = list(range(first, min(first + step, len(requests))))
@@ -95,7 +95,7 @@ def served_for_real(state: ArmState, requests: list[StreamRequest], prompts: lis
                                        stop_ids, keys, recorder=recorder)
     every = settings.check_lossless_every
     checked = [i for i, r in enumerate(requests) if every and r.index % every == 0]
-    if checked and settings.sampling.greedy:
+    if checked and settings.decode.sampling.greedy:
         plain = plain_generate(state.target, [prompts[i] for i in checked], settings.decode, stop_ids,
                                [keys[i] for i in checked])
         for i, reference in zip(checked, plain):

@@ -5,9 +5,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from data_gen.stream import StreamPhase
-from eval.decoder import DecodeSettings
+from eval.decoder import DecodeSettings, as_decode
 from infra.settings import SettingsError, at_least, check_fields, one_of
-from models.sampling import SamplingSettings, as_sampling
 from train.core.optim import OptimSettings
 from train.online.buffer import BufferSettings
 
@@ -58,10 +57,9 @@ class OnlineSettings:
     stream: dict = field(default_factory=dict)  # {phase name: StreamPhase}, served in order
     mode: str = "serve"
     init_from: str | None = None  # the drafter to start from; default: this run's distill output, else pretrain's
-    gamma: int = 4
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    max_new_tokens: int = 64
-    batch_size: int = 1           # requests decoded together (serve mode)
+    decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(max_new_tokens=64))  # how requests are
+                                  # served: γ, sampling, max_new_tokens, batch_size (serve mode), seed (also the
+                                  # buffer's and the rehearsal's draws)
     top_k: int = 20               # target log-probabilities kept per position
     max_prompt_tokens: int = 384  # longer prompts are passed over when the stream is built (counted)
     max_seq_len: int = 512
@@ -74,20 +72,25 @@ class OnlineSettings:
     spot_check_every: int = 16     # replay mode: every k-th request also served for real (0: never)
     checkpoint_every: int = 1      # updates between checkpoints
     moving_window: int = 16        # requests in the reports' moving averages
-    seed: int = 0
     plots: bool = True
-    LIMITS: ClassVar[dict] = {"mode": one_of(*MODES), "gamma": at_least(1), "max_new_tokens": at_least(2),
-                              "batch_size": at_least(1), "top_k": at_least(1), "max_prompt_tokens": at_least(1),
+    LIMITS: ClassVar[dict] = {"mode": one_of(*MODES), "top_k": at_least(1), "max_prompt_tokens": at_least(1),
                               "max_seq_len": at_least(2),
                               "check_lossless_every": at_least(0), "spot_check_every": at_least(0),
                               "checkpoint_every": at_least(1), "moving_window": at_least(1)}
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sampling", as_sampling(self.sampling))
+        object.__setattr__(self, "decode", as_decode(self.decode))
         object.__setattr__(self, "baselines", tuple(self.baselines))
         object.__setattr__(self, "stream", {name: phase if isinstance(phase, StreamPhase) else StreamPhase(**{
             k: v for k, v in phase.items() if k != "_target_"}) for name, phase in self.stream.items()})
         check_fields(self)
+        decode = self.decode
+        if decode.max_new_tokens < 2:
+            raise SettingsError(f"online.decode.max_new_tokens={decode.max_new_tokens}: must be ≥ 2 (a served answer "
+                                f"trains on its next-token pairs)")
+        if decode.tree or decode.confidence_threshold:
+            raise SettingsError("online.decode: online serving drafts fixed γ chains (its learners and replay read a "
+                                "chain's verification); leave tree=[] and confidence_threshold=0")
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise SettingsError(f"online.baselines={list(self.baselines)}: unknown {unknown}; choose from "
@@ -95,11 +98,11 @@ class OnlineSettings:
         if not self.stream:
             raise SettingsError("online.stream is empty: name at least one phase, e.g. "
                                 "online.stream.chat={source: ..., count: 32}")
-        if self.max_seq_len < self.max_prompt_tokens + self.max_new_tokens:
+        if self.max_seq_len < self.max_prompt_tokens + decode.max_new_tokens:
             raise SettingsError(f"online.max_seq_len={self.max_seq_len} is shorter than max_prompt_tokens + "
-                                f"max_new_tokens = {self.max_prompt_tokens + self.max_new_tokens}: served requests "
-                                f"would be cut in training; raise max_seq_len")
-        if self.mode == "replay" and not self.sampling.greedy:
+                                f"decode.max_new_tokens = {self.max_prompt_tokens + decode.max_new_tokens}: served "
+                                f"requests would be cut in training; raise max_seq_len")
+        if self.mode == "replay" and not decode.sampling.greedy:
             raise SettingsError("online.mode=replay replays greedy verification (acceptance follows from the drafter's "
                                 "argmax along the target's greedy answer); with sampling use online.mode=serve")
         if self.mode == "replay" and self.buffer.source != "teacher":
@@ -108,6 +111,6 @@ class OnlineSettings:
                                 f"buffer.source=teacher with mode=replay")
 
     @property
-    def decode(self) -> DecodeSettings:
-        return DecodeSettings(gamma=self.gamma, sampling=self.sampling, max_new_tokens=self.max_new_tokens,
-                              batch_size=self.batch_size, seed=self.seed)
+    def seed(self) -> int:
+        """The serving seed (`decode.seed`), which also seeds the buffer's and the rehearsal's draws."""
+        return self.decode.seed

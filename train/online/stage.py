@@ -179,7 +179,7 @@ def run_stage(run: StageRun, settings: OnlineSettings, loss) -> dict:
             torch.save(asdict(trace), trace_path.with_suffix(".tmp"))
             trace_path.with_suffix(".tmp").replace(trace_path)
     items = None if trace is None else [(r.key, p, a) for r, p, a in zip(requests, prompts, trace.answers)]
-    learner = learner_for(first, model, settings.gamma, settings.max_seq_len, pad_id, items)
+    learner = learner_for(first, model, settings.decode.gamma, settings.max_seq_len, pad_id, items)
     rehearsal = []
     if settings.buffer.rehearsal_share:
         rehearsal = rehearsal_rows(run, settings, tokenizer, distilled)

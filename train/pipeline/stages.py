@@ -25,9 +25,16 @@ class Stage:
     job: str                   # the SLURM job that runs it (JOB_KINDS)
     checks: tuple[str, ...]    # what preflight runs before it (CHECKS)
     distributed: bool = False  # whether a torchrun/deepspeed launch may run it
+    package: str | None = None  # the package that is the stage's own, when it has one (train/online/, export/)
 
     def __post_init__(self) -> None:
         assert self.job in JOB_KINDS and set(self.checks) <= set(CHECKS), self
+        assert self.package is None or self.module.startswith(self.package + "."), self
+
+    @property
+    def home(self) -> str:
+        """Where the stage lives: its package, else its module (what no other stage may import)."""
+        return self.package or self.module
 
     @property
     def run(self) -> Callable[..., dict]:
@@ -43,10 +50,10 @@ STAGES = {
                      ("data_gen", "pretrain"), job="train", checks=("training",), distributed=True),
     "eval": Stage("eval.speculative", ("target", "drafter", "eval_data", "eval"), ("pretrain", "distill"), job="run",
                   checks=("eval",)),
-    "export": Stage("models.export", ("target", "export"), ("eval", "pretrain", "distill"), job="run",
-                    checks=("export",)),
+    "export": Stage("export.stage", ("target", "export"), ("eval", "pretrain", "distill"), job="run",
+                    checks=("export",), package="export"),
     "online": Stage("train.online.stage", ("target", "online", "loss"), ("pretrain", "distill"), job="run",
-                    checks=("training", "eval")),
+                    checks=("training", "eval"), package="train.online"),
 }
 DISTRIBUTED_STAGES = tuple(name for name, stage in STAGES.items() if stage.distributed)
 # the config sections no stage owns but every run reads

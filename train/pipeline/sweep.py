@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from eval.compare import combine
-from eval.speculative import markdown_report
+from eval.report import markdown_report
 
 POINT_FILE = "point.json"
 
