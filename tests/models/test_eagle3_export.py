@@ -243,3 +243,23 @@ def test_a_folders_own_embedding_is_what_the_drafter_embeds_with_and_layer_ids_f
     from models.kinds import FeatureKind
     assert FeatureKind().parameters_per_token(read, model) == count_parameters(drafter)  # a lookup is not read
     assert same_drafts(drafter, read, model) < 1e-5  # same_drafts feeds embeddings directly: the layers agree
+
+
+@pytest.mark.parametrize("fmt", eagle3_export.FORMATS)
+def test_an_export_folder_is_an_eval_drafter_read_by_its_format(tiny_target, tmp_path, fmt):
+    """`+eval.drafters.NAME=<export>/drafter-eagle3` (or -speculators): the folder is recognised by its format, a
+    feature drafter (not a token drafter because it has a config.json), and decodes as the drafter it was written
+    from: the same tokens, the same acceptance at every step, equal to plain decoding."""
+    from eval.decoder import DecodeSettings, plain_generate, speculative_generate
+    from models.kinds import draft_for, kind_of_folder, load_any
+
+    model = tiny_target.model
+    drafter = perturbed(SPEC, model)
+    out = eagle3_export.write(drafter, model.config, tmp_path / fmt, fmt, 3, "T", {})
+    assert kind_of_folder(out).name == "feature"
+    read = load_any(out, tiny_target)
+    prompts, settings = [list(range(5, 40)), list(range(60, 75))], DecodeSettings(gamma=3, max_new_tokens=24)
+    ours = speculative_generate(model, draft_for(drafter, model), prompts, settings, [])
+    exported = speculative_generate(model, draft_for(read, model), prompts, settings, [])
+    assert [g.tokens for g in ours] == [g.tokens for g in exported] == plain_generate(model, prompts, settings, [])
+    assert [g.stats.metrics() for g in ours] == [g.stats.metrics() for g in exported]

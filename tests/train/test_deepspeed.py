@@ -143,8 +143,9 @@ def test_a_crafted_deepspeed_checkpoint_never_runs_on_resume(tmp_path):
         newest = sorted((run_dir / "distill.partial" / "checkpoints").glob("step-*[0-9]"))[-1]
         torch.save({"module": RunsCode(marker)}, newest / "deepspeed" / "mp_rank_00_model_states.pt")
         if rewrite_manifest:
-            from train.core.checkpoint import MANIFEST, file_digests
-            (newest / MANIFEST).write_text(json.dumps({"files": file_digests(newest)}))
+            from infra.integrity import digests
+            from train.core.checkpoint import MANIFEST, checkpoint_files
+            (newest / MANIFEST).write_text(json.dumps({"files": digests(newest, checkpoint_files(newest))}))
         return newest
 
     newest = plant(rewrite_manifest=False)

@@ -295,3 +295,52 @@ def test_features_beyond_fp16_range_are_cached_in_bf16_not_as_inf():
     stored = compact(large)
     assert stored.dtype == torch.bfloat16 and torch.isfinite(stored).all()
     assert torch.allclose(stored.float(), large, rtol=1 / 128)
+
+
+def flip_every_fifth_value(shard) -> None:
+    """Every fifth fp16 value of a shard's features negated and nudged: still finite, no longer the target's."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(shard))
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.float16:
+            tensor.view(-1)[::5] = -tensor.view(-1)[::5] + 0.5
+    save_file(tensors, str(shard))
+
+
+@pytest.mark.parametrize("damage", ["values flipped", "bytes flipped", "truncated", "missing", "manifest cut"])
+def test_a_damaged_feature_cache_is_named_moved_aside_and_rebuilt(tiny_target, records_dir, tmp_path, capsys,
+                                                                  damage):
+    """A cache is reused only when every shard is what was written (size and sha256 in its manifest): a damaged one
+    (finite but other values, bytes flipped, a shard cut short or gone, an unreadable manifest) is named, moved
+    aside to `<folder>.damaged/` and rebuilt, and what is trained on is the target's own features again."""
+    from train.core.feature_cache import MANIFEST, build_or_load
+
+    rows = read_rows(records_dir, "train")
+    folder = tmp_path / "features"
+    built = {k: [t.clone() for t in v] for k, v in build_or_load(tiny_target.model, rows, (0, 1), 64, 0,
+                                                                   folder).entries.items()}  # not the files' maps
+    shard = sorted(folder.glob("shard-*.safetensors"))[0]
+    if damage == "values flipped":
+        flip_every_fifth_value(shard)
+    elif damage == "bytes flipped":
+        data = bytearray(shard.read_bytes())
+        data[::7] = bytes(b ^ 0xFF for b in data[::7])
+        shard.write_bytes(bytes(data))
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        (folder / MANIFEST).write_text((folder / MANIFEST).read_text()[:-40])
+    capsys.readouterr()
+    again = build_or_load(tiny_target.model, rows, (0, 1), 64, 0, folder).entries
+    said = capsys.readouterr().out
+    named = folder / MANIFEST if damage == "manifest cut" else shard
+    assert f"feature cache: {named}" in said and "moved aside to" in said and "rebuilding" in said
+    assert (tmp_path / "features.damaged").is_dir() and "reusing" not in said
+    assert again.keys() == built.keys()
+    assert all(torch.equal(again[k][i], built[k][i]) for k in built for i in range(3))
+    capsys.readouterr()
+    build_or_load(tiny_target.model, rows, (0, 1), 64, 0, folder)  # the rebuilt cache verifies and is reused
+    assert "reusing" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -505,6 +506,28 @@ def test_the_stream_passes_over_conversations_the_drafter_trained_on(tmp_path):
     assert [r.conversation.id for r in requests] == ["a3", "a4", "a5", "a6"]
     assert report.phases[0]["passed_over"] == {"in the drafter's training data": 3}
 
+
+
+def test_a_malformed_stream_line_names_the_phases_key_and_a_skip_is_counted(tmp_path):
+    """The error's hint is the setting that exists (online.stream.<phase>.source.bad_records; data.bad_records is
+    not one); with it, the skipped lines are counted in the stream's report, with the first of them named."""
+    from dataclasses import replace
+
+    from data_gen.sources import SourceFormatError
+    from data_gen.stream import build_stream
+
+    source = prompts_file(tmp_path, "a", TINY_PROMPTS[:6])
+    lines = Path(source.location).read_text().splitlines()
+    Path(source.location).write_text("\n".join(lines[:2] + ["{not json", "[1, 2]"] + lines[2:]) + "\n")
+    with pytest.raises(SourceFormatError, match=r"a\.jsonl:3: .*set online\.stream\.chat\.source\.bad_records="
+                                                r"skip"):
+        build_stream({"chat": StreamPhase(source=source, count=4)}, tmp_path / "cache")
+    skipping = replace(source, bad_records="skip")
+    requests, report = build_stream({"chat": StreamPhase(source=skipping, count=4),
+                                     "more": StreamPhase(source=skipping, count=2)}, tmp_path / "cache")
+    assert len(requests) == 6 and sum(report.phases[0]["source_skipped"].values()) == 2
+    assert report.phases[1]["source_skipped"] == {}  # the shared source is counted once
+    assert "its source skipped" in report.summary() and "a.jsonl:3" in report.summary()
 
 def distilled_run(tmp_path, drafter_folder, records_dir, max_seq_len=48, heldout=2, summary=None):
     """A run folder whose distill stage produced `drafter_folder` from `records_dir` (its meta.json as distill writes

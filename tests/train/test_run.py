@@ -123,6 +123,36 @@ def test_a_disk_too_small_for_data_gen_is_refused_with_the_space_it_needs(tmp_pa
     assert f"free on {small}" in error
 
 
+
+def test_a_disk_that_fills_mid_write_is_an_os_error_naming_the_path(tiny_disk, tiny_target):
+    """torch (a checkpoint's files) and safetensors (a final model) say a full disk as a RuntimeError or a
+    SafetensorError with no path; every write a run makes goes through `writing`, which makes it the OSError it is,
+    naming the path, and the runner prints that as one line."""
+    import errno
+
+    from safetensors.torch import save_file
+
+    from infra.rundir import as_disk_error, writing
+
+    small = tiny_disk("rw")
+    big = {"w": torch.zeros(512, 1024)}  # 2 MiB on a 1 MiB disk
+    writes = {"torch": lambda path: torch.save(big, path), "safetensors": lambda path: save_file(big, str(path)),
+              "a drafter": lambda path: save_drafter(build_drafter(DrafterSpec(
+                  name="d", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=1024),
+                  tiny_target.model, tiny_target.tokenizer), tiny_target.tokenizer, path)}
+    for name, write in writes.items():
+        path = small / name.replace(" ", "_")
+        with pytest.raises(Exception) as raw:
+            write(path)
+        with pytest.raises(OSError) as caught:
+            with writing(path):
+                write(path)
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path), (name, raw.value)
+        assert "No space left on device" in caught.value.strerror
+        for leftover in small.iterdir():
+            subprocess.run(["rm", "-rf", str(leftover)])
+    assert as_disk_error(ValueError("a bad value"), small) is None
+
 def test_eval_refuses_a_drafter_whose_weights_are_nan(tmp_path, tiny_target):
     drafter = build_drafter(DrafterSpec(name="d", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
                                         intermediate_size=64), tiny_target.model, tiny_target.tokenizer)
@@ -136,3 +166,55 @@ def test_eval_refuses_a_drafter_whose_weights_are_nan(tmp_path, tiny_target):
     assert last_line.startswith(f"[draftsmith] error: drafter 'diverged' ({tmp_path / 'diverged'}) has NaN or inf "
                                 f"weights in 1 tensors")
     assert not (tmp_path / "runs" / "smoke" / "default" / "eval").exists()  # nothing ranked, nothing named best
+
+
+def test_a_bad_prompt_file_a_directory_or_an_unreachable_hub_target_is_one_line(tmp_path):
+    """A malformed line (the hint names the key that exists), a directory given as the file, a hub model out of reach:
+    one `[draftsmith] error:` line each, exit status 2, and no `data_gen.partial/` left by a refused data_gen."""
+    bad = tmp_path / "bad_utf8.jsonl"
+    bad.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9 au lait, the byte after caf is not UTF-8 here"}\n')
+    cases = {
+        "bad line": (["stages=[data_gen]", "data=jsonl", f"data.location={bad}"],
+                     f"[draftsmith] error: {bad}:2: not valid UTF-8 at byte"),
+        "directory": (["stages=[data_gen]", "data=jsonl", f"data.location={tmp_path}"],
+                      f"[draftsmith] error: data source 'jsonl': {tmp_path} is a directory"),
+        "hub offline": (["stages=[data_gen]", "target=hub", "target.location=nobody/not-a-model-here"],
+                        "[draftsmith] error: target.location='nobody/not-a-model-here' (hub, revision main): cannot "
+                        "be fetched"),
+    }
+    for name, (overrides, start) in cases.items():
+        env = dict(os.environ, DRAFTSMITH_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1",
+                   HF_HOME=str(tmp_path / "hf"))
+        result = subprocess.run(command(tmp_path / "runs", *overrides), cwd=REPO_ROOT, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        assert lines[-1].startswith(start), (name, lines[-3:])
+        assert "Traceback" not in result.stderr, name
+        assert not list((tmp_path / "runs").rglob("*.partial")), name
+    result = run_cli(tmp_path, "stages=[data_gen]", "data=jsonl", f"data.location={bad}")
+    assert "(set data.bad_records=skip to count and skip such lines)" in result.stderr
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_continues(tmp_path):
+    """SIGINT mid-pretrain: one line (no KeyboardInterrupt traceback), exit status 130; the rerun resumes."""
+    import signal
+
+    overrides = ["stages=[pretrain]", "pretrain.steps=3000", "pretrain.checkpoint_every=100"]
+    env = dict(os.environ, DRAFTSMITH_CACHE=str(tmp_path / "cache"))
+    process = subprocess.Popen(command(tmp_path / "runs", *overrides), cwd=REPO_ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / "runs" / "smoke" / "default" / "pretrain.partial" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(checkpoints.glob("step-*[0-9]")):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[err.index("Traceback") - 200:][:3000]
+    assert err.strip().splitlines()[-1].startswith("[draftsmith] error: interrupted (SIGINT)"), err[-1000:]
+    again = subprocess.run(command(tmp_path / "runs", *overrides), cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((tmp_path / "runs" / "smoke" / "default" / "pretrain" / "meta.json").read_text())["summary"]
+    assert summary["resumed_at"] >= 100 and summary["steps"] == 3000

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from infra import distributed
-from infra.rundir import git_commit
-from models.assets import sha256_file
+from infra.integrity import DamagedFilesError, digests, files_in, move_aside, verify_files
+from infra.rundir import git_commit, writing
 
 RESUME_CHOICES = ("auto", "never")
 
@@ -32,7 +32,7 @@ MANIFEST = "manifest.json"
 STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(DamagedFilesError):
     """A checkpoint whose files no longer match the manifest written with them."""
 
 
@@ -44,13 +44,7 @@ def checkpoints(root: Path) -> list[Path]:
 
 def checkpoint_files(folder: Path) -> list[str]:
     """Relative paths of every file under `folder` but the manifest itself."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def file_digests(folder: Path) -> dict[str, dict]:
-    """{relative path: {"bytes", "sha256"}} of every file under `folder` but the manifest itself."""
-    return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-            for name in checkpoint_files(folder)}
+    return files_in(folder, (MANIFEST,))
 
 
 def verify(folder: Path) -> dict:
@@ -61,17 +55,10 @@ def verify(folder: Path) -> dict:
         expected = json.loads(manifest_path.read_text())["files"]
     except (OSError, ValueError, KeyError) as error:
         raise DamagedCheckpointError(f"{manifest_path}: missing or unreadable ({error})") from None
-    for name, want in expected.items():
-        path = folder / name
-        if not path.is_file():
-            raise DamagedCheckpointError(f"{path} is missing")
-        if path.stat().st_size != want["bytes"]:
-            raise DamagedCheckpointError(f"{path} has {path.stat().st_size:,} bytes, {want['bytes']:,} were written")
-        if sha256_file(path) != want["sha256"]:
-            raise DamagedCheckpointError(f"{path} differs from what was written (sha256)")
-    extra = sorted(set(checkpoint_files(folder)) - set(expected))
-    if extra:
-        raise DamagedCheckpointError(f"{folder / extra[0]} was not written with this checkpoint")
+    try:
+        verify_files(folder, expected, "this checkpoint", leave_out=(MANIFEST,))
+    except DamagedFilesError as error:
+        raise DamagedCheckpointError(str(error)) from None
     return json.loads((folder / "state.json").read_text())
 
 
@@ -92,9 +79,7 @@ def newest_good(root: Path, stage: str) -> tuple[Path, dict] | None:
     distributed.barrier()  # every rank has looked before the damaged ones move
     if distributed.is_main():
         for bad in damaged:
-            aside = bad.with_name(bad.name + ".damaged")
-            shutil.rmtree(aside, ignore_errors=True)
-            bad.rename(aside)
+            move_aside(bad)
     distributed.barrier()
     if folder is None and damaged:
         raise DamagedCheckpointError(
@@ -148,15 +133,17 @@ def save(engine, root: Path, step: int, state: dict, keep: int, provenance: dict
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     distributed.barrier()
-    engine.save(temporary)
-    torch.save(_picklable(rng_state()), temporary / f"rng_rank{distributed.rank()}.pt")
+    with writing(temporary):
+        engine.save(temporary)
+        torch.save(_picklable(rng_state()), temporary / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main():
         made_by = provenance or {}
         payload = state | {"step": step, "world_size": distributed.world_size(), "git_commit": git_commit(),
                            "config": made_by.get("config"), "target": made_by.get("target")}
         (temporary / "state.json").write_text(json.dumps(payload, indent=2, default=str))
-        (temporary / MANIFEST).write_text(json.dumps({"files": file_digests(temporary)}, indent=2))
+        (temporary / MANIFEST).write_text(json.dumps({"files": digests(temporary, checkpoint_files(temporary))},
+                                                           indent=2))
         shutil.rmtree(final, ignore_errors=True)
         temporary.replace(final)
         for old in checkpoints(root)[keep:] if keep > 0 else []:

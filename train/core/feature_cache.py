@@ -10,7 +10,8 @@ top-1 token (which positions a draft vocabulary can score), in 16-bit/int32 safe
 `distill/features/`. Every epoch then reads them instead of running the target, so epochs cost only the drafter.
 The disk needed is printed, and checked against free space, before the prefill starts; a run killed while
 writing leaves `features.partial/`, which the next run discards; a finished cache whose fingerprint (records,
-layers, lengths, target) matches is reused. With `distill.feature_cache_dir=DIR` the cache lives in
+layers, lengths, target) matches is reused once every shard's size and sha256 match what its manifest recorded when
+it was written; a damaged one is named, moved aside to `<folder>.damaged/` and rebuilt. With `distill.feature_cache_dir=DIR` the cache lives in
 `DIR/<fingerprint>/` instead, made once (under a lock) and reused by every run over the same records and target,
 such as the points of a loss sweep. 16-bit rounding of the stored features (fp16, or bf16 for a row whose values
 exceed fp16's range: `compact`) is the only difference from the online teacher.
@@ -30,7 +31,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from infra import distributed
-from infra.rundir import exclusive, human_bytes
+from infra.integrity import DamagedFilesError, digests, files_in, move_aside, verify_files
+from infra.rundir import exclusive, human_bytes, writing
 from models.cache import captured_layers
 from train.core.rows import Row, collate
 
@@ -88,13 +90,47 @@ def build_or_load(target: PreTrainedModel, rows: list[Row], layers: tuple[int, .
         # another run sharing the folder may be making this very cache: wait for it, then reuse what it made
         lock = exclusive(shared / ".locks" / f"{folder.name}.lock", str(folder), wait=True) if shared else nullcontext()
         with lock:
-            manifest = folder / MANIFEST
-            if not (manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == expected):
-                _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, headroom, expected)
+            if _reusable(folder, expected):
+                print(f"[distill] feature cache: reusing {folder} (every shard's size and sha256 checked)", flush=True)
             else:
-                print(f"[distill] feature cache: reusing {folder}", flush=True)
+                _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, headroom, expected)
     distributed.barrier()
     return load_cache(folder)
+
+
+def _reusable(folder: Path, expected: str) -> bool:
+    """Whether `folder` holds the finished cache of fingerprint `expected` with every shard as written; a damaged
+    one is named and moved aside to `<folder>.damaged/` (then rebuilt by the caller)."""
+    manifest = folder / MANIFEST
+    try:
+        recorded = json.loads(manifest.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        recorded = {"fingerprint": expected, "unreadable": str(error)}
+    if recorded.get("fingerprint") != expected:
+        return False
+    try:
+        verify(folder, recorded)
+    except DamagedFilesError as error:
+        aside = move_aside(folder)
+        print(f"[distill] feature cache: {error}; moved aside to {aside}, rebuilding", flush=True)
+        return False
+    return True
+
+
+def verify(folder: Path, recorded: dict | None = None) -> None:
+    """Raise `DamagedFilesError` naming the first shard of the cache in `folder` that is not as written (size and
+    sha256, as its manifest records them), or the manifest itself when it cannot be read."""
+    if recorded is None:
+        try:
+            recorded = json.loads((folder / MANIFEST).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise DamagedFilesError(f"{folder / MANIFEST}: missing or unreadable ({error})") from None
+    if not isinstance(recorded.get("files"), dict):
+        raise DamagedFilesError(f"{folder / MANIFEST}: unreadable or records no shards "
+                                f"({recorded.get('unreadable', 'no files entry')})")
+    verify_files(folder, recorded["files"], "this feature cache", leave_out=(MANIFEST,))
 
 
 def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, headroom, expected) -> None:
@@ -123,21 +159,28 @@ def _prefill(target, rows, layers, max_seq_len, pad_id, folder, batch_size, head
         shard[f"{key}.id"] = torch.tensor(list(row.id.encode()), dtype=torch.uint8)
         tokens += len(last)
         if len(shard) // (4 if layers else 3) == SHARD_ROWS:
-            save_file(shard, str(partial / f"shard-{shard_index:05d}.safetensors"))
+            _save_shard(shard, partial / f"shard-{shard_index:05d}.safetensors")
             shard, shard_index = {}, shard_index + 1
     if shard:
-        save_file(shard, str(partial / f"shard-{shard_index:05d}.safetensors"))
+        _save_shard(shard, partial / f"shard-{shard_index:05d}.safetensors")
     seconds = time.perf_counter() - started
     (partial / MANIFEST).write_text(json.dumps({"fingerprint": expected, "records": len(rows), "tokens": tokens,
                                                 "layers": list(layers or []), "seconds": round(seconds, 1),
-                                                "tokens_per_s": round(tokens / max(seconds, 1e-9))}, indent=2))
+                                                "tokens_per_s": round(tokens / max(seconds, 1e-9)),
+                                                "files": digests(partial, files_in(partial, (MANIFEST,)))},
+                                               indent=2))
     partial.rename(folder)
     print(f"[distill] feature cache: {tokens:,} tokens in {seconds:.0f} s ({tokens / max(seconds, 1e-9):.0f} "
           f"tokens/s) -> {folder}", flush=True)
 
 
+def _save_shard(tensors: dict, path: Path) -> None:
+    with writing(path):
+        save_file(tensors, str(path))
+
+
 FP16_MAX = float(torch.finfo(torch.float16).max)
-FORMAT = 2  # in the fingerprint: 2 stores a row beyond fp16's range in bf16 (1 held it as inf), so 1's are rebuilt
+FORMAT = 3  # in the fingerprint, so a cache of an older format is rebuilt: 3 records every shard's size and sha256
 
 
 def compact(features: torch.Tensor) -> torch.Tensor:

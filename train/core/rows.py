@@ -124,7 +124,7 @@ def corpus_rows(tokenizer: PreTrainedTokenizerBase, corpus: PromptSourceSpec, ca
                 max_seq_len: int) -> tuple[list[Row], dict]:
     """`count` conversations of `corpus` in the chat template (plain text: text + end of sequence), cut at
     max_seq_len, every next token scored; and the source's report (what was read and skipped)."""
-    conversations, report = load_conversations(corpus, cache_dir)
+    conversations, report = load_conversations(corpus, cache_dir, "corpus")
     rows = conversation_rows(tokenizer, conversations[:count], max_seq_len)
     if len(rows) < count:
         print(f"[distill] corpus {corpus.name}: {len(rows)} conversations of the {count} asked for "

@@ -31,13 +31,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from infra.integrity import DamagedFilesError
 from losses.feature import FeatureLoss
 from losses.mix import LossMix
 from losses.tvd import expected_acceptance
 from models.drafter import draft_vocabulary, to_draft_vocabulary
 from models.kinds import kind_of
 from train.core.engine import logits_at
-from train.core.feature_cache import FeatureCache, MANIFEST, load_cache, target_features
+from train.core.feature_cache import MANIFEST, FeatureCache, load_cache, target_features
+from train.core.feature_cache import verify as verify_cache
 from train.core.features import FeatureTraining, feature_batch, first_draft_acceptance
 from train.core.rows import Row, collate, offline_teacher_logits
 
@@ -147,7 +149,13 @@ class FeatureLearner:
         manifest = None if cache_folder is None else cache_folder / MANIFEST
         if manifest is not None and manifest.exists() and (
                 json.loads(manifest.read_text())["layers"] == list(self.layers or [])):
-            stored = load_cache(cache_folder).entries
+            try:
+                verify_cache(cache_folder)
+                stored = load_cache(cache_folder).entries
+            except DamagedFilesError as error:  # distill's to rebuild; here every row's features are computed
+                print(f"[online] rehearsal features: distill's feature cache is damaged ({error}); computing them "
+                      f"all", flush=True)
+                stored = {}
             found = {row.id: stored[row.id] for row in rows
                      if row.id in stored and len(stored[row.id][1]) == min(len(row.input_ids), self.max_seq_len)}
         missing = [row for row in rows if row.id not in found]

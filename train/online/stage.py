@@ -108,7 +108,7 @@ def distilled_on(run: StageRun) -> DistilledOn | None:
     config = meta.get("config", {})
     count = config.get("distill", {}).get("corpus_records", 0)
     corpus = PromptSourceSpec(**{k: v for k, v in config["corpus"].items() if k != "_target_"}) if count else None
-    conversations = load_conversations(corpus, run.cache_dir)[0][:count] if count else []
+    conversations = load_conversations(corpus, run.cache_dir, "corpus")[0][:count] if count else []
     return DistilledOn(config, meta.get("summary", {}), corpus, conversations)
 
 

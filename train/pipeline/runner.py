@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import inspect
 import json
 import sys
@@ -17,14 +16,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from data_gen.generate import ShardsPending, WorkerSettings
+from data_gen.sources import SourceFormatError
 from infra import distributed, preemption
-from infra.rundir import NotEnoughSpace, RunLocked, StageDir, StageMismatchError, git_commit
+from infra.rundir import (DISK_ERRNOS, NotEnoughSpace, RunLocked, StageDir, StageMismatchError, as_disk_error,
+                          git_commit)
 from infra.settings import SettingsError, check_config, integer, one_of, shown
 from infra.stage import StageRun
 from infra.tracking import LoggerSettings, Tracker
 from models.compat import check_versions
 from models.drafter import VocabularyMismatchError
-from models.loading import DamagedWeightsError, load_target, resolve_device, resolve_model_dir
+from models.loading import DamagedWeightsError, TargetUnavailable, load_target, resolve_device, resolve_model_dir
 from train.core.checkpoint import DamagedCheckpointError
 from train.core.engine import UnsafeCheckpointError
 from train.pipeline.preflight import check_run
@@ -170,6 +171,13 @@ def run(config: DictConfig) -> dict[str, Path]:
             except preemption.Preempted:
                 tracker.finish({})
                 raise
+            except BaseException as error:
+                if distributed.is_main():
+                    stage_dir.discard_unstarted()  # a stage refused before it wrote anything leaves no folder
+                disk = as_disk_error(error, stage_dir.partial)  # torch's and safetensors' words for a full disk
+                if disk is not None and disk is not error:
+                    raise disk from error
+                raise
             tracker.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             if distributed.is_main():
                 stage_dir.commit(settings, resolved, identity.as_dict(), summary)
@@ -188,13 +196,15 @@ def lock_name(stage: str, worker: DictConfig) -> str:
 
 
 REFUSALS = (SettingsError, RunLocked, StageMismatchError, DamagedCheckpointError, UnsafeCheckpointError,
-            DamagedWeightsError, VocabularyMismatchError)
-DISK_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+            DamagedWeightsError, VocabularyMismatchError, SourceFormatError, TargetUnavailable)
+DISK_ERRORS = DISK_ERRNOS
 
 
 def main(config: DictConfig) -> None:
     """A refused setting, a busy run folder or a read-only / full disk is one line and exit status 2; a stop on the
-    cluster's warning signal (infra/preemption.py), after its checkpoint, is one line and exit status 3."""
+    cluster's warning signal (infra/preemption.py), after its checkpoint, is one line and exit status 3. A point of a
+    sweep that is refused or fails says so (the same line, or its traceback) and returns, so that the sweep runs its
+    other points; its outcome goes into the sweep's table and exit status (train/pipeline/sweep.py)."""
     preemption.install()
     point = sweep_point(config)  # a point of a sweep (-m): its own run folder, recorded for the comparison
     outputs: dict = {}
@@ -207,13 +217,26 @@ def main(config: DictConfig) -> None:
         sys.exit(preemption.EXIT_CODE)
     except REFUSALS as error:
         record_point(point, config, f"refused: {error}")
-        refuse(str(error))
+        refuse(str(error), point)
+        return
     except OSError as error:
         if error.errno not in DISK_ERRORS and not isinstance(error, NotEnoughSpace):
-            raise
-        record_point(point, config, f"refused: {error}")
-        refuse(f"{error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
-    except BaseException as error:
+            _failed(point, config, error)
+            return
+        message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        record_point(point, config, f"refused: {message}")
+        refuse(message, point)
+        return
+    except Exception as error:
+        _failed(point, config, error)
+        return
+    except KeyboardInterrupt:  # Ctrl-C: one line; a sweep stops here too
+        record_point(point, config, "failed: interrupted (SIGINT)")
+        close_progress_bars()
+        print("[draftsmith] error: interrupted (SIGINT); finished stages and the newest checkpoints are kept: the "
+              "same command continues from them", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except BaseException as error:  # SystemExit: the whole sweep stops, this point recorded
         record_point(point, config, f"failed: {type(error).__name__}: {error}")
         raise
     finally:
@@ -222,7 +245,30 @@ def main(config: DictConfig) -> None:
     record_point(point, config, f"not complete: {missing} did not finish (see its log)" if missing else "done")
 
 
-def refuse(message: str) -> None:
+def _failed(point: Path | None, config: DictConfig, error: Exception) -> None:
+    """An unexpected error: raised as it is in a single run; in a sweep, its traceback printed and the point
+    recorded as failed, so the sweep goes on to its other points."""
+    record_point(point, config, f"failed: {type(error).__name__}: {error}")
+    if point is None:
+        raise error
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    say(f"[draftsmith] sweep point {config.run_name} failed ({type(error).__name__}: {error}); the sweep goes on")
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars an error left open, so that nothing redraws them under the error line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def refuse(message: str, point: Path | None = None) -> None:
+    """One line on stderr and exit status 2; a sweep's point only says it (the sweep's exit status counts it)."""
+    close_progress_bars()
     print(f"[draftsmith] error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    if point is None:
+        sys.exit(2)
 

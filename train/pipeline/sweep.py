@@ -6,14 +6,18 @@ With any Hydra launcher (the basic one, hydra/launcher=local or hydra/launcher=s
   (finished stages are skipped, training resumes);
 - each point leaves `point.json` (its overrides, run folder, outcome) in its sweep folder
   `runs/<experiment>/sweeps/<time>/<n>/`;
+- a point that is refused (a bad setting: one line) or fails (its traceback) is recorded and the sweep goes on to
+  the next, with any launcher;
 - when every point has ended, `CompareSweep` (a Hydra callback, registered in conf/config.yaml) prints one table of
-  every drafter of every point's eval report (eval.compare) and writes it to `runs/<experiment>/sweeps/<time>/
-  compare.md`, listing the points that failed or had no eval stage.
+  every point with its outcome (done, or refused / failed and why), then every drafter of every point's eval report
+  side by side (eval.compare), writes both to `runs/<experiment>/sweeps/<time>/compare.md`, and exits with status 1
+  when any point did not succeed (0 when all did).
 """
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -59,34 +63,49 @@ def record_point(path: Path | None, config: DictConfig, outcome: str) -> None:
                                 "outcome": outcome}, indent=1) + "\n")
 
 
+def read_points(sweep_dir: Path) -> list[dict]:
+    """Every point's record in `sweep_dir`, in launch order."""
+    files = sorted(sweep_dir.glob(f"*/{POINT_FILE}"),
+                   key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    return [json.loads(path.read_text()) | {"number": path.parent.name} for path in files]
+
+
 def compare_points(sweep_dir: Path) -> str:
-    """The markdown comparison of every point of the sweep in `sweep_dir` (eval reports side by side), with the
-    points that have no report listed under the table."""
-    points = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{POINT_FILE}"),
-                                                         key=lambda p: int(p.parent.name) if p.parent.name.isdigit()
-                                                         else 0)]
-    reports, missing = [], []
+    """Every point of the sweep in `sweep_dir` as a row (its run folder and outcome: done, or refused / failed and
+    why), then the eval reports of the points that made one side by side."""
+    points = read_points(sweep_dir)
+    done = sum(point["outcome"] == "done" for point in points)
+    lines = [f"# Sweep {sweep_dir}: {len(points)} point(s), {done} done", "", "| # | point | outcome |",
+             "|---|---|---|"]
+    reports, unreadable = [], []
     for point in points:
+        outcome = " ".join(point["outcome"].split()).replace("|", "\\|")
         report = Path(point["run_dir"]) / "eval" / "report.json"
-        if point["outcome"] == "done" and report.exists():
-            reports.append(report)
-        else:
-            outcome = "no eval report (eval not among its stages)" if point["outcome"] == "done" else point["outcome"]
-            missing.append(f"{Path(point['run_dir']).name}: {outcome}")
-    text = f"# Sweep {sweep_dir}: {len(points)} point(s)\n\n"
+        if point["outcome"] == "done":
+            if report.exists():
+                reports.append(report)
+            else:
+                outcome += " (no eval report: eval not among its stages)"
+        lines.append(f"| {point['number']} | {Path(point['run_dir']).name} | {outcome} |")
+    text = "\n".join(lines) + "\n"
     if reports:
-        combined = combine(reports)
-        text += markdown_report(combined, label="point/drafter")
-        if combined["differing_settings"]:
-            text += "\nSettings differ between points: " + "; ".join(
-                f"{key} = {values}" for key, values in combined["differing_settings"].items()) + "\n"
-    if missing:
-        text += "\nWithout an eval report:\n" + "".join(f"- {line}\n" for line in missing)
+        try:
+            combined = combine(reports)
+        except SystemExit as error:  # a report that does not read: named, the table of points still written
+            unreadable.append(str(error))
+        else:
+            text += "\n" + markdown_report(combined, label="point/drafter")
+            if combined["differing_settings"]:
+                text += "\nSettings differ between points: " + "; ".join(
+                    f"{key} = {values}" for key, values in combined["differing_settings"].items()) + "\n"
+    for line in unreadable:
+        text += f"\nNot compared: {line}\n"
     return text
 
 
 class CompareSweep(Callback):
-    """Hydra callback: after the last point of a multirun, the comparison table (printed and in compare.md)."""
+    """Hydra callback: after the last point of a multirun, the table of every point (printed and in compare.md),
+    then exit status 0 only if every point is done (1 otherwise, naming how many are not)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -95,3 +114,10 @@ class CompareSweep(Callback):
         table = compare_points(sweep_dir)
         (sweep_dir / "compare.md").write_text(table)
         print(f"[draftsmith] sweep comparison ({sweep_dir / 'compare.md'}):\n{table}", flush=True)
+        points = read_points(sweep_dir)
+        failed = [point for point in points if point["outcome"] != "done"]
+        if failed:
+            print(f"[draftsmith] error: {len(failed)} of {len(points)} sweep points did not succeed "
+                  f"({', '.join(Path(point['run_dir']).name for point in failed)}); see {sweep_dir / 'compare.md'}",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
