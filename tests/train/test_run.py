@@ -202,8 +202,10 @@ def test_ctrl_c_is_one_line_and_the_same_command_continues(tmp_path):
 
     overrides = ["stages=[pretrain]", "pretrain.steps=3000", "pretrain.checkpoint_every=100"]
     env = dict(os.environ, DRAFTSMITH_CACHE=str(tmp_path / "cache"))
+    # SIGINT as a terminal delivers it, also where this suite runs as a background job (which ignores SIGINT)
     process = subprocess.Popen(command(tmp_path / "runs", *overrides), cwd=REPO_ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoints = tmp_path / "runs" / "smoke" / "default" / "pretrain.partial" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not list(checkpoints.glob("step-*[0-9]")):

@@ -220,6 +220,10 @@ def main(config: DictConfig) -> None:
         refuse(str(error), point)
         return
     except OSError as error:
+        if isinstance(error, FileNotFoundError) and error.errno is None:  # ours: a missing input, named in words
+            record_point(point, config, f"refused: {error}")
+            refuse(str(error), point)
+            return
         if error.errno not in DISK_ERRORS and not isinstance(error, NotEnoughSpace):
             _failed(point, config, error)
             return
