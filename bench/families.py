@@ -5,8 +5,9 @@ with transformers' own `generate`.
     python bench/families.py                                  # qwen25_coder_05b and gemma3_270m
     python bench/families.py --targets smollm2_135m --prompt-characters 1200
 
-The prompt is the start of this repository's README (about 700 tokens, so Gemma 3's 512-token window binds), and
-its first half as a second row; an instruction model gets it inside its chat template. Prints, per target, its architecture facts, whether each
+The prompt is the start of this repository's README as it read when these numbers were first measured, kept in
+`bench/families_prompt.md` so that README edits do not change them (about 700 tokens, so Gemma 3's 512-token window
+binds), and its first half as a second row; an instruction model gets it inside its chat template. Prints, per target, its architecture facts, whether each
 decoding equals transformers', prompt lookup's τ and the seconds each took (the first run includes the download,
 about 750 MB for both, and the dequantization)."""
 from __future__ import annotations
@@ -28,13 +29,15 @@ from models.cache import layer_types, sliding_window
 from models.loading import configured_target, load_target
 from models.lookup import BASELINES, LookupDraft, build_lookup_drafter
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PROMPT = Path(__file__).with_name("families_prompt.md")  # the README's start on 2026-12-07 (3d4e62e), 4,000 chars
 
 
 def prompt_for(tokenizer, characters: int) -> list[int]:
-    """The README's first `characters` characters: in the chat template as a user turn where the target has one,
+    """The prompt file's first `characters` characters: in the chat template as a user turn where the target has one,
     else as text to continue (a base model)."""
-    text = README.read_text()[:characters]
+    if characters > len(PROMPT.read_text()):
+        raise SystemExit(f"--prompt-characters={characters}: {PROMPT} holds {len(PROMPT.read_text())}")
+    text = PROMPT.read_text()[:characters]
     if tokenizer.chat_template:
         return prompt_token_ids(tokenizer, [{"role": "user", "content": text}])
     return tokenizer(text)["input_ids"]
@@ -69,7 +72,7 @@ def check(name: str, options) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", nargs="+", default=["qwen25_coder_05b", "gemma3_270m"])
-    parser.add_argument("--prompt-characters", type=int, default=3000, help="of the README (about 700 tokens)")
+    parser.add_argument("--prompt-characters", type=int, default=3000, help="of bench/families_prompt.md (about 700 tokens)")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "draftsmith")
     options = parser.parse_args()
