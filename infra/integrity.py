@@ -4,8 +4,8 @@ files when it writes them, and checks both before it reads them again.
 A folder that fails names its first bad file (missing, the wrong size, other bytes, or one it never wrote); its
 owner then moves it aside to `<name>.damaged/` (kept for inspection, `move_aside`) and makes it again: a training
 checkpoint falls back to the one before it, a feature cache and the compiled kernel are rebuilt, a dequantized target
-is converted again. Hashing reads each file once (about a second per GB here), against the minutes that making or
-using the file costs.
+is converted again. Hashing reads each file once (0.43 GB/s here: 0.8 s for the quickstart's 331 MB feature
+cache), against the minutes that making or using the file costs.
 """
 from __future__ import annotations
 
