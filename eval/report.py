@@ -42,7 +42,8 @@ class EvalReport:
         try:
             data = json.loads(file.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{file}: no eval report there (an eval stage's folder holds report.json)") from None
+            raise FileNotFoundError(f"{file}: no eval report there (an eval stage's folder holds report.json)"
+                                    ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{file}: not a readable eval report ({error})") from None
         missing = [key for key in REQUIRED if not isinstance(data, dict) or key not in data]

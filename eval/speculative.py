@@ -1,7 +1,8 @@
 """Stage `eval`: the acceptance benchmark, built on the lossless decoder in `eval/decoder.py`.
 
     python train/run.py +experiment=quickstart stages=[eval]
-    python train/run.py +experiment=quickstart stages=[eval] eval.decode.tree=[3,2,1] eval.decode.sampling.temperature=1.0
+    python train/run.py +experiment=quickstart stages=[eval] eval.decode.tree=[3,2,1] \
+        eval.decode.sampling.temperature=1.0
     python train/run.py +experiment=quickstart stages=[eval] eval_data=sharegpt_heldout +eval.drafters.mine=DIR
 
 For each conversation, each user turn up to `turns` (MT-Bench has two) is answered by plain target decoding on

@@ -11,8 +11,9 @@
   `d2t`/`t2d`), what vLLM's and SGLang's EAGLE-3 loaders read.
 - `speculators` -> `export/<name>-speculators/`: vLLM's speculators format (`speculators_config` with the proposal
   method and the verifier), same tensors.
-A drafter a format cannot hold is refused with the difference named (`models.eagle3_export.refusal`). The model card
-gives the eval's measured table and decoding settings, read from its report as eval wrote them (`eval.report.EvalReport`).
+A drafter a format cannot hold is refused with the difference named (`models.eagle3_export.refusal`). The model
+card gives the eval's measured table and decoding settings, read from its report as eval wrote them
+(`eval.report.EvalReport`).
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ cache), against the minutes that making or using the file costs.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def files_in(folder: Path, leave_out: tuple[str, ...] = ()) -> list[str]:
 def digests(folder: Path, names: list[str]) -> dict[str, dict]:
     """{relative path: {"bytes", "sha256"}} of the files `names` under `folder`."""
     return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in names}
+
+
+def read_record(path: Path) -> dict:
+    """The JSON record (manifest) at `path`; `DamagedFilesError` naming it when it is missing or unreadable."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DamagedFilesError(f"{path}: missing or unreadable ({type(error).__name__}: {error})") from None
+    if not isinstance(record, dict):
+        raise DamagedFilesError(f"{path}: missing or unreadable (not a JSON object)")
+    return record
 
 
 def verify_files(folder: Path, expected: dict[str, dict], written_with: str,

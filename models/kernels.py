@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from infra.integrity import DamagedFilesError, digests, move_aside, verify_files
+from infra.integrity import DamagedFilesError, digests, move_aside, read_record, verify_files
 from infra.rundir import write_atomically
 
 FEW_ROWS = 16
@@ -90,8 +90,8 @@ def compiled_module():
     source and torch version; None where it cannot be (not x86-64 with AVX2, no compiler, an unwritable directory),
     said once on stderr with the reason. The library is loaded only once it is, to the byte, what the build process
     loaded (size and sha256 recorded beside it); any other file there (truncated, emptied, replaced, or built
-    before the record existed) is named, moved aside and built again. The build runs in a child process: torch's extension builder imports
-    setuptools, which puts its vendored packages on sys.path (a second `packaging` that the lock check would then
+    before the record existed) is named, moved aside and built again. The build runs in a child process: torch's
+    extension builder imports setuptools, which puts its vendored packages on sys.path (a second `packaging` that the lock check would then
     see). Every later call answers from memory."""
     if _compiled_module:
         return _compiled_module[0]
@@ -154,12 +154,7 @@ def _record(library: Path) -> Path:
 def _verify(library: Path) -> None:
     """Raise `DamagedFilesError` unless `library` is, to the byte, what the build process loaded (the size and
     sha256 recorded beside it then)."""
-    try:
-        expected = json.loads(_record(library).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise DamagedFilesError(f"{library}: no readable record of the build ({_record(library).name}: "
-                                f"{type(error).__name__}), so it is not loaded") from None
-    verify_files(library.parent, expected, "this build")
+    verify_files(library.parent, read_record(_record(library)), "this build")
 
 
 @contextlib.contextmanager

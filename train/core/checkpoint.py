@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from infra import distributed
-from infra.integrity import DamagedFilesError, digests, files_in, move_aside, verify_files
+from infra.integrity import DamagedFilesError, digests, files_in, move_aside, read_record, verify_files
 from infra.rundir import git_commit, writing
 
 RESUME_CHOICES = ("auto", "never")
@@ -52,10 +52,9 @@ def verify(folder: Path) -> dict:
     `DamagedCheckpointError` naming the first file that does not, or the missing manifest or state."""
     manifest_path = folder / MANIFEST
     try:
-        expected = json.loads(manifest_path.read_text())["files"]
-    except (OSError, ValueError, KeyError) as error:
-        raise DamagedCheckpointError(f"{manifest_path}: missing or unreadable ({error})") from None
-    try:
+        expected = read_record(manifest_path).get("files")
+        if not isinstance(expected, dict):
+            raise DamagedFilesError(f"{manifest_path}: missing or unreadable (no files entry)")
         verify_files(folder, expected, "this checkpoint", leave_out=(MANIFEST,))
     except DamagedFilesError as error:
         raise DamagedCheckpointError(str(error)) from None

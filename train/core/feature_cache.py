@@ -10,8 +10,8 @@ top-1 token (which positions a draft vocabulary can score), in 16-bit/int32 safe
 `distill/features/`. Every epoch then reads them instead of running the target, so epochs cost only the drafter.
 The disk needed is printed, and checked against free space, before the prefill starts; a run killed while
 writing leaves `features.partial/`, which the next run discards; a finished cache whose fingerprint (records,
-layers, lengths, target) matches is reused once every shard's size and sha256 match what its manifest recorded when
-it was written; a damaged one is named, moved aside to `<folder>.damaged/` and rebuilt. With `distill.feature_cache_dir=DIR` the cache lives in
+layers, lengths, target) matches is reused once every shard's size and sha256 match what its manifest recorded
+when it was written; a damaged one is named, moved aside to `<folder>.damaged/` and rebuilt. With `distill.feature_cache_dir=DIR` the cache lives in
 `DIR/<fingerprint>/` instead, made once (under a lock) and reused by every run over the same records and target,
 such as the points of a loss sweep. 16-bit rounding of the stored features (fp16, or bf16 for a row whose values
 exceed fp16's range: `compact`) is the only difference from the online teacher.
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from infra import distributed
-from infra.integrity import DamagedFilesError, digests, files_in, move_aside, verify_files
+from infra.integrity import DamagedFilesError, digests, files_in, move_aside, read_record, verify_files
 from infra.rundir import exclusive, human_bytes, writing
 from models.cache import captured_layers
 from train.core.rows import Row, collate
@@ -122,11 +122,7 @@ def _reusable(folder: Path, expected: str) -> bool:
 def verify(folder: Path, recorded: dict | None = None) -> None:
     """Raise `DamagedFilesError` naming the first shard of the cache in `folder` that is not as written (size and
     sha256, as its manifest records them), or the manifest itself when it cannot be read."""
-    if recorded is None:
-        try:
-            recorded = json.loads((folder / MANIFEST).read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            raise DamagedFilesError(f"{folder / MANIFEST}: missing or unreadable ({error})") from None
+    recorded = read_record(folder / MANIFEST) if recorded is None else recorded
     if not isinstance(recorded.get("files"), dict):
         raise DamagedFilesError(f"{folder / MANIFEST}: unreadable or records no shards "
                                 f"({recorded.get('unreadable', 'no files entry')})")

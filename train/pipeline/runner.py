@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from data_gen.generate import ShardsPending, WorkerSettings
 from data_gen.sources import SourceFormatError
 from infra import distributed, preemption
-from infra.rundir import (DISK_ERRNOS, NotEnoughSpace, RunLocked, StageDir, StageMismatchError, as_disk_error,
-                          git_commit)
+from infra.rundir import (DISK_ERRNOS, NotEnoughSpace, RunLocked, StageDir, StageMismatchError, git_commit,
+                          writing)
 from infra.settings import SettingsError, check_config, integer, one_of, shown
 from infra.stage import StageRun
 from infra.tracking import LoggerSettings, Tracker
@@ -163,7 +163,8 @@ def run(config: DictConfig) -> dict[str, Path]:
                                tracker=tracker, config=resolved, target_identity=identity.as_dict(),
                                load_target=load_once, resume=config.resume, worker=WorkerSettings(**config.worker))
             try:
-                summary = STAGES[stage].run(context, **stage_arguments(stage, config))
+                with writing(stage_dir.partial):  # torch's and safetensors' words for a full disk, as an OSError
+                    summary = STAGES[stage].run(context, **stage_arguments(stage, config))
             except ShardsPending as pending:  # other data_gen workers still at work, or a dry run: stop here
                 tracker.finish({})
                 print(f"[draftsmith] {stage}: not complete: {pending}", flush=True)
@@ -171,12 +172,9 @@ def run(config: DictConfig) -> dict[str, Path]:
             except preemption.Preempted:
                 tracker.finish({})
                 raise
-            except BaseException as error:
+            except BaseException:
                 if distributed.is_main():
                     stage_dir.discard_unstarted()  # a stage refused before it wrote anything leaves no folder
-                disk = as_disk_error(error, stage_dir.partial)  # torch's and safetensors' words for a full disk
-                if disk is not None and disk is not error:
-                    raise disk from error
                 raise
             tracker.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             if distributed.is_main():
@@ -197,7 +195,6 @@ def lock_name(stage: str, worker: DictConfig) -> str:
 
 REFUSALS = (SettingsError, RunLocked, StageMismatchError, DamagedCheckpointError, UnsafeCheckpointError,
             DamagedWeightsError, VocabularyMismatchError, SourceFormatError, TargetUnavailable)
-DISK_ERRORS = DISK_ERRNOS
 
 
 def main(config: DictConfig) -> None:
@@ -224,7 +221,7 @@ def main(config: DictConfig) -> None:
             record_point(point, config, f"refused: {error}")
             refuse(str(error), point)
             return
-        if error.errno not in DISK_ERRORS and not isinstance(error, NotEnoughSpace):
+        if error.errno not in DISK_ERRNOS and not isinstance(error, NotEnoughSpace):
             _failed(point, config, error)
             return
         message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
